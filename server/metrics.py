@@ -1,0 +1,48 @@
+"""Prometheus metrics, in a registry of the app's own."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "image_server_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=r
+        )
+        self.queue_depth = Gauge("image_server_queue_depth", "requests waiting for the engine", registry=r)
+        self.in_flight = Gauge("image_server_in_flight", "requests accepted and not yet answered", registry=r)
+        self.ready = Gauge(
+            "image_server_ready", "1 when the model is loaded and the server is not draining", registry=r
+        )
+        self.batch_size = Histogram(
+            "image_server_batch_size", "images per pipeline call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
+        )
+        self.queue_wait = Histogram(
+            "image_server_queue_wait_seconds",
+            "time from acceptance to the start of generation",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.generation = Histogram(
+            "image_server_generation_seconds",
+            "time of the pipeline call that produced a request's images",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.postprocess = Histogram(
+            "image_server_postprocess_seconds",
+            "per-request time of plugins, encoding and delivery",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.images = Counter("image_server_images", "images produced", registry=r)
+        self.engine_errors = Counter("image_server_engine_errors", "pipeline calls that failed", registry=r)
+        self.prep_switches = Counter(
+            "image_server_prep_switches", "times the pipeline was re-prepared for another LoRA set", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
