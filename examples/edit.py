@@ -3,6 +3,7 @@
 import base64
 import os
 import sys
+from pathlib import Path
 
 from openai import OpenAI
 
@@ -14,9 +15,9 @@ source = sys.argv[1]
 mask = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None
 out = sys.argv[3] if len(sys.argv) > 3 else "edited.png"
 
-kwargs = {"mask": (mask, open(mask, "rb").read(), "image/png")} if mask else {}  # noqa: SIM115
+kwargs = {"mask": Path(mask)} if mask else {}
 result = client.images.edit(
-    image=[(source, open(source, "rb").read(), "image/png")],  # noqa: SIM115
+    image=[Path(source)],
     prompt="the same scene at night, lit by lanterns",
     output_format="png",
     extra_body={"strength": 0.8, "num_inference_steps": 8, "seed": 3},
