@@ -29,7 +29,8 @@ async def create_image(request: Request) -> Response:
     svc = _service(request)
     svc.check_accepting()
     req = _validate(svc.generation_model, await _json_body(request))
-    return await _run(request, svc, req, svc.spec(req))
+    spec = await asyncio.to_thread(svc.spec, req)  # plugins may look up hosts (upload) or files (lora)
+    return await _run(request, svc, req, spec)
 
 
 @router.post("/v1/images/edits")
@@ -44,7 +45,8 @@ async def edit_image(request: Request) -> Response:
     else:
         raise bad_request("Send the edit as multipart/form-data or application/json.", None, "unsupported_media_type")
     image, mask = await asyncio.to_thread(_decode_edit_inputs, image_bytes, mask_bytes)
-    return await _run(request, svc, req, svc.spec(req, image, mask))
+    spec = await asyncio.to_thread(svc.spec, req, image, mask)
+    return await _run(request, svc, req, spec)
 
 
 async def _run(request: Request, svc: ImageService, req, spec) -> Response:
@@ -134,9 +136,10 @@ _DICT_KEY = re.compile(r"^(\w+)\[(\w+)\]$")
 
 
 def form_fields(items: list[tuple[str, object]]) -> dict:
-    """Multipart fields as the JSON the SDK meant: `a[]` lists, `a[][k]` lists of objects, `a[k]` objects,
+    """Multipart fields as the JSON the sender meant: `a[]` lists, `a[][k]` lists of objects, `a[k]` objects,
     and JSON text for list or object fields sent by hand (curl -F 'loras=[...]')."""
     out: dict = {}
+    seen: dict[tuple[str, str], int] = {}
     for key, value in items:
         if not isinstance(value, str) or key in ("image", "image[]", "mask"):
             continue
@@ -145,10 +148,13 @@ def form_fields(items: list[tuple[str, object]]) -> dict:
             values = out.setdefault(name, [])
             if sub is None:
                 values.append(_maybe_json(value))
-            elif not values or not isinstance(values[-1], dict) or sub in values[-1]:
-                values.append({sub: value})
-            else:
-                values[-1][sub] = value
+                continue
+            # the i-th `a[][k]` belongs to element i: right for curl's interleaved order and for the
+            # SDK's, which sends every a[][name] before every a[][weight]
+            index = seen[(name, sub)] = seen.get((name, sub), -1) + 1
+            while len(values) <= index:
+                values.append({})
+            values[index][sub] = value
         elif match := _DICT_KEY.match(key):
             out.setdefault(match[1], {})[match[2]] = value
         else:

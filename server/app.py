@@ -55,7 +55,7 @@ def create_app(settings: Settings, engine=None, plugins: PluginSet | None = None
     for router in plugins.routers():
         app.include_router(router)
     app.add_middleware(AccessLog, metrics=metrics)
-    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20))
+    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20), overrides=plugins.body_limits())
     return app
 
 
@@ -142,23 +142,22 @@ def _models_router() -> APIRouter:
 class BodyLimit:
     """Refuses bodies over `limit` bytes: at once from Content-Length, else as soon as the count passes it."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, overrides: dict[str, int]) -> None:
         self.app = app
         self.limit = limit
+        self.overrides = overrides
 
-    def _error(self) -> APIError:
-        return APIError(
-            413,
-            f"The request body is larger than {self.limit // 2**20} MiB.",
-            code="request_too_large",
-        )
+    @staticmethod
+    def _error(limit: int) -> APIError:
+        return APIError(413, f"The request body is larger than {limit // 2**20} MiB.", code="request_too_large")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.overrides.get(scope["path"], self.limit)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._error().response()(scope, receive, send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._error(limit).response()(scope, receive, send)
         received = 0
 
         async def limited_receive():
@@ -166,8 +165,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise self._error()
+                if received > limit:
+                    raise self._error(limit)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -74,7 +74,22 @@ class Settings:
     postprocess_workers: int = _opt(2, "threads for post-processing (plugins, encoding) beside the engine")
 
     # Plugins
-    plugins: str = _opt("", "comma-separated plugins to enable, e.g. lora,nsfw,upload")
+    plugins: str = _opt("", "comma-separated plugins to enable, e.g. lora,nsfw,upload,upscale")
+    admin_api_key: str = _opt("", "comma-separated keys allowed to manage LoRAs (POST/DELETE /v1/loras)")
+    lora_dir: Path = _opt(Path("loras"), "folder of LoRA .safetensors files; a LoRA's name is its file name")
+    lora_defaults: str = _opt("", "LoRA set used when a request names none, e.g. 'style:1.0,detail:0.7,grain:0.5'")
+    max_loras: int = _opt(3, "most LoRAs one request may merge")
+    lora_max_mb: float = _opt(1024.0, "largest LoRA file accepted by POST /v1/loras, in MiB")
+    nsfw_model_path: Path = _opt(Path(""), "local folder of the NSFW classifier (Falconsai/nsfw_image_detection)")
+    nsfw_check: bool = _opt(True, "check images when a request does not say (nsfw_check)")
+    nsfw_threshold: float = _opt(0.5, "nsfw probability at or above which an image is flagged")
+    nsfw_timeout: float = _opt(5.0, "seconds the NSFW check may take; past it the image is flagged (fail closed)")
+    nsfw_action: str = _opt("flag", "what to do with a flagged image", choices=("flag", "blur", "block"))
+    upload_allowed_hosts: str = _opt(
+        "", "hosts (or *.domain) trusted for upload_urls: private addresses and plain http allowed"
+    )
+    upload_timeout: float = _opt(60.0, "seconds one upload attempt may take")
+    upload_retries: int = _opt(3, "retries of an upload after a connection error or a 5xx")
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -87,6 +102,14 @@ class Settings:
     @property
     def plugin_names(self) -> tuple[str, ...]:
         return _split(self.plugins)
+
+    @property
+    def admin_keys(self) -> tuple[str, ...]:
+        return _split(self.admin_api_key)
+
+    @property
+    def upload_hosts(self) -> tuple[str, ...]:
+        return _split(self.upload_allowed_hosts)
 
     @property
     def images_path(self) -> Path:

@@ -10,7 +10,7 @@ meets them:
   prep(option)    what the pipeline must have applied for this request; part of the batch key
   prepare(prep)   engine thread, before a batch whose prep differs from the last
   postprocess()   post-processing pool: look at / replace / withhold each image
-  deliver()       post-processing pool: send one encoded image somewhere
+  deliver()       post-processing pool: send the encoded images somewhere
 Hooks may add fields to each response item (`data[i]`).
 """
 
@@ -35,6 +35,7 @@ class Plugin:
     name: str = ""
     fields: type[BaseModel] | None = None
     order: int = 50  # postprocess order: lower runs first (NSFW before upscale)
+    body_limits: dict[str, int] = {}  # POST paths of its routes that take bodies over MAX_BODY_MB  # noqa: RUF012
 
     def __init__(self, settings: Settings, engine: Any) -> None:
         self.settings = settings
@@ -61,9 +62,9 @@ class Plugin:
         """Return the images to keep going with; None withholds an image."""
         return images
 
-    def deliver(self, data: bytes, fmt: str, index: int, option: Any, item: dict) -> bool:
-        """Send one encoded image; True when it needs no other delivery (no b64_json/url in the response)."""
-        return False
+    def deliver(self, encoded: list[bytes | None], fmt: str, option: Any, items: list[dict]) -> list[bool]:
+        """Send the request's encoded images (None: withheld); True where an image needs no b64_json/url."""
+        return [False] * len(encoded)
 
 
 def discover() -> dict[str, type[Plugin]]:
@@ -134,8 +135,12 @@ class PluginSet:
             images = plugin.postprocess(images, options[plugin.name], items)
         return images
 
-    def deliver(self, data: bytes, fmt: str, index: int, options: dict[str, Any], item: dict) -> bool:
-        delivered = False
+    def deliver(self, encoded: list[bytes | None], fmt: str, options: dict[str, Any], items: list[dict]) -> list[bool]:
+        delivered = [False] * len(encoded)
         for plugin in self.plugins:
-            delivered = plugin.deliver(data, fmt, index, options[plugin.name], item) or delivered
+            done = plugin.deliver(encoded, fmt, options[plugin.name], items)
+            delivered = [a or b for a, b in zip(delivered, done, strict=True)]
         return delivered
+
+    def body_limits(self) -> dict[str, int]:
+        return {path: limit for p in self.plugins for path, limit in p.body_limits.items()}

@@ -209,12 +209,11 @@ class ImageService:
                 "Your request was rejected by the safety system: every generated image was flagged.",
                 code="moderation_blocked",
             )
-        for index, (image, item) in enumerate(zip(kept, items, strict=True)):
+        encoded = [None if image is None else encode_image(image, output.format, output.compression) for image in kept]
+        delivered = self.plugins.deliver(encoded, output.format, spec.options, items)
+        for index, (data, done, item) in enumerate(zip(encoded, delivered, items, strict=True)):
             item["seed"] = spec.seeds[index]
-            if image is None:
-                continue
-            data = encode_image(image, output.format, output.compression)
-            if self.plugins.deliver(data, output.format, index, spec.options, item):
+            if data is None or done:
                 continue
             if output.response_format == "url":
                 item["url"] = output.base_url + "/v1/images/" + self.store.save(data, output.format)

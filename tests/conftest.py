@@ -9,9 +9,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import boto3
 import httpx
 import openai
 import pytest
+from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -120,3 +122,20 @@ def make_server():
     yield make
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A real S3 implementation (moto's server) on loopback, with a bucket named images."""
+    from tests.s3_verifier import KEY_ID, REGION, SECRET
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client(
+        "s3", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET
+    )
+    s3.create_bucket(Bucket="images")
+    yield endpoint, s3
+    server.stop()
