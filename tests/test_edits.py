@@ -172,3 +172,32 @@ def test_jpeg_and_webp_inputs(client):
             image=(f"in.{fmt.lower()}", buf.getvalue(), f"image/{fmt.lower()}"), prompt="p", extra_body=FAST
         )
         assert decode_b64(result.data[0].b64_json).size == (256, 256)
+
+
+def test_remote_image_url_from_an_allowed_host(make_server, tmp_path):
+    """A loopback HTTP server stands for the operator's image store; only hosts in REMOTE_IMAGE_HOSTS are fetched."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    gradient(192, 128).save(tmp_path / "source.png")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        srv = make_server({"REMOTE_IMAGE_HOSTS": "127.0.0.1"})
+        url = f"http://127.0.0.1:{files.server_address[1]}/source.png"
+        response = httpx.post(
+            srv.url + "/v1/images/edits", json={"prompt": "p", "images": [{"image_url": url}], **FAST}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["size"] == "192x128"
+        missing = httpx.post(
+            srv.url + "/v1/images/edits",
+            json={"prompt": "p", "images": [{"image_url": url.replace("source", "nope")}]},
+            timeout=60,
+        )
+        assert missing.status_code == 400
+        assert assert_openai_shape(missing.json())["param"] == "images[0].image_url"
+    finally:
+        files.shutdown()
