@@ -58,7 +58,30 @@ async def _run(request: Request, svc: ImageService, req, spec) -> Response:
         return Response(status_code=499)
     request.state.timings = result.timings
     timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in result.timings.items())
-    return Response(result.body, media_type="application/json", headers={"Server-Timing": timing})
+    headers = {"Server-Timing": timing}
+    if req.stream:
+        event = "image_edit.completed" if request.url.path.endswith("/edits") else "image_generation.completed"
+        return Response(_sse(result.body, event), media_type="text/event-stream", headers=headers)
+    return Response(result.body, media_type="application/json", headers=headers)
+
+
+def _sse(body: bytes, event: str) -> bytes:
+    """stream=true: one completed event per image, as OpenAI streams them (no partial images: a diffusion
+    model's intermediate steps are noise), then [DONE]."""
+    response = json.loads(body)
+    usage = {
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "total_tokens": 0,
+        "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    }
+    shared = {k: response[k] for k in ("size", "quality", "background", "output_format")}
+    lines = []
+    for item in response["data"]:
+        payload = {"type": event, "created_at": response["created"], **shared, "usage": usage, **item}
+        lines.append(f"event: {event}\ndata: {json.dumps(payload)}\n\n")
+    lines.append("data: [DONE]\n\n")
+    return "".join(lines).encode()
 
 
 # -- parsing ---------------------------------------------------------------

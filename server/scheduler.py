@@ -151,7 +151,8 @@ class Scheduler:
         self._wakeup.set()
         if self._task:
             await self._task
-        self._worker.shutdown(wait=True)
+        # never block the loop: a model still loading keeps its thread until it finishes
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     # -- queueing --------------------------------------------------------
 

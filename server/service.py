@@ -120,8 +120,6 @@ class ImageService:
     # -- request -> spec -------------------------------------------------
 
     def spec(self, req: ImageRequest, image: Image.Image | None = None, mask: Image.Image | None = None):
-        if req.stream:
-            raise bad_request("Streaming is not supported by this server; omit 'stream'.", "stream", "unsupported")
         if req.background == "transparent":
             raise bad_request(
                 "Transparent backgrounds are not supported: this model cannot produce an alpha channel.",
@@ -177,7 +175,8 @@ class ImageService:
     def output(self, req: ImageRequest, base_url: str) -> Output:
         fmt = req.output_format or "jpeg"
         quality = req.output_compression if req.output_compression is not None else self.settings.jpeg_quality
-        return Output(fmt, quality, req.response_format or "b64_json", base_url, req.quality or "auto")
+        response_format = "b64_json" if req.stream else req.response_format or "b64_json"  # events carry b64_json
+        return Output(fmt, quality, response_format, base_url, req.quality or "auto")
 
     # -- running ---------------------------------------------------------
 

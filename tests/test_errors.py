@@ -50,12 +50,6 @@ def test_missing_prompt(server):
     assert assert_openai_shape(response.json())["param"] == "prompt"
 
 
-def test_stream_is_refused_clearly(client):
-    with pytest.raises(openai.BadRequestError) as err:
-        client.images.generate(prompt="x", size="256x256", stream=True)
-    assert err.value.body["param"] == "stream"
-
-
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"\xff\xfe"])
 def test_unparseable_body_is_a_400(server, body):
     response = httpx.post(

@@ -101,3 +101,36 @@ def test_models_list_names_the_served_model(client):
     assert [m.id for m in models.data] == ["flux-demo"]
     model = client.models.retrieve("flux-demo")
     assert model.model_extra["engine"]["pipeline"] == "FluxPipeline"
+
+
+def test_n_above_max_batch_runs_in_chunks_with_the_same_images(client):
+    """n=6 with MAX_BATCH=4: two pipeline calls; image i still equals a lone run with seed + i."""
+    many = client.images.generate(
+        prompt="c", size="128x128", n=6, output_format="png", extra_body={**FAST, "seed": 100}
+    )
+    assert [d.model_extra["seed"] for d in many.data] == list(range(100, 106))
+    alone = client.images.generate(prompt="c", size="128x128", output_format="png", extra_body={**FAST, "seed": 105})
+    diff = pixels(decode_b64(many.data[5].b64_json)) - pixels(decode_b64(alone.data[0].b64_json))
+    assert abs(diff).max() <= 3
+
+
+def test_stream_yields_completed_events(client):
+    events = list(
+        client.images.generate(
+            prompt="s", size="256x256", n=2, stream=True, partial_images=2, extra_body={**FAST, "seed": 8}
+        )
+    )
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    assert [e.model_extra["seed"] for e in events] == [8, 9]
+    assert all(decode_b64(e.b64_json).size == (256, 256) and e.output_format == "jpeg" for e in events)
+
+
+def test_stream_edit(client):
+    from tests.helpers import gradient, png_bytes
+
+    events = list(
+        client.images.edit(
+            image=("a.png", png_bytes(gradient(128, 128)), "image/png"), prompt="e", stream=True, extra_body=FAST
+        )
+    )
+    assert [e.type for e in events] == ["image_edit.completed"]
