@@ -77,13 +77,14 @@ def test_json_logs_one_line_per_request(make_server):
     assert {"request_id", "queue_seconds", "gen_seconds", "post_seconds"} <= set(requests[0])
 
 
+def image_url(srv) -> str:
+    body = {"prompt": "u", "size": "256x256", "response_format": "url", **FAST}
+    return httpx.post(srv.url + "/v1/images/generations", json=body, timeout=60).json()["data"][0]["url"]
+
+
 def test_url_images_expire_after_ttl(make_server):
     srv = make_server({"IMAGE_TTL": "2"})
-    url = httpx.post(
-        srv.url + "/v1/images/generations",
-        json={"prompt": "u", "size": "256x256", "response_format": "url", **FAST},
-        timeout=60,
-    ).json()["data"][0]["url"]
+    url = image_url(srv)
     assert httpx.get(url).status_code == 200
     time.sleep(3.5)
     assert httpx.get(url).status_code == 404
@@ -91,12 +92,7 @@ def test_url_images_expire_after_ttl(make_server):
 
 def test_public_url_setting(make_server):
     srv = make_server({"PUBLIC_URL": "https://img.example.org/"})
-    body = httpx.post(
-        srv.url + "/v1/images/generations",
-        json={"prompt": "u", "size": "256x256", "response_format": "url", **FAST},
-        timeout=60,
-    ).json()
-    assert body["data"][0]["url"].startswith("https://img.example.org/v1/images/")
+    assert image_url(srv).startswith("https://img.example.org/v1/images/")
 
 
 def test_health_answers_while_loading_and_ready_waits(make_server):
