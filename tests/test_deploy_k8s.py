@@ -1,12 +1,14 @@
 """k8s/: every overlay renders with kustomize, validates offline against the Kubernetes schemas, and keeps the
 deployment policies (one GPU per pod, probes, graceful termination, restricted security, routing timeouts)."""
 
+import dataclasses
 import re
 
 import pytest
 import yaml
 from deploy_util import ROOT, run, tool
 
+from server import config
 from server.metrics import Metrics
 
 OVERLAYS = ["k8s/overlays/kubernetes", "k8s/overlays/openshift", "k8s/examples/queue-autoscaling"]
@@ -71,6 +73,15 @@ def test_pod_gets_one_gpu_and_memory_for_loading(overlay):
         assert resources[part]["nvidia.com/gpu"] == 1
         memory = resources[part]["memory"]
         assert memory.endswith("Gi") and int(memory[:-2]) >= 64, memory
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_settings_are_real_server_settings(overlay):
+    objs = objects(overlay)
+    known = {config.env_name(f) for f in dataclasses.fields(config.Settings)}
+    assert set(settings(objs)) <= known, set(settings(objs)) - known
+    # torch's CPU threads stay within the CPUs the pod asked for (it sees all of its node's cores)
+    assert int(settings(objs)["TORCH_THREADS"]) <= int(container(objs)["resources"]["requests"]["cpu"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
