@@ -27,6 +27,7 @@ def venv():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # one full install of torch and the rest: about 2 minutes on 2 busy cores
 def test_offline_install_from_the_wheelhouse_then_serve_through_the_entrypoint(tmp_path, venv):
     releases = tmp_path / "releases"
     releases.mkdir()
