@@ -1,0 +1,74 @@
+# image-server for one NVIDIA GPU, installable offline. Build with ./build.sh once ./download-packages.sh has
+# filled wheelhouse/ (docs/DEPLOYMENT.md). One stage on purpose: the CUDA devel base keeps gcc, nvcc and ninja in
+# the image, which Triton's JIT (torch.compile) and flash-attn/Nunchaku source builds need at run or build time.
+# CUDA_VERSION follows the CUDA of the locked torch (requirements/cuda.in: torch 2.13.0 is built for CUDA 13.0).
+ARG CUDA_VERSION=13.0.2
+ARG BASE_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04
+FROM ${BASE_IMAGE}
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Python 3.12 is Ubuntu 24.04's own; -dev because Triton compiles its launcher stubs against Python.h at run time.
+# libnuma1: SGLang's kernels link against it. ninja-build: torch extension builds. curl: the HEALTHCHECK.
+# Not pinned to versions: the base image's tag is the pin, and Ubuntu's archive drops superseded versions, so exact
+# pins would break the build at the next security update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      python3.12 python3.12-venv python3.12-dev libnuma1 ninja-build curl ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# UID 1001 in group 0: OpenShift runs the image under an arbitrary UID that is always in group 0, so every path the
+# server writes belongs to group 0 and is group-writable. USER is numeric so the kubelet can check runAsNonRoot.
+# USER set for tools that ask for a user name, which an arbitrary UID without a passwd entry does not have.
+RUN useradd --uid 1001 --gid 0 --no-create-home --home-dir /app/state/home --shell /usr/sbin/nologin image-server
+
+# One writable path, /app/state: HOME and every cache (Hugging Face, torch, Inductor, Triton, CUDA JIT) and the
+# images served by URL. In Kubernetes it is an emptyDir; the root filesystem can then be read-only.
+ENV PATH=/opt/venv/bin:$PATH \
+    USER=image-server \
+    HOME=/app/state/home \
+    XDG_CACHE_HOME=/app/state/cache \
+    HF_HOME=/app/state/cache/huggingface \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    TORCH_HOME=/app/state/cache/torch \
+    TORCHINDUCTOR_CACHE_DIR=/app/state/cache/torchinductor \
+    TRITON_CACHE_DIR=/app/state/cache/triton \
+    CUDA_CACHE_PATH=/app/state/cache/nv \
+    CACHE_DIR=/app/state/cache/image-server \
+    IMAGE_DIR=/app/state/images \
+    MODEL_PATH=/app/models \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /app
+
+# Dependencies first, in their own layer: it changes only when a lock does. The wheelhouse is bind-mounted, not
+# copied, so its gigabytes never become a layer. MAX_JOBS bounds the compile jobs of any sdist in the wheel list.
+ARG MAX_JOBS=2
+ARG LOCK=requirements/cuda-py312.txt
+ARG WHEELS=requirements/wheels-cuda.txt
+COPY docker/install.sh docker/wheel-list.sh docker/entrypoint.sh /app/docker/
+COPY requirements/ /app/src/requirements/
+RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    MAX_JOBS=${MAX_JOBS} /app/docker/install.sh --python python3.12 --venv /opt/venv \
+      --wheelhouse /wheelhouse --lock "/app/src/${LOCK}" --wheels "/app/src/${WHEELS}"
+
+# Then the server itself, without dependencies (the lock has them all; install.sh ends with pip check).
+COPY pyproject.toml README.md /app/src/
+COPY server/ /app/src/server/
+COPY plugins/ /app/src/plugins/
+RUN /app/docker/install.sh --venv /opt/venv --project /app/src \
+ && rm -rf /app/src/build \
+ && mkdir -p /app/models /app/state/home /app/state/cache /app/state/images \
+ && chown -R 1001:0 /app/state \
+ && chmod -R g=u /app/state
+
+USER 1001:0
+EXPOSE 8000
+# Liveness only: /health answers while the model loads. Readiness (/ready) is for the orchestrator's routing.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["/bin/bash", "-c", "curl -fsS \"http://127.0.0.1:${PORT}/health\" >/dev/null"]
+ENTRYPOINT ["/app/docker/entrypoint.sh"]
