@@ -447,17 +447,12 @@ def sets(lora_dir: Path) -> list[list[tuple[Path, float]]]:
     return [[], [(style, 1.0), (detail, 0.7), (grain, 0.5)], [(detail, -0.6)], [(style, 0.4)], []]
 
 
-def test_hot_swapped_slot_on_fused_qkv_gives_the_merged_weights_images(lora_dir):
-    """The slot (weights baked into A, ranks concatenated, q/k/v as a block-diagonal B on to_qkv) against the
-    reference that merges into unfused weights, set after set: the same images (fp32, to rounding)."""
+def test_hot_swapped_slot_gives_the_merged_weights_images(lora_dir):
+    """The slot (weights baked into A, ranks concatenated, zeros for none) against the reference that merges
+    into the weights, set after set: the same images (fp32, to rounding)."""
     reference, fast = demo_pipeline(), demo_pipeline()
     merger = LoRAMerger(reference)
-    shapes = weight_shapes(fast)
-    fused = fuse_qkv(fast.transformer)
-    assert "transformer_blocks.0.attn.to_qkv" in fused and not hasattr(
-        fast.transformer.transformer_blocks[0].attn, "to_q"
-    )
-    slot = HotswapLoRA(fast, 16, shapes, fused, torch.float32)
+    slot = HotswapLoRA(fast, 16, weight_shapes(fast), torch.float32)
     slot.install()
     base = render(reference)
     for entries in sets(lora_dir):
@@ -466,6 +461,14 @@ def test_hot_swapped_slot_on_fused_qkv_gives_the_merged_weights_images(lora_dir)
         expected, got = render(reference), render(fast)
         assert np.abs(expected - got).max() <= 1, entries
         assert (np.abs(got - base).mean() > 1) == bool(entries)
+
+
+def test_fused_qkv_gives_the_same_images_and_drops_the_unfused_copies():
+    plain, fused = demo_pipeline(), demo_pipeline()
+    assert fuse_qkv(fused.transformer) == 2  # the double block's and the single block's attention
+    attention = fused.transformer.transformer_blocks[0].attn
+    assert hasattr(attention, "to_qkv") and hasattr(attention, "to_added_qkv") and not hasattr(attention, "to_q")
+    assert np.abs(render(plain) - render(fused)).max() <= 1
 
 
 def test_rank_reduction_is_exact_within_the_rank_and_the_best_beyond():
@@ -489,7 +492,7 @@ def test_a_lora_bias_is_refused_by_the_slot(tmp_path):
     from safetensors.torch import save_file
 
     pipe = demo_pipeline()
-    slot = HotswapLoRA(pipe, 8, weight_shapes(pipe), {}, torch.float32)
+    slot = HotswapLoRA(pipe, 8, weight_shapes(pipe), torch.float32)
     slot.install()
     path = tmp_path / "biased.safetensors"
     name = "transformer.transformer_blocks.0.attn.to_out.0"
@@ -595,14 +598,14 @@ def test_nunchaku_fallback_bf16_serves_and_says_so(make_server, int4_file):
 
 @pytest.mark.slow
 def test_compiled_transformer_switches_weighted_lora_sets_without_recompiling(make_server, lora_dir):
-    """COMPILE=1 with the lora plugin: fused QKV, the hot-swapped slot, torch.compile(fullgraph). After the
+    """COMPILE=1 with the lora plugin: the hot-swapped slot, torch.compile(fullgraph). After the
     warm-up compiled the graph, five requests switch between sets of 0, 3 and 1 weighted LoRAs; torch logs no
     recompile (TORCH_LOGS=recompiles), and each image equals the one the eager merging server makes."""
     env = {"PLUGINS": "lora", "LORA_DIR": str(lora_dir), "DEFAULT_SIZE": "256x256", "LORA_HOTSWAP_RANK": "16"}
     compiled = make_server({**env, "COMPILE": "1", "TORCH_LOGS": "recompiles"})
     eager = make_server(env)
     engine = httpx.get(compiled.url + "/v1/models").json()["data"][0]["engine"]
-    assert engine["compile"].startswith("torch.compile mode=default fullgraph=True fused-qkv")
+    assert engine["compile"] == "torch.compile mode=default fullgraph=True"  # QKV unfused under a LoRA slot
     assert engine["lora"] == "hot-swapped slot of rank 16"
     warm_logs = len(compiled.logs())
 
@@ -622,6 +625,9 @@ def test_compiled_transformer_switches_weighted_lora_sets_without_recompiling(ma
     after_warmup = compiled.logs()[warm_logs:]
     assert "hot-swapped" in after_warmup
     assert not re.search(r"[Rr]ecompil", after_warmup), after_warmup
+    # The detector is live: a new image size does recompile, and torch says so in the log.
+    compiled.client(max_retries=0).images.generate(prompt="x", size="128x128", extra_body={"num_inference_steps": 2})
+    assert "Recompiling function" in compiled.logs()[warm_logs:]
 
 
 @pytest.mark.slow

@@ -1,12 +1,12 @@
 """Weighted LoRA sets on a compiled or FP8 transformer: one fixed-rank adapter slot, hot-swapped.
 
 `LoRAMerger` writes LoRAs into the weights. That cannot work on FP8 weights
-(torchao tensors), nor on fused QKV projections, and a compiled transformer
-must never see its modules change. So on those paths the transformer gets one
-PEFT adapter, "slot", of rank `rank` on every linear layer, reserved before
-torch.compile with diffusers' `enable_lora_hotswap`; a LoRA set is then
-written into that slot with `load_lora_adapter(..., hotswap=True)`, which
-copies into the same tensors, so the compiled graph never recompiles.
+(torchao tensors), and a compiled transformer must never see its modules
+change. So on those paths the transformer gets one PEFT adapter, "slot", of
+rank `rank` on every linear layer, reserved before torch.compile with
+diffusers' `enable_lora_hotswap`; a LoRA set is then written into that slot
+with `load_lora_adapter(..., hotswap=True)`, which copies into the same
+tensors, so the compiled graph never recompiles.
 
 How a weighted set becomes one rank-`rank` adapter, per layer:
   - the weights are baked into lora_A (w * alpha/r * A), never set through
@@ -14,14 +14,16 @@ How a weighted set becomes one rank-`rank` adapter, per layer:
   - the LoRAs are concatenated along the rank: A = [A1; A2; ...],
     B = [B1, B2, ...], so B @ A = sum of w_i * B_i @ A_i, exactly;
   - a layer the set does not touch, and the empty set, get zeros;
-  - fused projections (to_qkv = [to_q; to_k; to_v]) take the LoRAs of their
-    parts as a block-diagonal B, so a LoRA on to_q costs rank on to_qkv;
   - the rest is zero padding up to `rank`.
-Limit: when a layer's ranks add up to more than `rank`, the layer gets the best
-rank-`rank` approximation of the set's sum (truncated SVD computed from the
-factors) and a warning with the relative error; a single LoRA whose rank is
-at most `rank` is always exact. LoRA layers of the text encoders (not compiled)
-are merged into their weights by `LoRAMerger`. LoRA biases are refused.
+Limits: the slot costs its rank on every linear layer whatever the set (about
+3-4% of FLUX's matmul work at rank 64). When a layer's ranks add up to more
+than `rank`, the layer gets the best rank-`rank` approximation of the set's
+sum (truncated SVD computed from the factors) and a warning with the relative
+error; a set whose ranks add up to at most `rank` is exact. LoRA layers of the
+text encoders (not compiled) are merged into their weights by `LoRAMerger`.
+LoRA biases are refused. QKV projections stay unfused under a slot: a LoRA's
+q, k and v parts would stack block-diagonally on a fused to_qkv, tripling the
+rank it needs there, which costs more than fusing saves.
 """
 
 import logging
@@ -74,30 +76,13 @@ def pad_rank(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Ten
 
 
 def layer_factors(
-    loras: list[tuple[dict[str, LoRALayer], float]],
-    sources: list[str],
-    source_outs: list[int],
-    in_features: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one slot layer: every LoRA's part for every source layer, weights baked into A.
-
-    `sources` are the original layers this one computes (one, or to_q/to_k/to_v for a fused to_qkv);
-    their outputs are stacked in this order."""
-    out_features = sum(source_outs)
-    downs, ups = [], []
-    for layers, weight in loras:
-        row = 0
-        for source, out in zip(sources, source_outs, strict=True):
-            layer = layers.get(source)
-            if layer is not None:
-                downs.append(layer.down.to(device) * (weight * layer.scale))
-                up = torch.zeros(out_features, layer.down.shape[0], device=device)
-                up[row : row + out] = layer.up.to(device)
-                ups.append(up)
-            row += out
+    loras: list[tuple[dict[str, LoRALayer], float]], module: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B) of one layer for the whole set, weights baked into A; None when no LoRA of the set touches it."""
+    downs = [layers[module].down.to(device) * (w * layers[module].scale) for layers, w in loras if module in layers]
     if not downs:
-        return torch.zeros(0, in_features, device=device), torch.zeros(out_features, 0, device=device)
+        return None
+    ups = [layers[module].up.to(device) for layers, _ in loras if module in layers]
     return torch.cat(downs), torch.cat(ups, dim=1)
 
 
@@ -105,19 +90,14 @@ class HotswapLoRA:
     """The LoRA plugin's applier for FP8/compiled transformers. Engine thread only.
 
     pipe: the pipeline; rank: the slot's rank (LORA_HOTSWAP_RANK); shapes: `weight_shapes(pipe)` taken
-    before the transformer was fused or quantized (LoRA files name the original layers); fused: fused
-    layer -> the original layers it stacks (see `fuse_qkv` in server/engines/fastpath.py); dtype: the
-    slot's dtype (the pipeline's)."""
+    before the transformer was quantized (the layers as LoRA files name them); dtype: the slot's dtype
+    (the pipeline's)."""
 
-    def __init__(
-        self, pipe, rank: int, shapes: dict, fused: dict[str, list[str]] | None = None, dtype=torch.float32
-    ) -> None:
+    def __init__(self, pipe, rank: int, shapes: dict, dtype: torch.dtype = torch.float32) -> None:
         self.transformer = pipe.transformer
         self.rank = rank
         self.dtype = dtype
         self.files = LoRAMerger(pipe, shapes)  # parses and caches files; merges text-encoder layers
-        self.shapes = shapes["transformer"]
-        self.fused = fused or {}
         self.targets: dict[str, tuple[int, int]] = {}
         self.applied: tuple = ()
 
@@ -160,27 +140,24 @@ class HotswapLoRA:
         for layers, weight in loras:
             mine = {module: layer for (component, module), layer in layers.items() if component == "transformer"}
             for module, layer in mine.items():
+                if module not in self.targets:
+                    raise LoRAError(f"layer {module!r} is not a linear layer of the transformer")
                 if layer.bias is not None:
                     raise LoRAError(f"{module} has a LoRA bias, which the hot-swapped LoRA slot cannot take")
             parts.append((mine, weight))
-        covered = {source for sources in self._sources().values() for source in sources}
-        for layers, _ in parts:
-            outside = sorted(set(layers) - covered)
-            if outside:
-                raise LoRAError(f"layer {outside[0]!r} is not a linear layer of the compiled transformer")
         return parts
-
-    def _sources(self) -> dict[str, list[str]]:
-        """slot layer -> the original layers whose LoRAs it takes."""
-        return {name: self.fused.get(name, [name]) for name in self.targets}
 
     def _slot_state(self, loras: list[tuple[dict[str, LoRALayer], float]]) -> dict[str, torch.Tensor]:
         device, dtype = self.transformer.device, self.dtype
         state, worst = {}, (0.0, "")
         with torch.no_grad():
-            for name, sources in self._sources().items():
-                outs = [self.shapes[s][0] for s in sources] if name in self.fused else [self.targets[name][0]]
-                down, up = layer_factors(loras, sources, outs, self.targets[name][1], device)
+            for name, (out_features, in_features) in self.targets.items():
+                factors = layer_factors(loras, name, device)
+                if factors is None:
+                    state[f"{name}.lora_A.weight"] = torch.zeros(self.rank, in_features, device=device, dtype=dtype)
+                    state[f"{name}.lora_B.weight"] = torch.zeros(out_features, self.rank, device=device, dtype=dtype)
+                    continue
+                down, up = factors
                 if down.shape[0] > self.rank:
                     down, up, error = reduce_rank(down, up, self.rank)
                     worst = max(worst, (error, name))

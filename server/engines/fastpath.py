@@ -5,9 +5,10 @@ What may run where is decided by pure functions of the settings and the GPU
 a GPU; `accelerate` then applies the choices to a loaded pipeline, in the
 only order that works:
 
-  attention kernel -> fused QKV (compile) -> FP8 (torchao quantizes the fused
-  linears) -> LoRA slot (PEFT wraps the FP8 linears; the slot itself stays
-  bf16) -> first-block cache -> torch.compile (last: it sees the final modules)
+  attention kernel -> fused QKV (compile without a LoRA slot) -> FP8 (torchao
+  quantizes the fused linears) -> LoRA slot (PEFT wraps the FP8 linears; the
+  slot itself stays bf16) -> first-block cache -> torch.compile (last: it sees
+  the final modules)
 
 The Nunchaku 4-bit path is another backend (plugins/nunchaku_flux); it shares
 `GPU` and the refusal style with this module.
@@ -139,32 +140,24 @@ def set_attention(model, backend: str, explicit: bool) -> str:
     return backend
 
 
-def fuse_qkv(transformer) -> dict[str, list[str]]:
-    """Fuse each attention's q/k/v (and added q/k/v) projections into one matmul.
+def fuse_qkv(transformer) -> int:
+    """Fuse each attention's q/k/v (and added q/k/v) projections into one matmul; returns how many were fused.
 
-    Returns fused layer -> the original layers it stacks. diffusers keeps the unfused copies, which doubles
-    those weights (about 4 GB in bf16 for FLUX.1); FLUX's attention never reads them once fused, so they
-    are dropped there."""
+    diffusers keeps the unfused copies, which doubles those weights (about 4 GB in bf16 for FLUX.1);
+    FLUX's attention never reads them once fused, so they are dropped there."""
     try:
         transformer.fuse_qkv_projections()
     except (ValueError, AttributeError) as exc:
         log.info("QKV projections not fused: %s", exc)
-        return {}
-    fused: dict[str, list[str]] = {}
-    for name, module in transformer.named_modules():
-        if not getattr(module, "fused_projections", False):
+        return 0
+    fused = [m for m in transformer.modules() if getattr(m, "fused_projections", False)]
+    for module in fused:
+        if type(module).__name__ != "FluxAttention":
             continue
-        for new, parts in (
-            ("to_qkv", ("to_q", "to_k", "to_v")),
-            ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
-        ):
-            if getattr(module, new, None) is None:
-                continue
-            fused[f"{name}.{new}"] = [f"{name}.{part}" for part in parts]
-            if type(module).__name__ == "FluxAttention":
-                for part in parts:
-                    delattr(module, part)
-    return fused
+        for part in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            if getattr(module, part, None) is not None:
+                delattr(module, part)
+    return len(fused)
 
 
 def quantize_fp8(transformer, dtype: torch.dtype, config=None) -> str:
@@ -207,12 +200,13 @@ def accelerate(pipe, options: FastOptions, gpu: GPU | None, dtype: torch.dtype, 
         from plugins.lora.hotswap import HotswapLoRA
         from plugins.lora.merge import weight_shapes
 
-        shapes = weight_shapes(pipe)  # before fusing and quantizing: LoRA files name the original layers
-    fused = fuse_qkv(transformer) if options.compile else {}
+        shapes = weight_shapes(pipe)  # before quantizing and wrapping: the layers as LoRA files name them
+    # Under a LoRA slot QKV stays unfused: see plugins/lora/hotswap.py for why.
+    fused = fuse_qkv(transformer) if options.compile and not options.hotswap_lora else 0
     if options.fp8:
         info["precision"] = quantize_fp8(transformer, dtype, fp8_config)
     if options.hotswap_lora:
-        applier = HotswapLoRA(pipe, options.lora_rank, shapes, fused, dtype)
+        applier = HotswapLoRA(pipe, options.lora_rank, shapes, dtype)
         applier.install()
         info["lora"] = f"hot-swapped slot of rank {options.lora_rank}"
     if options.cache_threshold > 0:
