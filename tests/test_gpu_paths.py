@@ -534,6 +534,33 @@ def test_fp8_path_with_lora_slot_on_cpu(lora_dir):
         assert np.abs(expected - got).mean() < 6, entries  # FP8 weights: close, not equal
 
 
+@pytest.mark.slow
+def test_fp8_compile_and_lora_slot_switch_sets_without_recompiling(lora_dir):
+    """The Hopper recipe's order on the CPU: FP8 linears, the LoRA slot on top, torch.compile(fullgraph), then
+    sets switching. Stand-in as above: Float8WeightOnlyConfig for the dynamic FP8 config torchao refuses here.
+    Counted by dynamo itself: one graph, compiled once, through every switch."""
+    pytest.importorskip("torchao")
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = demo_pipeline(torch.bfloat16)
+    options = FastOptions(fp8=True, compile=True, lora_rank=16)
+    info, slot = accelerate(pipe, options, None, torch.bfloat16, fp8_config=Float8WeightOnlyConfig())
+    assert info["compile"] == "torch.compile mode=default fullgraph=True"
+    try:
+        base = render(pipe)
+        assert counters["stats"]["unique_graphs"] == 1
+        for entries in sets(lora_dir)[1:]:
+            slot.apply(entries)
+            assert (np.abs(render(pipe) - base).mean() > 1) == bool(entries), entries
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_first_block_cache_on_the_diffusers_path():
     """diffusers' FirstBlockCacheConfig: with a high threshold the later steps reuse the first step's residual."""
     plain, cached = demo_pipeline(), demo_pipeline()

@@ -121,6 +121,8 @@ class DiffusersEngine:
         pipe = load_pipeline(path, self.dtype)
         self.use_pipeline(pipe, offload="model" if options.offload else "")
         info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype)
+        if self.lora_applier is None and "lora" in self.settings.plugin_names:
+            info["lora"] = "merged into the weights per set"
         self.compiled = options.compile
         self.info.update(info, offload="model CPU offload" if options.offload else None)
         self._log_path()
