@@ -35,7 +35,8 @@ Usage, on a GPU machine (each command stays well under 10 minutes on an H100):
   python bench/gpu_flux.py --paths server-nunchaku,server-nunchaku-lora --nunchaku-transformer /models/svdq-...
   python bench/gpu_flux.py --tiny --out /tmp/bench     # CPU smoke test at the demo model's size (CI runs it)
 Results accumulate in OUT/gpu_flux.json (per GPU and path); the section "GPU (bench/gpu_flux.py)" of
-OUT/BENCHMARKS.md is rewritten from it (OUT defaults to docs/).
+OUT/BENCHMARKS.md is rewritten from it (OUT defaults to docs/). Each child's log and the LoRA files go to
+--work (default /tmp/gpu_flux).
 """
 
 import argparse
@@ -566,9 +567,11 @@ def run_paths(args) -> None:
     scale = Scale(args.tiny)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lora_dir = out / ("loras-tiny" if args.tiny else "loras")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    lora_dir = work / ("loras-tiny" if args.tiny else "loras")
     prepare_loras(scale, lora_dir)
-    where, _ = run_in_child("machine", args, lora_dir, out)
+    where, _ = run_in_child("machine", args, lora_dir, work)
     wanted = PATHS if args.paths == "auto" else tuple(p.strip() for p in args.paths.split(",") if p.strip())
     unknown = [p for p in wanted if p not in PATHS]
     if unknown:
@@ -576,7 +579,7 @@ def run_paths(args) -> None:
     results = load_results(out)
     for path in wanted:
         print(f"{path} ...", flush=True)
-        _, rows = run_in_child(path, args, lora_dir, out)
+        _, rows = run_in_child(path, args, lora_dir, work)
         for r in rows:
             print(json.dumps({k: v for k, v in r.items() if k != "log_tail"}), flush=True)
         record(results, where, path, rows)
@@ -584,9 +587,9 @@ def run_paths(args) -> None:
     save(results, out)
 
 
-def run_in_child(path: str, args, lora_dir: Path, out: Path) -> tuple[dict, list[dict]]:
+def run_in_child(path: str, args, lora_dir: Path, work: Path) -> tuple[dict, list[dict]]:
     result = Path(tempfile.mkstemp(prefix="gpu-flux-", suffix=".json")[1])
-    log = out / f"gpu_flux-{path}{'-tiny' if args.tiny else ''}.log"
+    log = work / f"gpu_flux-{path}{'-tiny' if args.tiny else ''}.log"
     command = [sys.executable, __file__, "--child", path, "--result", str(result), "--lora-dir", str(lora_dir)]
     command += ["--compile-mode", args.compile_mode]
     if args.tiny:
@@ -686,6 +689,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", default="auto", help=f"comma-separated, or auto (all): {', '.join(PATHS)}")
     parser.add_argument("--out", default="", help="where gpu_flux.json and BENCHMARKS.md go (default docs/)")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "gpu_flux"), help="LoRA files and logs")
     parser.add_argument("--tiny", action="store_true", help="the demo-sized model on the CPU: a smoke test")
     parser.add_argument("--nunchaku-transformer", default="", help="a real svdq-{int4|fp4}_r32-flux.1-dev file")
     parser.add_argument("--compile-mode", default="default", help="COMPILE_MODE for the fp8-compile paths")

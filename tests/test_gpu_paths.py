@@ -657,13 +657,39 @@ def test_compiled_transformer_switches_weighted_lora_sets_without_recompiling(ma
     assert "Recompiling function" in compiled.logs()[warm_logs:]
 
 
+def bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_flux", ROOT / "bench" / "gpu_flux.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_builds_flux_dev_at_its_real_size():
+    """The benchmark's configs give FLUX.1-dev's parameter counts (built on the meta device: shapes, no memory)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    bench = bench_module()
+    with torch.device("meta"):
+        parts = {
+            "transformer": FluxTransformer2DModel(**bench.FLUX_DEV_TRANSFORMER),
+            "vae": AutoencoderKL(**bench.FLUX_DEV_VAE),
+            "clip": CLIPTextModel(CLIPTextConfig(**bench.FLUX_DEV_CLIP)),
+            "t5": T5EncoderModel(T5Config(**bench.FLUX_DEV_T5)),
+        }
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    assert counts == {"transformer": 11_901_408_320, "vae": 83_819_683, "clip": 123_060_480, "t5": 4_762_310_656}
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_script_runs_at_tiny_scale_on_cpu(tmp_path):
     """bench/gpu_flux.py --tiny: the demo-sized FLUX on the CPU, through the same code as the GPU run."""
     out = tmp_path / "bench"
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "bench/gpu_flux.py", "--tiny", "--out", str(out)],
+        [sys.executable, "bench/gpu_flux.py", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -15,7 +15,7 @@ How a weighted set becomes one rank-`rank` adapter, per layer:
     B = [B1, B2, ...], so B @ A = sum of w_i * B_i @ A_i, exactly;
   - a layer the set does not touch, and the empty set, get zeros;
   - the rest is zero padding up to `rank`.
-Limits: the slot costs its rank on every linear layer whatever the set (about
+Limits: the slot costs its rank on every linear layer whatever the set (an estimated
 3-4% of FLUX's matmul work at rank 64). When a layer's ranks add up to more
 than `rank`, the layer gets the best rank-`rank` approximation of the set's
 sum (truncated SVD computed from the factors) and a warning with the relative
