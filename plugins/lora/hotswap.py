@@ -114,7 +114,8 @@ class HotswapLoRA:
     # -- the applier interface -------------------------------------------
 
     def check(self, path: Path) -> None:
-        self._slot_state(self._transformer_parts([(self.files.layers(path), 1.0)]))
+        """Parsing checks the layers and shapes; what is left is what only the slot refuses."""
+        self._transformer_parts([(self.files.layers(path), 1.0)])
 
     def forget(self, path: Path) -> None:
         self.files.forget(path)

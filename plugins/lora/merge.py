@@ -84,8 +84,8 @@ def weight_shapes(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
 def parse_lora(pipe, path: Path, shapes: dict | None = None) -> dict[tuple[str, str], LoRALayer]:
     """(component, module path) -> LoRALayer, checked against the pipeline's modules and weight shapes.
 
-    `shapes` (from `weight_shapes`) stands in for the pipeline's current modules when those have been
-    rewritten since (fused QKV projections): LoRA files name the original layers."""
+    `shapes` (from `weight_shapes`, taken earlier) stands in for the pipeline's current modules when those
+    have been rewritten since (FP8-quantized, wrapped by PEFT): LoRA files name the original layers."""
     modules = _module_names(pipe) if shapes is None else {c: set(m) for c, m in shapes.items()}
     try:
         raw = normalize_keys(load_file(str(path)), modules.get("transformer", set()))

@@ -22,7 +22,6 @@ import torch
 log = logging.getLogger(__name__)
 
 FP8_MIN_CAPABILITY = (8, 9)  # torchao's FP8 dynamic quantization: Ada, Hopper, Blackwell
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
