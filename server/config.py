@@ -41,6 +41,40 @@ class Settings:
     torch_threads: int = _opt(0, "torch CPU threads (0: derived from CPU count and NUM_GPU_INSTANCES)")
     warmup: bool = _opt(True, "run one small generation before reporting ready")
 
+    # GPU fast paths (README, "GPU fast paths")
+    fp8: bool = _opt(
+        False, "FP8 weights and activations on the transformer's linear layers (torchao); compute capability >= 8.9"
+    )
+    compile: bool = _opt(False, "torch.compile the transformer, with fused QKV projections (slow first start)")
+    compile_mode: str = _opt(
+        "default",
+        "torch.compile mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
+    attention: str = _opt(
+        "auto",
+        "attention kernel: auto (FlashAttention 3 on Hopper where installed, else PyTorch SDPA) or a diffusers "
+        "backend name (native, _flash_3, flash, sage, ...)",
+    )
+    cache_threshold: float = _opt(
+        0.0, "first-block cache: reuse the remaining blocks' output while the first block changes less (0.12; 0: off)"
+    )
+    cpu_offload: bool = _opt(False, "keep the weights in CPU memory and move each model to the GPU to run (small GPUs)")
+    lora_hotswap_rank: int = _opt(
+        64, "with FP8 or COMPILE and the lora plugin: rank of the hot-swapped LoRA slot (a set's ranks add up)"
+    )
+    nunchaku_transformer: str = _opt(
+        "", "Nunchaku 4-bit FLUX transformer: an svdq-{int4|fp4}_r32-flux.1-*.safetensors file or a folder of both"
+    )
+    nunchaku_fallback: str = _opt(
+        "none",
+        "where Nunchaku cannot run (Hopper, B200, no GPU, no package): none (refuse to start), "
+        "fp8 (FP8 + compile), bf16",
+        choices=("none", "fp8", "bf16"),
+    )
+    nunchaku_fp16_attention: bool = _opt(False, "Nunchaku's FP16 attention (faster on RTX 30/40/50; always on Turing)")
+    nunchaku_t5: str = _opt("", "Nunchaku's 4-bit T5 text encoder file (awq-int4-flux.1-t5xxl.safetensors)")
+
     # HTTP
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")

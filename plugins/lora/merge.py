@@ -67,9 +67,26 @@ def _metadata_alpha(path: Path) -> float | None:
     return json.loads(raw).get("transformer.lora_alpha")
 
 
-def parse_lora(pipe, path: Path) -> dict[tuple[str, str], LoRALayer]:
-    """(component, module path) -> LoRALayer, checked against the pipeline's modules and weight shapes."""
-    modules = _module_names(pipe)
+def weight_shapes(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
+    """component -> module path -> weight shape, for every module of the pipeline that has a weight."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        shapes[name] = {
+            module: tuple(m.weight.shape)
+            for module, m in component.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor)
+        }
+    return shapes
+
+
+def parse_lora(pipe, path: Path, shapes: dict | None = None) -> dict[tuple[str, str], LoRALayer]:
+    """(component, module path) -> LoRALayer, checked against the pipeline's modules and weight shapes.
+
+    `shapes` (from `weight_shapes`, taken earlier) stands in for the pipeline's current modules when those
+    have been rewritten since (FP8-quantized, wrapped by PEFT): LoRA files name the original layers."""
+    modules = _module_names(pipe) if shapes is None else {c: set(m) for c, m in shapes.items()}
     try:
         raw = normalize_keys(load_file(str(path)), modules.get("transformer", set()))
         default_alpha = _metadata_alpha(path)
@@ -94,9 +111,12 @@ def parse_lora(pipe, path: Path) -> dict[tuple[str, str], LoRALayer]:
             raise LoRAError(f"{prefix}.lora_A has no lora_B")
         alpha = alphas.get(prefix + ".alpha", default_alpha)
         rank = down.shape[0]
-        weight = pipe.components[component].get_submodule(module).weight
-        if (up.shape[0], down.shape[1]) != tuple(weight.shape):
-            raise LoRAError(f"{prefix}: LoRA shape {up.shape[0]}x{down.shape[1]} does not fit {tuple(weight.shape)}")
+        if shapes is None:
+            shape = tuple(pipe.components[component].get_submodule(module).weight.shape)
+        else:
+            shape = shapes[component].get(module)
+        if (up.shape[0], down.shape[1]) != shape:
+            raise LoRAError(f"{prefix}: LoRA shape {up.shape[0]}x{down.shape[1]} does not fit {shape}")
         bias = state.get(prefix + ".lora_B.bias")
         layers[(component, module)] = LoRALayer(
             down, up.float(), float(alpha) / rank if alpha else 1.0, None if bias is None else bias.float()
@@ -109,15 +129,16 @@ def parse_lora(pipe, path: Path) -> dict[tuple[str, str], LoRALayer]:
 class LoRAMerger:
     """Applies weighted LoRA sets to a diffusers pipeline. Engine thread only."""
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, shapes: dict | None = None) -> None:
         self.pipe = pipe
+        self.shapes = shapes  # see parse_lora
         self._cache: dict[Path, tuple[tuple, dict]] = {}
         self._base: dict[tuple[str, str, str], torch.Tensor] = {}  # (component, module, param) -> base value (CPU)
         self._touched: set[tuple[str, str, str]] = set()
         self.applied: tuple[tuple[Path, float], ...] = ()
 
     def check(self, path: Path) -> None:
-        self._layers(path)
+        self.layers(path)
 
     def forget(self, path: Path) -> None:
         self._cache.pop(path, None)
@@ -127,21 +148,25 @@ class LoRAMerger:
         if entries == self.applied:
             return
         started = time.monotonic()
-        loras = [(self._layers(path), weight) for path, weight in entries]  # parse before touching any weight
-        with torch.no_grad():
-            self._restore()
-            for (component, module), deltas in _group(loras).items():
-                self._merge(component, module, deltas)
+        self.merge([(self.layers(path), weight) for path, weight in entries])  # parse before touching any weight
         self.applied = entries
         names = ", ".join(f"{p.stem}:{w:g}" for p, w in entries) or "none"
         log.info("LoRA set [%s] applied in %.2fs", names, time.monotonic() - started)
 
-    def _layers(self, path: Path) -> dict:
-        stat = path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
+    def merge(self, loras: list[tuple[dict, float]]) -> None:
+        """Restore the base weights, then merge these parsed LoRAs (layers from `layers`) with their weights."""
+        with torch.no_grad():
+            self._restore()
+            for (component, module), deltas in _group(loras).items():
+                self._merge(component, module, deltas)
+        self.applied = ()
+
+    def layers(self, path: Path) -> dict:
+        """The parsed LoRA file, cached by (path, mtime, size)."""
+        stamp = file_stamp(path)
         cached = self._cache.get(path)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, parse_lora(self.pipe, path))
+            cached = (stamp, parse_lora(self.pipe, path, self.shapes))
             self._cache[path] = cached
         return cached[1]
 
@@ -167,6 +192,12 @@ class LoRAMerger:
             self._base[key] = param.detach().to("cpu", copy=True)
         param.copy_((param.float() + delta).to(param.dtype))
         self._touched.add(key)
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """(mtime in ns, size): a file replaced under the same name gets a new stamp."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
 
 
 def _group(loras: list[tuple[dict, float]]) -> dict[tuple[str, str], list[tuple[LoRALayer, float]]]:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from server.config import Settings
+from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu
 from server.errors import APIError
 from server.spec import GenerationSpec
 
@@ -87,6 +88,8 @@ class DiffusersEngine:
         self._params: dict[str, set[str]] = {}
         self.name = settings.model_name or ("flux-demo" if settings.model == "demo" else Path(settings.model).name)
         self.info: dict = {"engine": "diffusers", "device": str(self.device), "precision": str(self.dtype)[6:]}
+        self.lora_applier = None  # set by a fast path whose weights LoRAMerger cannot merge into
+        self.compiled = False
 
     # -- loading ---------------------------------------------------------
 
@@ -94,15 +97,62 @@ class DiffusersEngine:
         if not self.settings.allow_download:
             os.environ["HF_HUB_OFFLINE"] = "1"
         path = model_folder(self.settings)
+        gpu = detect_gpu(self.device)
+        self.info.update(gpu=gpu.describe() if gpu else None, offload=None, fallback=None)
+        settings = self.settings
+        if settings.nunchaku_transformer:
+            from plugins import nunchaku_flux
+
+            choice = nunchaku_flux.choose(settings, gpu)  # SystemExit: Nunchaku cannot run and no fallback is set
+            if isinstance(choice, nunchaku_flux.Plan):
+                self._load_nunchaku(choice, path)
+                return
+            settings = nunchaku_flux.fallback_settings(settings, choice)
+            self.info["fallback"] = f"{choice.to} (NUNCHAKU_FALLBACK): {choice.reason}"
+        self._load_diffusers(FastOptions.from_settings(settings), gpu, path)
+
+    def _load_diffusers(self, options: FastOptions, gpu, path: Path) -> None:
+        problems = check_options(options, gpu)
+        if problems:
+            raise SystemExit(
+                " ".join(problems) + (f" [fallback: {self.info['fallback']}]" if self.info["fallback"] else "")
+            )
         log.info("loading %s on %s as %s", path, self.device, self.dtype)
         pipe = load_pipeline(path, self.dtype)
-        self.use_pipeline(pipe)
+        self.use_pipeline(pipe, offload="model" if options.offload else "")
+        info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype)
+        if self.lora_applier is None and "lora" in self.settings.plugin_names:
+            info["lora"] = "merged into the weights per set"
+        self.compiled = options.compile
+        self.info.update(info, offload="model CPU offload" if options.offload else None)
+        self._log_path()
 
-    def use_pipeline(self, pipe) -> None:
-        """Adopt a built text-to-image pipeline (the GPU fast paths build their own)."""
+    def _load_nunchaku(self, plan, path: Path) -> None:
+        from plugins import nunchaku_flux
+
+        self.dtype = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+        pipe = nunchaku_flux.build_pipeline(plan, path, self.device, load_pipeline)
+        self.use_pipeline(pipe, offload="sequential" if plan.offload else "")
+        info, self.lora_applier = nunchaku_flux.finish(plan, self.pipelines)
+        self.info.update(info)
+        self._log_path()
+
+    def _log_path(self) -> None:
+        keys = ("gpu", "precision", "attention", "compile", "cache", "offload", "fallback")
+        log.info("engine path: %s", "; ".join(f"{k}={self.info.get(k)}" for k in keys))
+
+    def use_pipeline(self, pipe, offload: str = "") -> None:
+        """Adopt a built text-to-image pipeline (the GPU fast paths build their own).
+
+        offload: "" (everything on the device), "model" or "sequential" (diffusers' CPU offload)."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
-        pipe.to(self.device)
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipelines = {"text2img": pipe}
         for mode, factory in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
@@ -128,7 +178,10 @@ class DiffusersEngine:
         return int(steps), float(guidance)
 
     def warmup(self) -> None:
-        spec = GenerationSpec(prompt="warm up", n=1, width=256, height=256, steps=2, guidance=0.0, seeds=[0])
+        width, height = 256, 256
+        if self.compiled:  # torch.compile specialises on the first shape: compile for the size most requests use
+            width, height = (int(side) for side in self.settings.default_size.lower().split("x"))
+        spec = GenerationSpec(prompt="warm up", n=1, width=width, height=height, steps=2, guidance=0.0, seeds=[0])
         self.generate([spec], lambda: False)
 
     # -- generation (engine thread only) ---------------------------------

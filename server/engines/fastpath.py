@@ -1,0 +1,225 @@
+"""The diffusers engine's fast paths: FP8, torch.compile, the attention kernel, first-block cache, CPU offload.
+
+What may run where is decided by pure functions of the settings and the GPU
+(`check_options`, `fp8_refusal`, `choose_attention`), so it is tested without
+a GPU; `accelerate` then applies the choices to a loaded pipeline, in the
+only order that works:
+
+  attention kernel -> fused QKV (compile without a LoRA slot) -> FP8 (torchao
+  quantizes the fused linears) -> LoRA slot (PEFT wraps the FP8 linears; the
+  slot itself stays bf16) -> first-block cache -> torch.compile (last: it sees
+  the final modules)
+
+The Nunchaku 4-bit path is another backend (plugins/nunchaku_flux); it shares
+`GPU` and the refusal style with this module.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+FP8_MIN_CAPABILITY = (8, 9)  # torchao's FP8 dynamic quantization: Ada, Hopper, Blackwell
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    capability: tuple[int, int]
+
+    @property
+    def sm(self) -> int:
+        return self.capability[0] * 10 + self.capability[1]
+
+    def describe(self) -> str:
+        return f"{self.name} (compute capability {self.capability[0]}.{self.capability[1]})"
+
+
+def detect_gpu(device: torch.device) -> GPU | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return GPU(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """The fast-path settings of one engine (a Nunchaku fallback may have switched some on)."""
+
+    fp8: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    attention: str = "auto"
+    cache_threshold: float = 0.0
+    offload: bool = False
+    lora_rank: int = 0  # the hot-swapped LoRA slot's rank; 0: the LoRA plugin is not enabled
+
+    @classmethod
+    def from_settings(cls, settings) -> "FastOptions":
+        return cls(
+            fp8=settings.fp8,
+            compile=settings.compile,
+            compile_mode=settings.compile_mode,
+            attention=settings.attention,
+            cache_threshold=settings.cache_threshold,
+            offload=settings.cpu_offload,
+            lora_rank=settings.lora_hotswap_rank if "lora" in settings.plugin_names else 0,
+        )
+
+    @property
+    def hotswap_lora(self) -> bool:
+        """LoRAs go into a hot-swapped adapter slot: merging cannot touch FP8 weights or a compiled graph."""
+        return self.lora_rank > 0 and (self.fp8 or self.compile)
+
+
+def fp8_refusal(gpu: GPU | None) -> str | None:
+    """Why FP8 cannot run here, or None when it can."""
+    if gpu is None:
+        return (
+            "FP8 needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell), and this machine "
+            "has no CUDA GPU: torchao refuses FP8 dynamic quantization on the CPU. Unset FP8."
+        )
+    if gpu.capability < FP8_MIN_CAPABILITY:
+        return (
+            f"FP8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); {gpu.describe()} has no FP8 "
+            "tensor cores. Unset FP8 to run bf16 here, or use Nunchaku's int4 FLUX (NUNCHAKU_TRANSFORMER), "
+            "which runs on Turing, Ampere and Ada."
+        )
+    return None
+
+
+def check_options(options: FastOptions, gpu: GPU | None) -> list[str]:
+    """Every reason these options cannot run on this machine (empty: they can)."""
+    problems = []
+    if options.fp8 and (why := fp8_refusal(gpu)):
+        problems.append(why)
+    if options.offload and gpu is None:
+        problems.append("CPU_OFFLOAD moves each model onto the GPU when it runs, and this machine has no CUDA GPU.")
+    if options.offload and options.compile:
+        problems.append(
+            "CPU_OFFLOAD and COMPILE do not go together: offloading moves the weights at every call, which a "
+            "compiled graph cannot follow. Choose one (offload for small GPUs, compile for speed)."
+        )
+    if options.cache_threshold < 0:
+        problems.append(f"CACHE_THRESHOLD must be 0 (off) or positive, not {options.cache_threshold}.")
+    if options.lora_rank < 0:
+        problems.append(f"LORA_HOTSWAP_RANK must be positive, not {options.lora_rank}.")
+    return problems
+
+
+def fa3_installed() -> bool:
+    from diffusers.utils import is_flash_attn_3_available
+
+    return is_flash_attn_3_available()
+
+
+def choose_attention(setting: str, gpu: GPU | None, fa3: bool) -> str:
+    """The diffusers attention backend: FlashAttention 3 on Hopper where installed, else PyTorch SDPA ("native")."""
+    if setting != "auto":
+        return setting
+    if gpu is not None and gpu.capability[0] == 9 and fa3:
+        return "_flash_3"
+    return "native"
+
+
+def set_attention(model, backend: str, explicit: bool) -> str:
+    """Put `backend` in place; an explicit choice that cannot run stops the server, "auto" falls back to SDPA."""
+    if backend == "native":
+        return "native (PyTorch SDPA)"  # diffusers' default: nothing to set
+    try:
+        model.set_attention_backend(backend)
+    except (RuntimeError, ValueError, ImportError) as exc:
+        if explicit:
+            raise SystemExit(f"ATTENTION={backend} cannot run here: {exc}") from None
+        log.warning("attention backend %s is not usable (%s); using PyTorch SDPA", backend, exc)
+        model.set_attention_backend("native")  # also resets diffusers' global active backend
+        return "native (PyTorch SDPA)"
+    return backend
+
+
+def fuse_qkv(transformer) -> int:
+    """Fuse each attention's q/k/v (and added q/k/v) projections into one matmul; returns how many were fused.
+
+    diffusers keeps the unfused copies, which doubles those weights (about 4 GB in bf16 for FLUX.1);
+    FLUX's attention never reads them once fused, so they are dropped there."""
+    try:
+        transformer.fuse_qkv_projections()
+    except (ValueError, AttributeError) as exc:
+        log.info("QKV projections not fused: %s", exc)
+        return 0
+    fused = [m for m in transformer.modules() if getattr(m, "fused_projections", False)]
+    for module in fused:
+        if type(module).__name__ != "FluxAttention":
+            continue
+        for part in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            if getattr(module, part, None) is not None:
+                delattr(module, part)
+    return len(fused)
+
+
+def quantize_fp8(transformer, dtype: torch.dtype, config=None) -> str:
+    """FP8 weights and activations on the transformer's linear layers (torchao); returns the precision label.
+
+    `config` replaces the dynamic FP8 config: the CPU tests pass Float8WeightOnlyConfig, the only FP8
+    config torchao runs on a CPU."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    except ImportError:
+        raise SystemExit("FP8 needs torchao: pip install 'image-server[gpu]' (torchao 0.18).") from None
+    if config is None:
+        granularity = PerRow() if dtype == torch.bfloat16 else PerTensor()  # per-row scales need bf16 weights
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
+    quantize_(transformer, config)
+    # torchao swaps quantized weights for tensor subclasses (Float8Tensor); layers it skips keep plain ones
+    quantized = sum(
+        1
+        for m in transformer.modules()
+        if isinstance(m, torch.nn.Linear) and type(m.weight) not in (torch.Tensor, torch.nn.Parameter)
+    )
+    log.info("FP8: %d linear layers quantized with %s", quantized, type(config).__name__)
+    return f"fp8 ({type(config).__name__}, {quantized} linear layers)"
+
+
+def accelerate(pipe, options: FastOptions, gpu: GPU | None, dtype: torch.dtype, fp8_config=None):
+    """Apply the fast paths to a loaded pipeline. Returns (info for /v1/models, LoRA applier or None)."""
+    transformer = getattr(pipe, "transformer", None)
+    info: dict = {"attention": "native (PyTorch SDPA)", "compile": False, "cache": None}
+    if transformer is None:
+        if options.fp8 or options.compile or options.cache_threshold or options.attention != "auto":
+            raise SystemExit(
+                f"FP8, COMPILE, CACHE_THRESHOLD and ATTENTION need a transformer; {type(pipe).__name__} has none."
+            )
+        return info, None
+    backend = choose_attention(options.attention, gpu, fa3_installed() if gpu else False)
+    info["attention"] = set_attention(transformer, backend, explicit=options.attention != "auto")
+    applier = None
+    if options.hotswap_lora:
+        from plugins.lora.hotswap import HotswapLoRA
+        from plugins.lora.merge import weight_shapes
+
+        shapes = weight_shapes(pipe)  # before quantizing and wrapping: the layers as LoRA files name them
+    # Under a LoRA slot QKV stays unfused: see plugins/lora/hotswap.py for why.
+    fused = fuse_qkv(transformer) if options.compile and not options.hotswap_lora else 0
+    if options.fp8:
+        info["precision"] = quantize_fp8(transformer, dtype, fp8_config)
+    if options.hotswap_lora:
+        applier = HotswapLoRA(pipe, options.lora_rank, shapes, dtype)
+        applier.install()
+        info["lora"] = f"hot-swapped slot of rank {options.lora_rank}"
+    if options.cache_threshold > 0:
+        from diffusers import FirstBlockCacheConfig
+
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=options.cache_threshold))
+        info["cache"] = f"first-block, threshold {options.cache_threshold:g}"
+    if options.compile:
+        # diffusers' first-block cache calls a torch.compiler.disable()d hook: whole-graph capture fails with it.
+        fullgraph = options.cache_threshold <= 0
+        transformer.compile(
+            fullgraph=fullgraph, mode=None if options.compile_mode == "default" else options.compile_mode
+        )
+        info["compile"] = f"torch.compile mode={options.compile_mode} fullgraph={fullgraph}" + (
+            " fused-qkv" if fused else ""
+        )
+    return info, applier
