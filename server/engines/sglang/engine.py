@@ -153,7 +153,7 @@ class SGLangEngine:
         self.process.wait_ready()
         self._describe()
         if checker is not None:
-            self.lora_applier = SGLangLoRAApplier(self._post, self.process, checker)
+            self.lora_applier = SGLangLoRAApplier(self._post, self.process, checker, scratch)
 
     def routers(self) -> list:
         """/v1/videos, answered for video models (a 400 for the others)."""

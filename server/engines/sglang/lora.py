@@ -16,7 +16,16 @@ modification time (a replaced file is a new adapter); the first use loads it
 (`lora_path`), later uses re-activate SGLang's cached copy (`lora_path: null`).
 Several adapters go in one call in merge mode (SGLang stacks adapters only by
 merging them); the empty set unmerges, which gives the base weights back bit
-for bit. A restarted child holds no adapters: the applier notices the new
+for bit.
+
+A workaround for SGLang 0.5.23: in a call with several adapters, a layer that
+the first adapter does not cover keeps the adapters it held before, and the
+new ones are added to them, so re-applying a set drifts further each time
+(measured on the demo model: 44, then 65, then 85 levels off). A call with one
+adapter that matches no layer clears every layer, so such a call (`RESET`, a
+two-number file written here) goes before each set of several adapters; with
+it, every set gives the same image however often and in whatever order sets
+are applied. A restarted child holds no adapters: the applier notices the new
 epoch and loads again. Only the engine thread calls apply(), so two requests
 with different sets can never interleave their switches with a generation.
 """
@@ -35,6 +44,7 @@ from plugins.lora.merge import LoRAError, parse_lora
 log = logging.getLogger("server.engines.sglang")
 
 DIT_COMPONENTS = ("transformer", "transformer_2")  # what SGLang applies LoRAs to (Wan 2.2 A14B has two)
+RESET = "image-server-reset"  # the nickname of the adapter that matches no layer (see the module docstring)
 
 
 def _meta_module(folder: Path, class_name: str):
@@ -120,6 +130,15 @@ def _stamp(path: Path) -> tuple:
     return stat.st_size, stat.st_mtime_ns
 
 
+def write_reset_lora(path: Path) -> Path:
+    """A LoRA whose one layer exists in no model."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({f"{RESET}.lora_A.weight": torch.zeros(1, 1), f"{RESET}.lora_B.weight": torch.zeros(1, 1)}, str(path))
+    return path
+
+
 def nickname(path: Path) -> str:
     """A name for SGLang's adapter cache: a replaced file (new size or mtime) is a new adapter."""
     digest = hashlib.sha1(f"{path.resolve()}|{_stamp(path)}".encode()).hexdigest()[:12]
@@ -129,10 +148,11 @@ def nickname(path: Path) -> str:
 class SGLangLoRAApplier:
     """check(path), apply([(path, weight), ...]), forget(path): the LoRA plugin's applier interface."""
 
-    def __init__(self, post: Callable[..., httpx.Response], process, checker: LoRAChecker) -> None:
+    def __init__(self, post: Callable[..., httpx.Response], process, checker: LoRAChecker, scratch: Path) -> None:
         self._post = post
         self._process = process
         self._checker = checker
+        self._reset_path = write_reset_lora(scratch / f"{RESET}.safetensors")
         self._epoch = process.epoch
         self._loaded: set[str] = set()  # nicknames the running child holds
         self.applied: tuple[tuple[Path, float], ...] = ()
@@ -167,6 +187,8 @@ class SGLangLoRAApplier:
             self.applied = ()  # a new child starts with its base weights
 
     def _set(self, entries: tuple[tuple[Path, float], ...]) -> None:
+        if len(entries) > 1:
+            self._clear_layers()
         nicknames = [nickname(path) for path, _ in entries]
         body: dict = {
             "lora_nickname": nicknames,
@@ -180,6 +202,15 @@ class SGLangLoRAApplier:
             self._recover()
             raise LoRAError(f"SGLang refused it: {_message(response)}")
         self._loaded.update(nicknames)
+
+    def _clear_layers(self) -> None:
+        """Every layer drops the adapters it holds (SGLang 0.5.23 workaround, see the module docstring)."""
+        loaded = RESET in self._loaded
+        body = {"lora_nickname": RESET, "lora_path": None if loaded else str(self._reset_path)}
+        response = self._post("/v1/set_lora", json=body)
+        if response.status_code != 200:
+            raise LoRAError(f"SGLang could not clear the previous set: {_message(response)}")
+        self._loaded.add(RESET)
 
     def _unmerge(self) -> None:
         response = self._post("/v1/unmerge_lora_weights", json={})
