@@ -121,6 +121,10 @@ def image(client, loras=None, **extra) -> np.ndarray:
     return pixels(decode_b64(result.data[0].b64_json))
 
 
+def seeds_and_pixels(result) -> tuple[list[int], list[np.ndarray]]:
+    return [item.model_extra["seed"] for item in result.data], [pixels(decode_b64(i.b64_json)) for i in result.data]
+
+
 def in_flight(srv: ServerProcess, body: dict, pool: ThreadPoolExecutor):
     """Send `body` and return once the engine is generating it."""
     future = pool.submit(httpx.post, srv.url + "/v1/images/generations", json=body, timeout=300)
@@ -171,7 +175,7 @@ def test_n_images_and_seeds_reproduce(client):
             output_format="png",
             extra_body={"num_inference_steps": 4, "seed": seed},
         )
-        return [item.model_extra["seed"] for item in result.data], [pixels(decode_b64(i.b64_json)) for i in result.data]
+        return seeds_and_pixels(result)
 
     seeds, (first, second) = generate(2, 1234)
     assert seeds == [1234, 1235] and (first != second).any()
@@ -283,3 +287,55 @@ def test_sigterm_drains_then_stops_the_child_group(sglang_server):
     assert sglang_server.proc.wait(60) == 0
     assert not wait_group_gone(pgid, 5), "the SGLang child group outlived the server"
     assert "stopping sglang" in sglang_server.logs()
+
+
+@pytest.fixture
+def kontext_model() -> Path:
+    """The demo weights as a FluxKontextPipeline: a model with SGLang's image-edit task (TI2I)."""
+    from diffusers import FluxKontextPipeline, FluxPipeline
+
+    from server.engines.demo import demo_model_path
+    from tests.conftest import CACHE_DIR
+
+    path = CACHE_DIR / "flux-kontext-tiny"
+    if not (path / "model_index.json").exists():
+        FluxKontextPipeline.from_pipe(FluxPipeline.from_pretrained(demo_model_path(CACHE_DIR))).save_pretrained(path)
+    return path
+
+
+def test_edits_go_to_sglang_images_edits(sglang_bin, kontext_model):
+    """Edits through SGLang's /v1/images/edits. SGLang 0.5.23 has no native tiny edit model, so this is the
+    Kontext copy on SGLang's diffusers backend under FLUX.2's task type; runs after the module's server stopped."""
+    srv = ServerProcess(
+        {
+            "ENGINE": "sglang",
+            "SGLANG_BIN": sglang_bin,
+            "MODEL_PATH": str(kontext_model),
+            "SGLANG_MODEL_ID": "FLUX.2-dev",
+            "SGLANG_ARGS": "--backend diffusers --warmup-mode off",
+        }
+    ).start(wait=False)
+    try:
+        srv.wait_ready(timeout=900)
+        client = srv.client(max_retries=0, timeout=300)
+
+        def edit(source, n=1):
+            result = client.images.edit(
+                image=("in.png", png_bytes(source), "image/png"),
+                prompt="make it blue",
+                n=n,
+                output_format="png",
+                extra_body={"seed": 5, "num_inference_steps": 2},
+            )
+            return seeds_and_pixels(result)
+
+        seeds, (first,) = edit(gradient(256, 256))
+        assert seeds == [5] and (edit(gradient(256, 256))[1][0] == first).all()
+        assert np.abs(edit(gradient(256, 256).rotate(90))[1][0] - first).mean() > 0.1  # the input image is used
+        seeds, pair = edit(gradient(256, 256), n=2)
+        assert seeds == [5, 6] and (pair[0] != pair[1]).any()
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0
+    for pgid in child_pids(srv):
+        assert not wait_group_gone(pgid, 20)
