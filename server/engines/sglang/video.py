@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from server.auth import require_api_key
-from server.errors import APIError, bad_request
+from server.errors import APIError, bad_request, unavailable
 
 FIELDS = {
     "prompt", "model", "n", "seconds", "size", "fps", "num_frames", "seed", "width", "height",
@@ -63,8 +63,19 @@ def video_router(engine) -> APIRouter:
             raise bad_request(f"This model ({engine.info.get('family')}) does not generate video.", None, "unsupported")
         return engine.process.base_url + "/v1/videos"
 
+    async def send(method: str, url: str, stream: bool = False, **kwargs) -> httpx.Response:
+        """A dead or unreachable child is a 503 with Retry-After, as for images."""
+        try:
+            return await client.send(client.build_request(method, url, **kwargs), stream=stream)
+        except httpx.TransportError as exc:
+            message = f"The generation engine is restarting (lost the connection: {type(exc).__name__}); retry shortly."
+            raise unavailable(message, "engine_restarting", engine.retry_after) from None
+
     async def check_capacity(url: str, limit: int) -> None:
-        listed = (await client.get(url, params={"limit": 100})).json().get("data", [])
+        response = await send("GET", url, params={"limit": 100})
+        if response.status_code != 200:
+            _relay(response)
+        listed = response.json().get("data", [])
         unfinished = sum(1 for job in listed if job.get("status") not in _FINISHED)
         if unfinished >= limit:
             raise APIError(
@@ -90,7 +101,7 @@ def video_router(engine) -> APIRouter:
             files = None
             if isinstance(upload, UploadFile):
                 files = {"input_reference": (upload.filename or "reference", await upload.read(), upload.content_type)}
-            return _relay(await client.post(url, data=data, files=files))
+            return _relay(await send("POST", url, data=data, files=files))
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as exc:
@@ -104,27 +115,25 @@ def video_router(engine) -> APIRouter:
             raise bad_request(
                 "'input_reference' must be a data: URL, or a file in a multipart body.", "input_reference"
             )
-        return _relay(await client.post(url, json={k: v for k, v in body.items() if k in FIELDS}))
+        return _relay(await send("POST", url, json={k: v for k, v in body.items() if k in FIELDS}))
 
     @router.get("/v1/videos")
     async def list_videos(request: Request) -> Response:
         params = {k: v for k, v in request.query_params.items() if k in ("after", "limit", "order")}
-        return _relay(await client.get(base_url(request), params=params))
+        return _relay(await send("GET", base_url(request), params=params))
 
     @router.get("/v1/videos/{video_id}")
     async def get_video(request: Request, video_id: str) -> Response:
-        return _relay(await client.get(video_url(request, video_id)))
+        return _relay(await send("GET", video_url(request, video_id)))
 
     @router.delete("/v1/videos/{video_id}")
     async def delete_video(request: Request, video_id: str) -> Response:
-        return _relay(await client.delete(video_url(request, video_id)))
+        return _relay(await send("DELETE", video_url(request, video_id)))
 
     @router.get("/v1/videos/{video_id}/content")
     async def video_content(request: Request, video_id: str) -> Response:
         params = {"variant": request.query_params["variant"]} if "variant" in request.query_params else {}
-        upstream = await client.send(
-            client.build_request("GET", video_url(request, video_id) + "/content", params=params), stream=True
-        )
+        upstream = await send("GET", video_url(request, video_id) + "/content", stream=True, params=params)
         if upstream.status_code != 200:
             await upstream.aread()
             await upstream.aclose()
