@@ -6,7 +6,8 @@
 set -euo pipefail
 
 version=0.5.23
-cache=${IMAGE_SERVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/image-server}
+# the server looks for it under CACHE_DIR, so the script honours that variable too
+cache=${IMAGE_SERVER_CACHE:-${CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/image-server}}
 venv="$cache/sglang-$version"
 python=${PYTHON:-python3}
 
