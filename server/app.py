@@ -54,6 +54,8 @@ def create_app(settings: Settings, engine=None, plugins: PluginSet | None = None
     app.include_router(_models_router())
     for router in plugins.routers():
         app.include_router(router)
+    for router in getattr(engine, "routers", list)():  # engine-specific endpoints (SGLang: /v1/videos)
+        app.include_router(router)
     app.add_middleware(AccessLog, metrics=metrics)
     app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20), overrides=plugins.body_limits())
     return app
@@ -89,14 +91,15 @@ def _ops_router() -> APIRouter:
     @router.get("/ready")
     async def ready(request: Request) -> JSONResponse:
         svc: ImageService = request.app.state.service
-        if svc.ready and not svc.draining:
+        if svc.serving:
             return JSONResponse({"status": "ready", "queue_depth": svc.scheduler.depth})
-        status = "draining" if svc.draining else "loading"
+        status = "draining" if svc.draining else "loading" if not svc.ready else "engine_restarting"
         error = APIError(503, f"not ready: {status}", code=status, headers={"Retry-After": "5"})
         return error.response()
 
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
+        request.app.state.metrics.ready.set(1 if request.app.state.service.serving else 0)
         return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @router.get("/v1/images/{name:image_name}")
@@ -119,7 +122,7 @@ def _models_router() -> APIRouter:
             "object": "model",
             "created": _STARTED,
             "owned_by": "image-server",
-            "ready": svc.ready,
+            "ready": svc.serving,
             "engine": svc.engine.info,
             "defaults": {"num_inference_steps": svc.default_steps, "guidance_scale": svc.default_guidance},
             "plugins": [p.name for p in svc.plugins.plugins],

@@ -75,6 +75,15 @@ class Settings:
     nunchaku_fp16_attention: bool = _opt(False, "Nunchaku's FP16 attention (faster on RTX 30/40/50; always on Turing)")
     nunchaku_t5: str = _opt("", "Nunchaku's 4-bit T5 text encoder file (awq-int4-flux.1-t5xxl.safetensors)")
 
+    # SGLang engine (ENGINE=sglang)
+    sglang_bin: str = _opt(
+        "", "the sglang executable, in its own venv (default: CACHE_DIR/sglang-0.5.23/bin/sglang, else PATH)"
+    )
+    sglang_args: str = _opt("", "extra `sglang serve` flags, shell-quoted; they override the server's own")
+    sglang_port: int = _opt(0, "loopback port of the SGLang child (0: a free one); SGLang also binds port+1")
+    sglang_model_id: str = _opt("", "model family / SGLang --model-id, e.g. FLUX.1-dev (default: from the folder)")
+    sglang_start_timeout: float = _opt(900.0, "seconds SGLang may take to become healthy (model load and warm-up)")
+
     # HTTP
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")

@@ -110,12 +110,27 @@ class ImageService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        close_engine = getattr(self.engine, "close", None)  # an engine with a child process stops it here
+        if close_engine is not None:
+            close_engine()
+
+    @property
+    def engine_healthy(self) -> bool:
+        """An out-of-process engine (SGLang) can die and come back; an in-process one is up once loaded."""
+        return getattr(self.engine, "healthy", True)
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.draining and self.engine_healthy
 
     def check_accepting(self) -> None:
         if self.draining:
             raise unavailable("The server is shutting down; retry on another instance.", "shutting_down", 1)
         if not self.ready:
             raise unavailable("The model is still loading; retry shortly.", "model_loading", 10)
+        if not self.engine_healthy:
+            retry_after = getattr(self.engine, "retry_after", 10)
+            raise unavailable("The generation engine is restarting; retry shortly.", "engine_restarting", retry_after)
 
     # -- request -> spec -------------------------------------------------
 

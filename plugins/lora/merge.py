@@ -93,7 +93,7 @@ def parse_lora(pipe, path: Path, shapes: dict | None = None) -> dict[tuple[str, 
     except (SafetensorError, OSError) as exc:
         raise LoRAError(f"not a readable .safetensors file ({exc})") from None
     try:
-        state, alphas = type(pipe).lora_state_dict(raw, return_alphas=True)
+        state, alphas = pipe.lora_state_dict(raw, return_alphas=True)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise LoRAError(f"not a LoRA this model's loader understands ({type(exc).__name__}: {exc})") from None
     alphas = alphas or {}
