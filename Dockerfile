@@ -56,6 +56,17 @@ RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     MAX_JOBS=${MAX_JOBS} /app/docker/install.sh --python python3.12 --venv /opt/venv \
       --wheelhouse /wheelhouse --lock "/app/src/${LOCK}" --wheels "/app/src/${WHEELS}"
 
+# The SGLang engine (ENGINE=sglang), optional: its own venv, so its exact torch/transformers/diffusers pins never meet
+# the server's. Build with --build-arg WITH_SGLANG=1 after ./download-packages.sh --lock
+# requirements/sglang-cuda-py312.txt --wheels '' has added its wheels (several GB) to the wheelhouse.
+ARG WITH_SGLANG=0
+RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    if [ "${WITH_SGLANG}" = 1 ]; then \
+      /app/docker/install.sh --python python3.12 --venv /opt/sglang --wheelhouse /wheelhouse \
+        --lock /app/src/requirements/sglang-cuda-py312.txt; \
+    fi
+ENV SGLANG_BIN=/opt/sglang/bin/sglang
+
 # Then the server itself, without dependencies (the lock has them all; install.sh ends with pip check).
 COPY pyproject.toml README.md /app/src/
 COPY server/ /app/src/server/

@@ -18,7 +18,7 @@ uv=${UV:-uv}
 command -v "$uv" >/dev/null || { echo "lock.sh: needs uv (pip install uv)" >&2; exit 1; }
 
 # Extras of pyproject.toml that the image carries: a plugin whose dependencies live in an extra adds its name here.
-IMAGE_EXTRAS=()
+IMAGE_EXTRAS=(gpu)
 extra_flags=()
 for extra in "${IMAGE_EXTRAS[@]}"; do extra_flags+=(--extra "$extra"); done
 
