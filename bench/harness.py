@@ -1,0 +1,270 @@
+"""What the bench tools share: a server child process, a loopback S3, statistics, the machine's description.
+
+The tools run as scripts (`python bench/pressure.py`), so this module is imported as a sibling (`import harness`).
+It imports no torch: the pressure tool must stay light enough to drive a server from the same small machine.
+"""
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (a container's limit, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def env_pairs(pairs: list[str] | None) -> dict[str, str]:
+    """`KEY=VALUE` options (repeated --env) as a dict."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--env wants KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+class ServerFailed(RuntimeError):
+    """The server exited or never became ready; the message ends with its log."""
+
+
+class Server:
+    """`image-server serve` as a child process on loopback, configured by environment like the container.
+
+    A context manager: the process is always stopped (SIGTERM, then kill) when the block ends, so a benchmark
+    that fails half-way leaves no server behind.
+    """
+
+    def __init__(self, env: dict[str, str] | None = None, ready_timeout: float = 300) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_timeout = ready_timeout
+        self.log_path = Path(tempfile.mkstemp(prefix="bench-server-", suffix=".log")[1])
+        self.env = {
+            **os.environ,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "IMAGE_DIR": tempfile.mkdtemp(prefix="bench-images-"),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "server.cli", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise ServerFailed(f"the server was not ready after {self.ready_timeout:g}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def metric(self, name: str) -> float:
+        return scrape(self.url, name)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def scrape(url: str, name: str) -> float:
+    """Sum of the samples of one Prometheus series (all label sets) on a server's /metrics."""
+    total = 0.0
+    for line in httpx.get(url.rstrip("/") + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class LoopbackS3:
+    """A moto S3 server on loopback with one bucket, for the upload plugin's pre-signed PUT URLs."""
+
+    def __init__(self, bucket: str = "bench") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.proc: subprocess.Popen | None = None
+        self._client = None
+
+    def __enter__(self) -> "LoopbackS3":
+        import boto3
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait()
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
+        self._client.create_bucket(Bucket=self.bucket)
+        return self
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url, timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("the loopback S3 (moto) did not start")
+
+    def presign(self, key: str, expires: int = 3600) -> str:
+        return self._client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
+        )
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+# -- statistics -------------------------------------------------------------
+
+
+def stats(values: list[float]) -> dict:
+    """Percentiles of a sample (empty: only the count)."""
+    if not values:
+        return {"count": 0}
+    a = np.asarray(values, dtype=float)
+    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
+    return {
+        "count": len(a),
+        "mean": float(a.mean()),
+        "min": float(a.min()),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p95": float(p95),
+        "p99": float(p99),
+        "max": float(a.max()),
+    }
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """`queue;dur=12.5, gen;dur=830.1, post;dur=9.0` -> {"queue": 12.5, "gen": 830.1, "post": 9.0} (ms)."""
+    out: dict[str, float] = {}
+    for metric in (header or "").split(","):
+        name, *params = (p.strip() for p in metric.split(";"))
+        for param in params:
+            key, _, value = param.partition("=")
+            if name and key == "dur":
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
+    return out
+
+
+# -- reporting ----------------------------------------------------------------
+
+
+def machine() -> dict:
+    """What the figures were measured on: say it next to every number."""
+    return {
+        "cpu": _cpu_model(),
+        "cpus": cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "diffusers": _version("diffusers"),
+        "platform": platform.platform(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def default_out(tool: str) -> Path:
+    """out/<tool>/<UTC time>: /out/ is ignored by git, and one run never overwrites another."""
+    return ROOT / "out" / tool / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table (what docs/BENCHMARKS.md takes as it is)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
