@@ -86,7 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.table(rows, ["content", "encoder", "median_ms", "p95_ms", "bytes"]))
     out = args.out or harness.default_out("encode")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    harness.write_json(out / "encode.json", {"config": config, "machine": machine, "libjpeg": libjpeg, "rows": rows})
+    harness.write_json(
+        out / "encode.json",
+        {
+            "config": config,
+            "machine": machine,
+            "load_average_after": harness.load_average(),
+            "libjpeg": libjpeg,
+            "rows": rows,
+        },
+    )
     print(f"wrote {out / 'encode.json'}")
     return 0
 

@@ -220,13 +220,18 @@ def machine() -> dict:
         "cpu": _cpu_model(),
         "cpus": cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "load_average": load_average(),
         "python": platform.python_version(),
         "torch": _version("torch"),
         "diffusers": _version("diffusers"),
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load: above ~0.5 on an idle run, something else shared the CPUs."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _cpu_model() -> str:

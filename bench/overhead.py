@@ -209,7 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or harness.default_out("overhead")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     harness.write_json(
-        out / "overhead.json", {"config": config, "env": env, "machine": machine, "summary": summary, "pairs": pairs}
+        out / "overhead.json",
+        {
+            "config": config,
+            "env": env,
+            "machine": machine,
+            "load_average_after": harness.load_average(),
+            "summary": summary,
+            "pairs": pairs,
+        },
     )
     print(f"wrote {out / 'overhead.json'}")
     return 0

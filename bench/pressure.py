@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": config,
         "mix": [asdict(e) for e in entries],
         "machine": machine,
+        "load_average_after": harness.load_average(),
         "summary": summary,
         "records": [asdict(r) for r in records],
     }

@@ -276,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"targets: {result['verdicts']}")
     out = args.out or harness.default_out("throughput")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    harness.write_json(out / "throughput.json", {"config": config, "env": env, "machine": machine, **result})
+    harness.write_json(
+        out / "throughput.json",
+        {"config": config, "env": env, "machine": machine, "load_average_after": harness.load_average(), **result},
+    )
     print(f"wrote {out / 'throughput.json'}")
     return 0
 
