@@ -44,6 +44,11 @@ def env_pairs(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (timeout, kill) as a normal exit, so that `with Server()` blocks still stop their child."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 class ServerFailed(RuntimeError):
     """The server exited or never became ready; the message ends with its log."""
 

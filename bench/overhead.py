@@ -190,6 +190,7 @@ def summarize(pairs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    harness.exit_on_sigterm()
     env = configure(args)
     machine = harness.machine()
     print(

@@ -257,6 +257,7 @@ def verdicts(result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    harness.exit_on_sigterm()
     modes = {m.strip() for m in args.modes.split(",") if m.strip()}
     unknown = modes - {"serial", "sweep", "lora"}
     if unknown:
