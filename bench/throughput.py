@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-dir", type=Path, help="LoRA files (default: two random LoRAs made for the demo model)")
     p.add_argument("--lora-sets", default=json.dumps(DEFAULT_LORA_SETS), help="JSON list of `loras` values")
     p.add_argument("--lora-clients", type=int, default=16, help="concurrent clients of the LoRA mode")
+    p.add_argument(
+        "--write-demo-loras",
+        type=Path,
+        metavar="DIR",
+        help="only write the demo LoRAs of --lora-sets into DIR (a LORA_DIR for bench/mix-plugins.jsonl), then exit",
+    )
     p.add_argument("--out", type=Path, help="folder for throughput.json (default out/throughput/<time>)")
     return p.parse_args(argv)
 
@@ -258,6 +264,11 @@ def verdicts(result: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     harness.exit_on_sigterm()
+    if args.write_demo_loras:
+        names = sorted({item["name"] for s in json.loads(args.lora_sets) for item in s})
+        make_demo_loras(args.write_demo_loras, names)
+        print(f"wrote {', '.join(names)} to {args.write_demo_loras}")
+        return 0
     modes = {m.strip() for m in args.modes.split(",") if m.strip()}
     unknown = modes - {"serial", "sweep", "lora"}
     if unknown:
