@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-dir", type=Path, help="LoRA files (default: two random LoRAs made for the demo model)")
     p.add_argument("--lora-sets", default=json.dumps(DEFAULT_LORA_SETS), help="JSON list of `loras` values")
     p.add_argument("--lora-clients", type=int, default=16, help="concurrent clients of the LoRA mode")
+    p.add_argument("--lora-requests", type=int, default=64, help="requests of the LoRA mode, alternating sets")
     p.add_argument(
         "--write-demo-loras",
         type=Path,
@@ -228,7 +229,7 @@ def lora(args) -> dict:
         folder = Path(tempfile.mkdtemp(prefix="bench-loras-"))
         make_demo_loras(folder, sorted({item["name"] for s in sets for item in s}))
     plugins = ",".join(dict.fromkeys([*filter(None, os.environ.get("PLUGINS", "").split(",")), "lora"]))
-    bodies = [request_body(args, i, {"loras": sets[i % len(sets)]}) for i in range(max(args.requests, 64))]
+    bodies = [request_body(args, i, {"loras": sets[i % len(sets)]}) for i in range(args.lora_requests)]
     rows = {}
     for label, bypass in (("set-aware", None), ("arrival order", "0")):
         env = {"PLUGINS": plugins, "LORA_DIR": str(folder), "MAX_QUEUE": str(max(100, 2 * args.lora_clients))}

@@ -87,7 +87,8 @@ def test_overhead_reports_the_ratio(tmp_path):
 def test_throughput_sweeps_and_reports_targets(tmp_path):
     out = tmp_path / "out"
     args = ("--size", "256x256", "--steps", "2", "--requests", "4", "--concurrency", "1,2", "--threads", "1")
-    run_tool(sys.executable, "bench/throughput.py", *args, "--out", str(out))
+    lora = ("--lora-requests", "8", "--lora-clients", "4")  # a tiny LoRA run once the plugin exists
+    run_tool(sys.executable, "bench/throughput.py", *args, *lora, "--out", str(out))
     report = json.loads((out / "throughput.json").read_text())
     assert report["serial"]["images_per_s"] > 0
     assert [(r["batching"], r["clients"]) for r in report["sweep"]] == [("off", 1), ("off", 2), ("on", 1), ("on", 2)]
