@@ -57,7 +57,8 @@ class Server:
     """`image-server serve` as a child process on loopback, configured by environment like the container.
 
     A context manager: the process is always stopped (SIGTERM, then kill) when the block ends, so a benchmark
-    that fails half-way leaves no server behind.
+    that fails half-way leaves no server behind. The tests' ServerProcess does the same for pytest; the tools keep
+    their own so that they import nothing from tests/ (nor pytest and openai with it).
     """
 
     def __init__(self, env: dict[str, str] | None = None, ready_timeout: float = 300) -> None:
