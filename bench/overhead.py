@@ -80,10 +80,8 @@ class InProcess:
         generated = time.perf_counter()
         items: list[dict] = [{} for _ in images]
         kept = self.plugins.postprocess(list(images), spec.options, items)
-        for index, image in enumerate(kept):
-            if image is not None:
-                data = encode_image(image, "jpeg", 65)
-                self.plugins.deliver(data, "jpeg", index, spec.options, items[index])
+        encoded = [None if image is None else encode_image(image, "jpeg", 65) for image in kept]
+        self.plugins.deliver(encoded, "jpeg", spec.options, items)
         finished = time.perf_counter()
         return {"total": finished - started, "gen": generated - started, "post": finished - generated}
 
