@@ -83,7 +83,8 @@ class InProcess:
         encoded = [None if image is None else encode_image(image, "jpeg", 65) for image in kept]
         self.plugins.deliver(encoded, "jpeg", spec.options, items)
         finished = time.perf_counter()
-        return {"total": finished - started, "gen": generated - started, "post": finished - generated}
+        timing = {"total": finished - started, "gen": generated - started, "post": finished - generated}
+        return {**timing, "failed_uploads": failed_uploads(items)}
 
     def _spec(self, body: dict):
         from server.spec import GenerationSpec
@@ -119,7 +120,12 @@ def run_http(client: httpx.Client, url: str, body: dict) -> dict:
         if "b64_json" in item:
             base64.b64decode(item["b64_json"])
     timing = {k: v / 1000 for k, v in harness.parse_server_timing(response.headers.get("server-timing")).items()}
-    return {"total": total, **timing}
+    return {"total": total, **timing, "failed_uploads": failed_uploads(payload["data"])}
+
+
+def failed_uploads(items: list[dict]) -> int:
+    """Images the upload plugin did not deliver: a run that measured failures measured the wrong thing."""
+    return sum(1 for item in items if "upload" in item and item["upload"].get("status") != "uploaded")
 
 
 # -- the run -------------------------------------------------------------------------
@@ -181,6 +187,7 @@ def summarize(pairs: list[dict]) -> dict:
         "overhead_pct": (http / in_process - 1) * 100,
         "in_process_split_s": {part: median("in_process", part) for part in ("gen", "post")},
         "server_split_s": {part: median("http", part) for part in ("queue", "gen", "post")},
+        "failed_uploads": sum(p[side]["failed_uploads"] for p in pairs for side in ("in_process", "http")),
         "target": "ratio_of_medians <= 1.05",
         "meets_target": http / in_process <= 1.05,
     }
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         f"median pair ratio {summary['median_pair_ratio']:.3f}, fastest-run ratio {summary['ratio_of_minimums']:.3f}; "
         "target <= 1.05: " + ("met" if summary["meets_target"] else "NOT met")
     )
+    if summary["failed_uploads"]:
+        print(f"warning: {summary['failed_uploads']} uploads failed; see the pairs in the JSON")
     out = args.out or harness.default_out("overhead")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     harness.write_json(
