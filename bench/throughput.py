@@ -6,7 +6,7 @@ Modes (--modes, comma-separated, all by default):
           off) and MAX_BATCH=--max-batch (on); images/s, latency and the mean batch size from /metrics
   lora    clients whose requests alternate between LoRA sets, against a server with set-aware scheduling
           (MAX_BYPASS at its default) and with plain arrival order (MAX_BYPASS=0); counts pipeline
-          re-preparations from image_server_prep_switches_total. Needs PLUGINS=lora; skipped until it exists.
+          re-preparations from image_server_prep_switches_total. Skipped, saying why, without the lora plugin.
 
 Every server and the serial loop use the same torch threads (--threads). Settings for the servers and the
 in-process engine go through --env KEY=VALUE (e.g. BATCH_WINDOW_MS=20), extra request fields through --body.
@@ -221,7 +221,7 @@ def make_demo_loras(folder: Path, names: list[str], rank: int = 4) -> None:
 def lora(args) -> dict:
     reason = lora_unavailable()
     if reason:
-        print(f"lora: skipped: {reason}. Rerun with --modes lora once PLUGINS=lora works.", flush=True)
+        print(f"lora: skipped: {reason}.", flush=True)
         return {"skipped": reason}
     sets = json.loads(args.lora_sets)
     folder = args.lora_dir

@@ -87,7 +87,7 @@ def test_overhead_reports_the_ratio(tmp_path):
 def test_throughput_sweeps_and_reports_targets(tmp_path):
     out = tmp_path / "out"
     args = ("--size", "256x256", "--steps", "2", "--requests", "4", "--concurrency", "1,2", "--threads", "1")
-    lora = ("--lora-requests", "8", "--lora-clients", "4")  # a tiny LoRA run once the plugin exists
+    lora = ("--lora-requests", "8", "--lora-clients", "4")  # a tiny run of the LoRA mode
     run_tool(sys.executable, "bench/throughput.py", *args, *lora, "--out", str(out))
     report = json.loads((out / "throughput.json").read_text())
     assert report["serial"]["images_per_s"] > 0
@@ -95,7 +95,9 @@ def test_throughput_sweeps_and_reports_targets(tmp_path):
     assert all(r["errors"] == 0 and r["images"] >= 4 for r in report["sweep"])
     assert "most_clients_no_lower_than_serial" in report["verdicts"]
     lora = report["lora"]
-    assert "skipped" in lora or "switch_ratio" in lora  # skipped until the lora plugin exists
+    assert set(lora["rows"]) == {"set-aware", "arrival order"}
+    assert all(row["errors"] == 0 and row["switches"] >= 1 for row in lora["rows"].values())
+    assert "switch_ratio" in lora and "set_aware_switches_at_most_a_quarter" in report["verdicts"]
 
 
 def test_encode_compares_pillow_and_simplejpeg(tmp_path):
