@@ -71,6 +71,7 @@ class Scheduler:
         max_bypass: int,
         timeout: float,
         can_batch: bool = True,
+        expect_company: Callable[[], bool] = lambda: True,
     ) -> None:
         self._generate = generate
         self._metrics = metrics
@@ -80,6 +81,7 @@ class Scheduler:
         self.max_bypass = max_bypass
         self.timeout = timeout
         self.can_batch = can_batch
+        self._expect_company = expect_company
         self._queue: list[Job] = []
         self._running: list[Job] = []
         self._applied: tuple | None = None
@@ -212,7 +214,7 @@ class Scheduler:
             head = self._pick_head()
             batch = self._gather(head)
             delay = head.enqueued + self.batch_window - time.monotonic()
-            if delay > 0 and self.accepting and sum(j.spec.n for j in batch) < self.max_batch:
+            if delay > 0 and self._worth_waiting(batch):
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), delay)
@@ -221,6 +223,12 @@ class Scheduler:
                 continue
             self._take(batch)
             return batch
+
+    def _worth_waiting(self, batch: list[Job]) -> bool:
+        """Hold a batch back for companions only while other requests are about: a lone client never pays
+        the window, closed-loop clients coming back from post-processing still meet in one batch."""
+        room = self.can_batch and sum(j.spec.n for j in batch) < self.max_batch
+        return room and self.accepting and self._expect_company()
 
     def _pick_head(self) -> Job:
         oldest = self._queue[0]

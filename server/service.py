@@ -63,6 +63,7 @@ class ImageService:
         self.draining = False
         self.default_steps, self.default_guidance = 28, 3.5
         self.scheduler: Scheduler | None = None
+        self.in_flight = 0  # accepted and not yet answered (the event loop alone changes it)
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
 
@@ -80,6 +81,7 @@ class ImageService:
             max_bypass=s.max_bypass,
             timeout=s.request_timeout,
             can_batch=self.engine.can_batch,
+            expect_company=lambda: self.in_flight > 1,
         )
         self.scheduler.start()
 
@@ -201,6 +203,7 @@ class ImageService:
         return self.engine.generate(specs, should_stop)
 
     async def run(self, spec: GenerationSpec, output: Output, disconnected: Awaitable | None) -> Result:
+        self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
             job = await self.scheduler.run(spec, disconnected)
@@ -211,6 +214,7 @@ class ImageService:
             self.metrics.postprocess.observe(post)
             return Result(body, {"queue": job.queue_wait, "gen": job.generation_time, "post": post})
         finally:
+            self.in_flight -= 1
             self.metrics.in_flight.dec()
 
     def _respond(self, images: list[Image.Image], spec: GenerationSpec, output: Output) -> bytes:
