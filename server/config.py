@@ -110,7 +110,7 @@ class Settings:
     # Scheduler
     max_queue: int = _opt(100, "requests waiting at most; more are refused with 429")
     max_batch: int = _opt(4, "images per pipeline call at most")
-    batch_window_ms: float = _opt(10.0, "how long a request waits for batch companions while others are in flight")
+    batch_window_ms: float = _opt(10.0, "how long a partial batch waits for companions while others are in flight")
     max_bypass: int = _opt(4, "times a request may be passed over for one that needs no pipeline change")
     request_timeout: float = _opt(600.0, "seconds a request may wait and run before it ends with a timeout")
     drain_timeout: float = _opt(120.0, "seconds SIGTERM waits for queued and running work before exiting")

@@ -91,6 +91,7 @@ class Scheduler:
         self._closing = False
         self.accepting = True
         self._avg_batch_seconds = 1.0
+        self._engine_free_at = 0.0
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
 
@@ -194,7 +195,8 @@ class Scheduler:
             except Exception:  # _run_batch answers every job itself; this is a bug guard
                 log.exception("scheduler: batch crashed")
                 results = [None] * len(batch)
-            self._avg_batch_seconds = 0.8 * self._avg_batch_seconds + 0.2 * (time.monotonic() - started)
+            self._engine_free_at = time.monotonic()
+            self._avg_batch_seconds = 0.8 * self._avg_batch_seconds + 0.2 * (self._engine_free_at - started)
             self._finish(batch, results)
             self._running = []
             if not self._queue:
@@ -213,7 +215,9 @@ class Scheduler:
                 continue
             head = self._pick_head()
             batch = self._gather(head)
-            delay = head.enqueued + self.batch_window - time.monotonic()
+            # the window runs from when the engine could start this batch: from the head's arrival, or from
+            # the end of the last batch, whose clients may be about to send their next requests
+            delay = max(head.enqueued, self._engine_free_at) + self.batch_window - time.monotonic()
             if delay > 0 and self._worth_waiting(batch):
                 self._wakeup.clear()
                 try:
@@ -225,10 +229,12 @@ class Scheduler:
             return batch
 
     def _worth_waiting(self, batch: list[Job]) -> bool:
-        """Hold a batch back for companions only while other requests are about: a lone client never pays
-        the window, closed-loop clients coming back from post-processing still meet in one batch."""
+        """Hold a partial batch back for companions only when nothing else is queued (the engine would idle
+        with work waiting) and other requests are in flight elsewhere (being post-processed or answered: their
+        clients may come right back). A lone client never pays the window."""
         room = self.can_batch and sum(j.spec.n for j in batch) < self.max_batch
-        return room and self.accepting and self._expect_company()
+        alone_in_queue = len(batch) == len(self._queue)
+        return room and alone_in_queue and self.accepting and self._expect_company()
 
     def _pick_head(self) -> Job:
         oldest = self._queue[0]

@@ -6,10 +6,12 @@ scripts/setup-sglang.sh (several minutes, about 11 GB); later runs reuse the ven
 """
 
 import io
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -339,3 +341,33 @@ def test_edits_go_to_sglang_images_edits(sglang_bin, kontext_model):
     assert srv.proc.returncode == 0
     for pgid in child_pids(srv):
         assert not wait_group_gone(pgid, 20)
+
+
+def test_sglang_compare_tool_runs_and_reports(sglang_bin, tmp_path):
+    """bench/sglang_compare.py on a tiny workload: it runs all three sides and reports (no timing asserted)."""
+    out = tmp_path / "compare"
+    command = [
+        sys.executable,
+        "bench/sglang_compare.py",
+        "--size",
+        "64x64",
+        "--steps",
+        "2",
+        "--requests",
+        "2",
+        "--clients",
+        "1",
+        "--repeat",
+        "1",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "SGLANG_BIN": sglang_bin}, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "sglang_compare.json").read_text())
+    assert result["sglang_version"] == "0.5.23"
+    row = result["rows"][0]
+    for side in ("image-server (diffusers) img/s", "sglang direct img/s", "image-server -> sglang img/s"):
+        assert row[side] > 0
