@@ -38,6 +38,12 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.encode = Histogram(
+            "image_server_encode_seconds",
+            "per-request time of encoding its images (part of post-processing)",
+            buckets=_SECONDS,
+            registry=r,
+        )
         self.images = Counter("image_server_images", "images produced", registry=r)
         self.engine_errors = Counter("image_server_engine_errors", "pipeline calls that failed", registry=r)
         self.prep_switches = Counter(

@@ -227,7 +227,9 @@ class ImageService:
                 "Your request was rejected by the safety system: every generated image was flagged.",
                 code="moderation_blocked",
             )
+        started = time.monotonic()
         encoded = [None if image is None else encode_image(image, output.format, output.compression) for image in kept]
+        self.metrics.encode.observe(time.monotonic() - started)
         delivered = self.plugins.deliver(encoded, output.format, spec.options, items)
         for index, (data, done, item) in enumerate(zip(encoded, delivered, items, strict=True)):
             item["seed"] = spec.seeds[index]

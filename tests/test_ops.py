@@ -48,6 +48,7 @@ def test_metrics_expose_the_promised_series(server, client):
         "image_server_queue_wait_seconds_bucket",
         "image_server_generation_seconds_bucket",
         "image_server_postprocess_seconds_bucket",
+        "image_server_encode_seconds_bucket",
         "image_server_images_total",
     ):
         assert series in text, series
