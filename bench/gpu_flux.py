@@ -15,6 +15,7 @@ attention settings), as one row per variant:
   server-bf16-lora         ... PLUGINS=lora (weights merged per set)
   server-fp8-compile       FP8=1 COMPILE=1 (compute capability >= 8.9)
   server-fp8-compile-lora  ... PLUGINS=lora (the hot-swapped LoRA slot)
+  server-fp8-compile-model ... COMPILE_SCOPE=model (one graph of the whole transformer, not per block)
   server-nunchaku          NUNCHAKU_TRANSFORMER (Turing/Ampere/Ada/RTX 50xx, the real wheel, a real svdq file)
   server-nunchaku-lora     ... PLUGINS=lora (compose_lora)
 
@@ -29,9 +30,11 @@ Figures: s/image = median wall time of a 1024x1024, 28-step request; ms/step =
 peak GPU memory during the requests; ready = server start to /ready with the
 weights already in memory (fast-path setup, compile and warm-up included).
 
-Usage, on a GPU machine (each command stays well under 10 minutes on an H100):
+Usage, on a GPU machine (on an H100 the first command takes 6 minutes; each FP8 one 6 to 10, most of it compiling):
   python bench/gpu_flux.py --paths diffusers-bf16,server-bf16,server-bf16-lora
-  python bench/gpu_flux.py --paths server-fp8-compile,server-fp8-compile-lora
+  python bench/gpu_flux.py --paths server-fp8-compile
+  python bench/gpu_flux.py --paths server-fp8-compile-lora
+  python bench/gpu_flux.py --paths server-fp8-compile-model
   python bench/gpu_flux.py --paths server-nunchaku,server-nunchaku-lora --nunchaku-transformer /models/svdq-...
   python bench/gpu_flux.py --tiny --out /tmp/bench     # CPU smoke test at the demo model's size (CI runs it)
 Results accumulate in OUT/gpu_flux.json (per GPU and path); the section "GPU (bench/gpu_flux.py)" of
@@ -62,6 +65,7 @@ PATHS = (
     "server-bf16-lora",
     "server-fp8-compile",
     "server-fp8-compile-lora",
+    "server-fp8-compile-model",
     "server-nunchaku",
     "server-nunchaku-lora",
 )
@@ -71,6 +75,7 @@ LABELS = {
     "server-bf16-lora": "image-server bf16 (HTTP)",
     "server-fp8-compile": "image-server FP8 + compile (HTTP)",
     "server-fp8-compile-lora": "image-server FP8 + compile (HTTP)",
+    "server-fp8-compile-model": "image-server FP8 + compile of the whole model (HTTP)",
     "server-nunchaku": "image-server Nunchaku 4-bit (HTTP)",
     "server-nunchaku-lora": "image-server Nunchaku 4-bit (HTTP)",
 }
@@ -363,6 +368,8 @@ def server_settings(path: str, scale: Scale, model_dir: Path, lora_dir: Path, ar
         overrides.update(plugins="lora", lora_dir=lora_dir)
     if "fp8-compile" in path:
         overrides.update(fp8=True, compile=True, compile_mode=args.compile_mode)
+    if path.endswith("-model"):
+        overrides.update(compile_scope="model")
     if "nunchaku" in path:
         overrides.update(nunchaku_transformer=args.nunchaku_transformer)
     return overrides

@@ -51,6 +51,12 @@ class Settings:
         "torch.compile mode",
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
+    compile_scope: str = _opt(
+        "blocks",
+        "what torch.compile compiles: blocks (each repeated transformer block once, reused: minutes faster to "
+        "start) or model (the whole transformer as one graph)",
+        choices=("blocks", "model"),
+    )
     attention: str = _opt(
         "auto",
         "attention kernel: auto (FlashAttention 3 on Hopper where installed, else PyTorch SDPA) or a diffusers "
