@@ -575,6 +575,22 @@ def test_first_block_cache_on_the_diffusers_path():
     assert (render(plain, steps=4) != render(cached, steps=4)).any()
 
 
+@pytest.mark.slow
+def test_first_block_cache_under_per_block_compile_matches_eager():
+    """CACHE_THRESHOLD with COMPILE (per block, the default): the cache's hooks graph-break, and the image is the
+    eager cache's, not the uncached one."""
+    plain, eager, compiled = demo_pipeline(), demo_pipeline(), demo_pipeline()
+    accelerate(eager, FastOptions(cache_threshold=0.9), None, torch.float32)
+    info, _ = accelerate(compiled, FastOptions(compile=True, cache_threshold=0.9), None, torch.float32)
+    assert info["compile"] == "torch.compile mode=default fullgraph=False blocks fused-qkv"
+    try:
+        got = render(compiled, steps=4).astype(float)
+        assert np.abs(got - render(eager, steps=4)).mean() < 0.05
+        assert np.abs(got - render(plain, steps=4)).mean() > 0.2
+    finally:
+        torch._dynamo.reset()
+
+
 # -- the real server on this CPU machine ---------------------------------------------
 
 
