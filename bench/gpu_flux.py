@@ -382,13 +382,14 @@ class InProcessServer:
         import uvicorn
 
         import server.engines.diffusers as engine_module
+        from bench.harness import free_port
         from server.app import create_app
 
         engine_module.load_pipeline = lambda path, dtype, **components: build(dtype, **components)
         self.app = create_app(settings)
         self.failed: list[str] = []
         self.app.state.on_fatal = lambda: self.failed.append("the model failed to load (see the log above)")
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_config=None, access_log=False)
         self.server = uvicorn.Server(config)
@@ -469,14 +470,6 @@ def bench_server(path: str, scale: Scale, device, dtype, meter: Meter, lora_dir:
     finally:
         client.close()
         srv.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- which paths run here ------------------------------------------------------------------------------

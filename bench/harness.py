@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -53,12 +54,28 @@ class ServerFailed(RuntimeError):
     """The server exited or never became ready; the message ends with its log."""
 
 
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log: Callable[[], str]) -> None:
+    """Until the server child at `url` answers /ready with 200; ServerFailed if it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerFailed(f"the server exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise ServerFailed(f"the server was not ready after {timeout:g}s:\n{log()}")
+
+
 class Server:
     """`image-server serve` as a child process on loopback, configured by environment like the container.
 
     A context manager: the process is always stopped (SIGTERM, then kill) when the block ends, so a benchmark
-    that fails half-way leaves no server behind. The tests' ServerProcess does the same for pytest; the tools keep
-    their own so that they import nothing from tests/ (nor pytest and openai with it).
+    that fails half-way leaves no server behind. The tests' ServerProcess does the same for pytest (with this
+    module's `wait_ready`); the tools keep their own so that they import nothing from tests/ (nor pytest and
+    openai with it).
     """
 
     def __init__(self, env: dict[str, str] | None = None, ready_timeout: float = 300) -> None:
@@ -82,7 +99,7 @@ class Server:
                 [sys.executable, "-m", "server.cli", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         try:
-            self._wait_ready()
+            wait_ready(self.url, self.proc, self.ready_timeout, self.log_tail)
         except BaseException:
             self.stop()
             raise
@@ -90,19 +107,6 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerFailed(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise ServerFailed(f"the server was not ready after {self.ready_timeout:g}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

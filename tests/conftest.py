@@ -2,11 +2,9 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import boto3
@@ -15,16 +13,12 @@ import openai
 import pytest
 from moto.server import ThreadedMotoServer
 
+from bench.harness import free_port, wait_ready
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # One demo model for the whole run: built by the first server, reused by the others.
 CACHE_DIR = Path(os.environ.get("IMAGE_SERVER_TEST_CACHE", Path(tempfile.gettempdir()) / "image-server-test-cache"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
@@ -56,17 +50,7 @@ class ServerProcess:
         return self
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()}")
+        wait_ready(self.url, self.proc, timeout, self.logs)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
