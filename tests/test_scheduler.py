@@ -7,11 +7,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import openai
 import pytest
 
-from tests.helpers import decode_b64, pixels
+from tests.helpers import assert_same_image, decode_b64, pixels
 
 SLOW = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 28}
 
@@ -53,7 +52,7 @@ def test_concurrent_clients_are_batched_and_match_unbatched_runs(make_server):
     alone = [generate(seed) for seed in range(20)]  # one at a time: each is a batch of one
     assert srv.metric("image_server_batch_size_count") == batches_before + 20
     for a, b in zip(batched, alone, strict=True):
-        assert np.abs(a - b).max() <= 3  # batched float math may round differently, by a level or so
+        assert_same_image(a, b)
 
 
 def test_full_queue_answers_429_with_retry_after(make_server):
