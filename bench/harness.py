@@ -69,67 +69,87 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log: Callable[[
     raise ServerFailed(f"the server was not ready after {timeout:g}s:\n{log()}")
 
 
-class Server:
+class ServerProcess:
     """`image-server serve` as a child process on loopback, configured by environment like the container.
 
-    A context manager: the process is always stopped (SIGTERM, then kill) when the block ends, so a benchmark
-    that fails half-way leaves no server behind. The tests' ServerProcess does the same for pytest (with this
-    module's `wait_ready`); the tools keep their own so that they import nothing from tests/ (nor pytest and
-    openai with it).
+    The one launcher of the bench tools and the tests: a context manager (the process is always stopped, SIGTERM
+    then kill, when the block ends, so a benchmark that fails half-way leaves no server behind), or started and
+    stopped by hand (pytest fixtures). It imports neither pytest nor openai unless `client` is called.
     """
 
-    def __init__(self, env: dict[str, str] | None = None, ready_timeout: float = 300) -> None:
+    def __init__(self, env: dict[str, str] | None = None, command: list[str] | None = None, ready_timeout: float = 300):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout = ready_timeout
-        self.log_path = Path(tempfile.mkstemp(prefix="bench-server-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix="image-server-", suffix=".log")[1])
         self.env = {
             **os.environ,
             "HOST": "127.0.0.1",
             "PORT": str(self.port),
-            "IMAGE_DIR": tempfile.mkdtemp(prefix="bench-images-"),
+            "IMAGE_DIR": tempfile.mkdtemp(prefix="image-server-images-"),
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
+        self.command = command or [sys.executable, "-m", "server.cli", "serve"]
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Server":
+    def start(self, wait: bool = True) -> "ServerProcess":
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        try:
-            wait_ready(self.url, self.proc, self.ready_timeout, self.log_tail)
-        except BaseException:
-            self.stop()
-            raise
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop()
+                raise
         return self
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        wait_ready(self.url, self.proc, timeout or self.ready_timeout, self.log_tail)
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self.logs().splitlines()[-lines:])
 
-    def metric(self, name: str) -> float:
-        return scrape(self.url, name)
+    def metric(self, name: str, labels: str = "") -> float:
+        return scrape(self.url, name, labels)
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def client(self, api_key: str = "unused", **kwargs):
+        """The official OpenAI client for this server."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, **kwargs)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
 
 
-def scrape(url: str, name: str) -> float:
-    """Sum of the samples of one Prometheus series (all label sets) on a server's /metrics."""
+def scrape(url: str, name: str, labels: str = "") -> float:
+    """Sum of the samples of one Prometheus series on a server's /metrics (those whose label text contains
+    `labels`, or all)."""
     total = 0.0
     for line in httpx.get(url.rstrip("/") + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{") and labels in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
 

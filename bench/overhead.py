@@ -150,7 +150,7 @@ def make_body(args, index: int, s3) -> dict:
 def measure(args, s3) -> list[dict]:
     in_process = InProcess()
     pairs = []
-    with harness.Server() as server, httpx.Client(timeout=600) as client:
+    with harness.ServerProcess() as server, httpx.Client(timeout=600) as client:
         in_process.run(make_body(args, -1, s3))  # warm-up: first call at this size allocates
         run_http(client, server.url, make_body(args, -2, s3))
         for index in range(args.pairs):

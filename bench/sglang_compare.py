@@ -60,7 +60,7 @@ def median(runs: list[dict]) -> dict:
 
 
 def run_diffusers(args, levels: list[int]) -> dict:
-    with harness.Server({"MODEL_PATH": "demo"}) as server:
+    with harness.ServerProcess({"MODEL_PATH": "demo"}) as server:
         measure(server.url, bodies(args, {})[: max(levels)], max(levels))  # warm-up
         return {c: median([measure(server.url, bodies(args, {}), c) for _ in range(args.repeat)]) for c in levels}
 
@@ -70,7 +70,7 @@ def run_sglang(args, levels: list[int]) -> tuple[dict, dict, str]:
     env = {"MODEL_PATH": "demo", "ENGINE": "sglang", "SGLANG_PORT": str(sglang_port)}
     direct_url = f"http://127.0.0.1:{sglang_port}"
     direct_extra = {"response_format": "b64_json"}  # SGLang's own default is a URL to a file it writes
-    with harness.Server(env, ready_timeout=900) as server:
+    with harness.ServerProcess(env, ready_timeout=900) as server:
         version = httpx.get(server.url + "/v1/models").json()["data"][0]["engine"].get("sglang_version", "")
         measure(direct_url, bodies(args, direct_extra)[: max(levels)], max(levels))  # warm-up, both paths
         measure(server.url, bodies(args, {})[: max(levels)], max(levels))

@@ -147,7 +147,7 @@ async def closed_loop(url: str, bodies: list[dict], clients: int) -> dict:
     return {"images": images, "errors": errors, "wall_s": wall, "images_per_s": images / wall, "latency_s": latency}
 
 
-def measure_level(server: harness.Server, bodies: list[dict], clients: int) -> dict:
+def measure_level(server: harness.ServerProcess, bodies: list[dict], clients: int) -> dict:
     batches, batched = server.metric("image_server_batch_size_count"), server.metric("image_server_batch_size_sum")
     switches = server.metric("image_server_prep_switches_total")
     result = asyncio.run(closed_loop(server.url, bodies, clients))
@@ -159,7 +159,7 @@ def measure_level(server: harness.Server, bodies: list[dict], clients: int) -> d
     return result
 
 
-def warm_up(server: harness.Server, args, clients: int) -> None:
+def warm_up(server: harness.ServerProcess, args, clients: int) -> None:
     """One burst at the measured size, so that no measurement pays for first-call allocations."""
     asyncio.run(closed_loop(server.url, [request_body(args, i) for i in range(clients)], clients))
 
@@ -169,7 +169,7 @@ def sweep(args) -> list[dict]:
     rows = []
     for label, max_batch in (("off", 1), ("on", args.max_batch)):
         env = {"MAX_BATCH": str(max_batch), "MAX_QUEUE": str(max(100, 2 * max(levels)))}
-        with harness.Server(env) as server:
+        with harness.ServerProcess(env) as server:
             warm_up(server, args, max(args.max_batch, 2))
             for clients in levels:
                 count = max(args.requests, 3 * clients)
@@ -235,7 +235,7 @@ def lora(args) -> dict:
         env = {"PLUGINS": plugins, "LORA_DIR": str(folder), "MAX_QUEUE": str(max(100, 2 * args.lora_clients))}
         if bypass is not None:
             env["MAX_BYPASS"] = bypass
-        with harness.Server(env) as server:
+        with harness.ServerProcess(env) as server:
             asyncio.run(closed_loop(server.url, bodies[: len(sets)], 1))  # warm-up: load every set once
             row = measure_level(server, bodies, args.lora_clients)
         rows[label] = row

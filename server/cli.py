@@ -1,4 +1,5 @@
-"""`image-server serve`: configure from flags and environment, load the model, serve until SIGTERM."""
+"""`image-server serve`: configure from flags and environment, load the model, serve until SIGTERM.
+`image-server demo-assets DIR`: files that let a new user try every plugin on the demo model."""
 
 import argparse
 import asyncio
@@ -6,10 +7,13 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import uvicorn
 
 from server import config, logs
+from server.http import ServerProtocol
+from server.plugins import discover
 
 log = logging.getLogger("server")
 
@@ -65,10 +69,11 @@ def serve(settings: config.Settings) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        http=ServerProtocol.configured(settings),
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=max(5, int(settings.drain_timeout)),
-        timeout_keep_alive=75,  # longer than nginx's and most load balancers' idle timeouts
+        timeout_graceful_shutdown=max(5, int(settings.drain_timeout) + 5),
+        timeout_keep_alive=int(settings.keep_alive),
     )
     server = DrainingServer(uv_config, app.state.service.drain)
     exit_code = 0
@@ -83,7 +88,20 @@ def serve(settings: config.Settings) -> int:
     return exit_code
 
 
+def demo_assets(folder: Path) -> int:
+    """Each plugin writes what it needs to be tried on the demo model; prints the settings that use them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    request_plugins = [name for name, cls in discover().items() if cls.fields is not None]
+    lines = [f"PLUGINS={','.join(request_plugins)}"]
+    for name, cls in discover().items():
+        lines += cls.demo_assets(folder / name)
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
+    # before the plugins are imported: the libraries they import warn at import time, in our format too
+    logs.configure(os.environ.get("LOG_JSON", "").lower() in ("1", "true", "yes", "on"), "info")
     parser = argparse.ArgumentParser(prog="image-server", description="OpenAI Images API server for diffusion models")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser(
@@ -91,9 +109,21 @@ def main(argv: list[str] | None = None) -> None:
         help="serve a model",
         description="Serve a model. Every flag also reads the environment variable shown with it.",
     )
-    config.add_arguments(serve_parser)
+    sections = {name: cls.Settings for name, cls in discover().items() if cls.Settings is not None}
+    config.add_arguments(serve_parser, sections)
+    assets = commands.add_parser("demo-assets", help="write demo LoRAs and a demo NSFW classifier into DIR")
+    assets.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
-    sys.exit(serve(config.from_namespace(args)))
+    if args.command == "demo-assets":
+        sys.exit(demo_assets(args.dir))
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        settings = config.load(sections, flags)
+    except config.ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"image-server: {line}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(serve(settings))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,77 @@
-"""Every setting, in one place: a CLI flag and an environment variable of the same name.
+"""Every setting: a CLI flag and an environment variable of the same name, checked before anything starts.
 
-The container is configured by environment, a developer by flags; a flag wins
-over its variable, the variable over the default. `image-server serve --help`
-prints this table.
+The container is configured by environment, a developer by flags; a flag wins over its variable, the
+variable over the default. The server's settings are `Settings`; a plugin declares its own in a dataclass
+of `option`s (`Plugin.Settings`), so a third-party plugin adds flags without touching this file, and
+`image-server serve --help` lists them all. A value that does not parse, or is outside what its setting
+accepts, stops the server with one line naming the variable and what it accepts.
 """
 
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
-def _opt(default, help: str, env: str = "", flag: str = "", choices: tuple = ()):
-    return field(default=default, metadata={"help": help, "env": env, "flag": flag, "choices": choices})
+class ConfigError(ValueError):
+    """Settings that cannot run; one line per problem."""
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    env: str = "",
+    choices: tuple = (),
+    low: float | None = None,
+    high: float | None = None,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """A setting: its default, its help, and what it accepts (choices, a range, or a check returning why not)."""
+    metadata = {"help": help, "env": env, "choices": choices, "low": low, "high": high, "check": check}
+    return field(default=default, metadata=metadata)
+
+
+def size_problem(value: str) -> str | None:
+    """Why `value` is not a WIDTHxHEIGHT of multiples of 16, or None."""
+    match = _SIZE.match(value)
+    if not match:
+        return "a size WIDTHxHEIGHT, e.g. 1024x1024"
+    if int(match[1]) % 16 or int(match[2]) % 16 or not int(match[1]) or not int(match[2]):
+        return "a size whose width and height are positive multiples of 16"
+    return None
+
+
+def parse_quality_steps(text: str) -> dict[str, int]:
+    """'low:12,medium:20,high:28' -> {'low': 12, ...}; ValueError naming what is wrong."""
+    steps = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, count = (x.strip() for x in part.partition(":"))
+        if name not in ("low", "medium", "high") or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{part!r} is not PRESET:STEPS with PRESET low, medium or high")
+        steps[name] = int(count)
+    return steps
+
+
+def quality_steps_problem(value: str) -> str | None:
+    try:
+        parse_quality_steps(value)
+    except ValueError:
+        return "PRESET:STEPS pairs, e.g. 'low:12,medium:20,high:28'"
+    return None
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    width, _, height = value.partition("x")
+    return int(width), int(height)
 
 
 def _default_cache() -> Path:
@@ -26,198 +82,312 @@ def _default_cache() -> Path:
 @dataclass(frozen=True)
 class Settings:
     # Model and engine
-    model: str = _opt(
+    model: str = option(
         "demo", "local diffusers folder of the model, or 'demo' for the embedded tiny FLUX", env="MODEL_PATH"
     )
-    engine: str = _opt("diffusers", "generation engine", choices=("diffusers", "sglang"))
-    model_name: str = _opt("", "model id shown in /v1/models (default: the folder name)")
-    device: str = _opt("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N")
-    dtype: str = _opt(
+    engine: str = option("diffusers", "generation engine", choices=("diffusers", "sglang"))
+    model_name: str = option("", "model id shown in /v1/models (default: the folder name)")
+    device: str = option("auto", "torch device: auto (CUDA when present), cpu, cuda, cuda:N")
+    dtype: str = option(
         "auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU)", choices=("auto", "bf16", "fp16", "fp32")
     )
-    allow_download: bool = _opt(False, "let Hugging Face downloads happen (HF_HUB_OFFLINE=1 otherwise)")
-    cache_dir: Path = _opt(_default_cache(), "where the demo model and other built artefacts are cached")
-    num_gpu_instances: int = _opt(1, "server instances sharing this host; torch threads = CPUs / instances")
-    torch_threads: int = _opt(0, "torch CPU threads (0: derived from CPU count and NUM_GPU_INSTANCES)")
-    warmup: bool = _opt(True, "run one small generation before reporting ready")
+    allow_download: bool = option(False, "let Hugging Face downloads happen (HF_HUB_OFFLINE=1 otherwise)")
+    cache_dir: Path = option(_default_cache(), "where the demo model and other built artefacts are cached")
+    num_gpu_instances: int = option(1, "server instances sharing this host; torch threads = CPUs / instances", low=1)
+    torch_threads: int = option(0, "torch CPU threads (0: derived from CPU count and NUM_GPU_INSTANCES)", low=0)
+    warmup: bool = option(True, "run one small generation before reporting ready")
 
     # GPU fast paths (README, "GPU fast paths")
-    fp8: bool = _opt(
+    fp8: bool = option(
         False, "FP8 weights and activations on the transformer's linear layers (torchao); compute capability >= 8.9"
     )
-    compile: bool = _opt(False, "torch.compile the transformer, with fused QKV projections (slow first start)")
-    compile_mode: str = _opt(
+    compile: bool = option(False, "torch.compile the transformer, with fused QKV projections (slow first start)")
+    compile_mode: str = option(
         "default",
         "torch.compile mode",
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
-    compile_scope: str = _opt(
+    compile_scope: str = option(
         "blocks",
         "what torch.compile compiles: blocks (each repeated transformer block once, reused: minutes faster to "
         "start) or model (the whole transformer as one graph)",
         choices=("blocks", "model"),
     )
-    attention: str = _opt(
+    attention: str = option(
         "auto",
         "attention kernel: auto (FlashAttention 3 on Hopper where installed, else PyTorch SDPA) or a diffusers "
         "backend name (native, _flash_3, flash, sage, ...)",
     )
-    cache_threshold: float = _opt(
-        0.0, "first-block cache: reuse the remaining blocks' output while the first block changes less (0.12; 0: off)"
+    cache_threshold: float = option(
+        0.0,
+        "first-block cache: reuse the remaining blocks' output while the first block changes less (0.12; 0: off)",
+        low=0,
     )
-    cpu_offload: bool = _opt(False, "keep the weights in CPU memory and move each model to the GPU to run (small GPUs)")
-    lora_hotswap_rank: int = _opt(
-        64, "with FP8 or COMPILE and the lora plugin: rank of the hot-swapped LoRA slot (a set's ranks add up)"
+    cpu_offload: bool = option(
+        False, "keep the weights in CPU memory and move each model to the GPU to run (small GPUs)"
     )
-    nunchaku_transformer: str = _opt(
-        "", "Nunchaku 4-bit FLUX transformer: an svdq-{int4|fp4}_r32-flux.1-*.safetensors file or a folder of both"
-    )
-    nunchaku_fallback: str = _opt(
-        "none",
-        "where Nunchaku cannot run (Hopper, B200, no GPU, no package): none (refuse to start), "
-        "fp8 (FP8 + compile), bf16",
-        choices=("none", "fp8", "bf16"),
-    )
-    nunchaku_fp16_attention: bool = _opt(False, "Nunchaku's FP16 attention (faster on RTX 30/40/50; always on Turing)")
-    nunchaku_t5: str = _opt("", "Nunchaku's 4-bit T5 text encoder file (awq-int4-flux.1-t5xxl.safetensors)")
 
     # SGLang engine (ENGINE=sglang)
-    sglang_bin: str = _opt(
+    sglang_bin: str = option(
         "", "the sglang executable, in its own venv (default: CACHE_DIR/sglang-0.5.23/bin/sglang, else PATH)"
     )
-    sglang_args: str = _opt("", "extra `sglang serve` flags, shell-quoted; they override the server's own")
-    sglang_port: int = _opt(0, "loopback port of the SGLang child (0: a free one); SGLang also binds port+1")
-    sglang_model_id: str = _opt("", "model family / SGLang --model-id, e.g. FLUX.1-dev (default: from the folder)")
-    sglang_start_timeout: float = _opt(900.0, "seconds SGLang may take to become healthy (model load and warm-up)")
+    sglang_args: str = option("", "extra `sglang serve` flags, shell-quoted; they override the server's own")
+    sglang_port: int = option(0, "loopback port of the SGLang child (0: a free one); SGLang also binds port+1", low=0)
+    sglang_model_id: str = option("", "model family / SGLang --model-id, e.g. FLUX.1-dev (default: from the folder)")
+    sglang_start_timeout: float = option(
+        900.0, "seconds SGLang may take to become healthy (model load and warm-up)", low=1
+    )
 
     # HTTP
-    host: str = _opt("127.0.0.1", "address to listen on")
-    port: int = _opt(8000, "port to listen on")
-    api_key: str = _opt("", "comma-separated API keys; when set, /v1/* needs 'Authorization: Bearer <key>'")
-    public_url: str = _opt("", "external base URL used in image URLs (default: from the request and X-Forwarded-*)")
-    max_body_mb: float = _opt(64.0, "largest request body accepted, in MiB (larger: 413 before reading it all)")
-    max_image_mb: float = _opt(50.0, "largest input image file, in MiB")
-    remote_image_hosts: str = _opt("", "comma-separated hosts that edits may fetch http(s) image URLs from")
-    log_json: bool = _opt(False, "log one JSON object per line")
-    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on", low=0, high=65535)
+    api_key: str = option("", "comma-separated API keys; when set, /v1/* needs 'Authorization: Bearer <key>'")
+    public_url: str = option("", "external base URL used in image URLs (default: from the request and X-Forwarded-*)")
+    max_body_mb: float = option(
+        64.0, "largest request body accepted, in MiB (larger: 413 before reading it all)", low=0.01
+    )
+    max_image_mb: float = option(50.0, "largest input image file, in MiB", low=0.01)
+    max_input_pixels: int = option(
+        50_000_000, "most pixels of all input images of one edit together, read from their headers before decoding",
+        low=1,
+    )  # fmt: skip
+    remote_image_hosts: str = option("", "comma-separated hosts that edits may fetch http(s) image URLs from")
+    keep_alive: float = option(
+        75.0, "seconds an idle connection stays open (longer than nginx's and most balancers' idle timeouts)", low=1
+    )
+    header_timeout: float = option(
+        30.0, "seconds a client has to send a request's headers; slower connections are closed", low=1
+    )
+    max_requests_per_connection: int = option(
+        100, "requests one kept-alive connection may make before it is closed, so clients spread over pods", low=1
+    )
+    log_json: bool = option(False, "log one JSON object per line")
+    log_level: str = option("info", "log level", choices=("debug", "info", "warning", "error"))
 
     # Requests
-    default_size: str = _opt("1024x1024", "size used for size=auto or when none is given")
-    min_pixels: int = _opt(64 * 64, "smallest width*height accepted")
-    max_pixels: int = _opt(2048 * 2048, "largest width*height accepted")
-    max_side: int = _opt(4096, "longest side accepted, in pixels")
-    default_steps: int = _opt(0, "inference steps when a request gives none (0: from the model, 28 or 4 for schnell)")
-    max_steps: int = _opt(100, "most inference steps a request may ask for")
-    default_guidance: float = _opt(-1.0, "guidance scale when a request gives none (negative: from the model)")
-    jpeg_quality: int = _opt(65, "JPEG/WebP quality when output_compression is not given")
-    image_ttl: int = _opt(3600, "seconds an image fetched by URL (response_format=url) is kept")
-    image_dir: Path = _opt(Path(""), "where images served by URL are stored (default: CACHE_DIR/images)")
+    default_size: str = option("1024x1024", "size used for size=auto or when none is given", check=size_problem)
+    min_pixels: int = option(64 * 64, "smallest width*height accepted", low=256)
+    max_pixels: int = option(2048 * 2048, "largest width*height accepted", low=256)
+    max_side: int = option(4096, "longest side accepted, in pixels", low=16)
+    max_output_pixels: int = option(
+        4096 * 4096, "largest width*height of an image the server returns, after upscaling", low=256
+    )
+    default_steps: int = option(0, "inference steps when a request gives none (0: from the model)", low=0)
+    max_steps: int = option(100, "most inference steps a request may ask for", low=1)
+    quality_steps: str = option(
+        "",
+        "steps for quality=low,medium,high, e.g. 'low:12,medium:20,high:28' (default: half, three quarters and "
+        "all of the model's default steps; auto is high)",
+        check=quality_steps_problem,
+    )
+    default_guidance: float = option(-1.0, "guidance scale when a request gives none (negative: from the model)")
+    jpeg_quality: int = option(65, "JPEG/WebP quality when output_compression is not given", low=0, high=100)
+    image_ttl: int = option(3600, "seconds an image fetched by URL (response_format=url) is kept", low=1)
+    image_dir: Path = option(Path(""), "where images served by URL are stored (default: CACHE_DIR/images)")
+    image_dir_max_mb: float = option(
+        1024.0, "disk the images served by URL may use, in MiB; the oldest are deleted first", low=1
+    )
+    preview_decoder: str = option(
+        "vae",
+        "what decodes streamed previews (partial_images): vae (the model's own), linear (a projection fitted to it: "
+        "nearly free, blurry), or tiny:PATH (a tiny autoencoder for the model's latents, e.g. TAEF1)",
+        check=lambda v: None if v in ("vae", "linear") or v.startswith("tiny:") else "vae, linear or tiny:PATH",
+    )
+    stream_keepalive: float = option(
+        10.0, "seconds between SSE keep-alive comments while a streamed request waits", low=0.05
+    )
 
     # Scheduler
-    max_queue: int = _opt(100, "requests waiting at most; more are refused with 429")
-    max_batch: int = _opt(4, "images per pipeline call at most")
-    batch_window_ms: float = _opt(10.0, "how long a partial batch waits for companions while others are in flight")
-    max_bypass: int = _opt(4, "times a request may be passed over for one that needs no pipeline change")
-    request_timeout: float = _opt(600.0, "seconds a request may wait and run before it ends with a timeout")
-    drain_timeout: float = _opt(120.0, "seconds SIGTERM waits for queued and running work before exiting")
-    postprocess_workers: int = _opt(2, "threads for post-processing (plugins, encoding) beside the engine")
+    max_queue: int = option(100, "requests waiting at most; more are refused with 429", low=1)
+    max_batch: int = option(4, "images per pipeline call at most", low=1)
+    batch_window_ms: float = option(
+        10.0, "how long a partial batch waits for companions while others are in flight", low=0
+    )
+    max_bypass: int = option(4, "times a request may be passed over for one that needs no pipeline change", low=0)
+    request_timeout: float = option(
+        600.0, "seconds a request may wait, run and be delivered before it ends with a timeout", low=0.1
+    )
+    drain_timeout: float = option(
+        120.0, "seconds SIGTERM waits for queued and running work before refusing what is left", low=0
+    )
+    postprocess_workers: int = option(2, "threads for post-processing (plugins, encoding) beside the engine", low=1)
+    decode_workers: int = option(2, "input images decoded at once (each may take up to MAX_INPUT_PIXELS)", low=1)
 
     # Plugins
-    plugins: str = _opt("", "comma-separated plugins to enable, e.g. lora,nsfw,upload,upscale")
-    admin_api_key: str = _opt("", "comma-separated keys allowed to manage LoRAs (POST/DELETE /v1/loras)")
-    lora_dir: Path = _opt(Path("loras"), "folder of LoRA .safetensors files; a LoRA's name is its file name")
-    lora_defaults: str = _opt("", "LoRA set used when a request names none, e.g. 'style:1.0,detail:0.7,grain:0.5'")
-    max_loras: int = _opt(3, "most LoRAs one request may merge")
-    lora_max_mb: float = _opt(1024.0, "largest LoRA file accepted by POST /v1/loras, in MiB")
-    nsfw_model_path: Path = _opt(Path(""), "local folder of the NSFW classifier (Falconsai/nsfw_image_detection)")
-    nsfw_check: bool = _opt(True, "check images when a request does not say (nsfw_check)")
-    nsfw_threshold: float = _opt(0.5, "nsfw probability at or above which an image is flagged")
-    nsfw_timeout: float = _opt(5.0, "seconds the NSFW check may take; past it the image is flagged (fail closed)")
-    nsfw_action: str = _opt("flag", "what to do with a flagged image", choices=("flag", "blur", "block"))
-    upload_allowed_hosts: str = _opt(
-        "", "hosts (or *.domain) trusted for upload_urls: private addresses and plain http allowed"
-    )
-    upload_timeout: float = _opt(60.0, "seconds one upload attempt may take")
-    upload_retries: int = _opt(3, "retries of an upload after a connection error or a 5xx")
+    plugins: str = option("", "comma-separated plugins to enable, e.g. lora,nsfw,upload,upscale")
+    admin_api_key: str = option("", "comma-separated keys allowed to manage LoRAs (POST/DELETE /v1/loras)")
+
+    # Each enabled plugin's own settings, by plugin name (filled by `load`, not a flag).
+    sections: Mapping[str, Any] = field(default_factory=dict, compare=False, metadata={"section": True})
 
     @property
     def api_keys(self) -> tuple[str, ...]:
-        return _split(self.api_key)
+        return split(self.api_key)
 
     @property
     def remote_hosts(self) -> tuple[str, ...]:
-        return _split(self.remote_image_hosts)
+        return split(self.remote_image_hosts)
 
     @property
     def plugin_names(self) -> tuple[str, ...]:
-        return _split(self.plugins)
+        return split(self.plugins)
 
     @property
     def admin_keys(self) -> tuple[str, ...]:
-        return _split(self.admin_api_key)
-
-    @property
-    def upload_hosts(self) -> tuple[str, ...]:
-        return _split(self.upload_allowed_hosts)
+        return split(self.admin_api_key)
 
     @property
     def images_path(self) -> Path:
         return self.image_dir if str(self.image_dir) not in ("", ".") else self.cache_dir / "images"
 
+    def section(self, name: str) -> Any:
+        return self.sections[name]
 
-def _split(value: str) -> tuple[str, ...]:
+
+def split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+# -- fields, flags and values ---------------------------------------------------------------
+
+
+def options(section: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(section) if not f.metadata.get("section")]
 
 
 def env_name(f: dataclasses.Field) -> str:
     return f.metadata.get("env") or f.name.upper()
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + f.name.replace("_", "-")
 
 
-def _parse_bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {value!r}")
-
-
-def _field_type(f: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(Settings)
-    kind = hints[f.name]
+def field_type(section: type, f: dataclasses.Field) -> type:
+    kind = typing.get_type_hints(section)[f.name]
     if isinstance(kind, types.UnionType):
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     return kind
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(Settings):
-        kind = _field_type(f)
-        env = env_name(f)
-        raw = os.environ.get(env)
-        help_text = f"{f.metadata['help']} [env {env}; default {f.default!s}]"
-        kwargs: dict = {"dest": f.name, "help": help_text}
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if kind is bool:
-            default = _parse_bool(raw) if raw is not None else f.default
-            parser.add_argument(_flag(f), action=argparse.BooleanOptionalAction, default=default, **kwargs)
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_KINDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def convert(kind: type, raw: str) -> Any:
+    if kind is bool:
+        if raw.strip().lower() not in _BOOLS:
+            raise ValueError
+        return _BOOLS[raw.strip().lower()]
+    if kind is float:
+        value = float(raw)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError
+        return value
+    return kind(raw.strip()) if kind is int else kind(raw)
+
+
+def _accepts(kind: type, f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    what = _KINDS.get(kind, "a value")
+    if meta.get("low") is not None and meta.get("high") is not None:
+        return f"{what} from {meta['low']:g} to {meta['high']:g}"
+    if meta.get("low") is not None:
+        return f"{what} >= {meta['low']:g}"
+    return what
+
+
+def value_problem(kind: type, f: dataclasses.Field, value: Any) -> str | None:
+    """Why `value` is not acceptable for `f`, or None."""
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        return _accepts(kind, f)
+    if (meta.get("low") is not None and value < meta["low"]) or (meta.get("high") is not None and value > meta["high"]):
+        return _accepts(kind, f)
+    return meta["check"](value) if meta.get("check") else None
+
+
+def add_arguments(parser: argparse.ArgumentParser, sections: Mapping[str, type]) -> None:
+    """Every option of the server and of each installed plugin as a flag; values are read by `load`."""
+    for title, section in {"server": Settings, **sections}.items():
+        group = parser.add_argument_group(title if title == "server" else f"plugin {title}")
+        for f in options(section):
+            kind = field_type(section, f)
+            default = "none" if f.default in ("", Path("")) else f.default
+            text = f"{f.metadata['help']} [env {env_name(f)}; default {default!s}]"
+            if kind is bool:
+                group.add_argument(flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+            else:
+                group.add_argument(flag_name(f), dest=f.name, metavar=env_name(f), help=text)
+
+
+def _values(section: type, flags: Mapping[str, Any], environ: Mapping[str, str], problems: list[str]) -> dict:
+    values = {}
+    for f in options(section):
+        kind, env = field_type(section, f), env_name(f)
+        flag = flags.get(f.name)
+        raw, where = (flag, flag_name(f)) if flag is not None else (environ.get(env), env)
+        if raw is None:
             continue
-        default = kind(raw) if raw is not None else f.default
-        parser.add_argument(_flag(f), type=kind, default=default, metavar=env, **kwargs)
+        try:
+            value = raw if isinstance(raw, bool) else convert(kind, raw)
+        except ValueError:
+            problems.append(f"{where}={raw!r}: expected {_accepts(kind, f)}")
+            continue
+        if why := value_problem(kind, f, value):
+            problems.append(f"{where}={raw!r}: expected {why}")
+            continue
+        values[f.name] = value
+    return values
 
 
-def from_namespace(ns: argparse.Namespace) -> Settings:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(Settings)}
-    return Settings(**values)
+def _cross_problems(s: Settings) -> list[str]:
+    problems = []
+    if s.min_pixels > s.max_pixels:
+        problems.append(f"MIN_PIXELS={s.min_pixels} is above MAX_PIXELS={s.max_pixels}")
+    width, height = parse_size(s.default_size)
+    if not s.min_pixels <= width * height <= s.max_pixels or max(width, height) > s.max_side:
+        problems.append(
+            f"DEFAULT_SIZE={s.default_size!r}: expected a size within MIN_PIXELS, MAX_PIXELS and MAX_SIDE "
+            f"({s.min_pixels} to {s.max_pixels} pixels, sides up to {s.max_side})"
+        )
+    if s.max_output_pixels < s.max_pixels:
+        problems.append(f"MAX_OUTPUT_PIXELS={s.max_output_pixels} is below MAX_PIXELS={s.max_pixels}")
+    return problems
 
 
-def from_env(**overrides) -> Settings:
-    """Settings from the environment alone (tests and benchmarks build apps this way)."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return dataclasses.replace(from_namespace(parser.parse_args([])), **overrides)
+def load(
+    sections: Mapping[str, type],
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Settings from flags (argparse's namespace as a dict), the environment and overrides (tests, benchmarks).
+
+    `sections` maps each enabled plugin's name to its settings class. ConfigError lists every problem."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    values = _values(Settings, flags, environ, problems)
+    parts = {name: _values(section, flags, environ, problems) for name, section in sections.items()}
+    owners = {f.name: name for name, section in sections.items() for f in options(section)}
+    for key, value in overrides.items():
+        (parts[owners[key]] if key in owners else values)[key] = value
+    if problems:
+        raise ConfigError("\n".join(problems))
+    built = {name: section(**parts[name]) for name, section in sections.items()}
+    settings = Settings(**values, sections=built)
+    problems = _cross_problems(settings)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return settings
+
+
+def from_env(**overrides: Any) -> Settings:
+    """Settings from the environment alone, with every installed plugin's section (tests, benchmarks)."""
+    from server.plugins import discover
+
+    sections = {name: cls.Settings for name, cls in discover().items() if cls.Settings is not None}
+    return load(sections, **overrides)

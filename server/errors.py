@@ -16,6 +16,7 @@ _TYPES = {
     403: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
@@ -55,6 +56,16 @@ def unavailable(message: str, code: str, retry_after: int = 5) -> APIError:
     return APIError(503, message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+def timed_out(seconds: float) -> APIError:
+    return APIError(
+        504, f"The request did not finish within {seconds:g} seconds.", type="timeout_error", code="timeout"
+    )
+
+
+def shutting_down() -> APIError:
+    return unavailable("The server is shutting down; retry on another instance.", "shutting_down", 1)
+
+
 def param_of(loc: tuple) -> str | None:
     """('body', 'images', 0, 'image_url') -> 'images[0].image_url'."""
     parts = [p for p in loc if p not in ("body", "query", "path", "form")]
@@ -84,7 +95,14 @@ def from_validation(exc: ValidationError | RequestValidationError) -> APIError:
     return bad_request(prefix + message.removeprefix("Value error, "), param)
 
 
+def internal_error() -> APIError:
+    """What the client sees of a bug: an OpenAI-shaped 500, never a stack trace (the log has it)."""
+    return APIError(500, "The server had an error while processing your request.", code="internal_error")
+
+
 def install(app: FastAPI) -> None:
+    """Errors raised in routes; anything else becomes `internal_error` in the RequestLog middleware."""
+
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
@@ -97,11 +115,6 @@ def install(app: FastAPI) -> None:
         error = APIError(exc.status_code, message, code=codes.get(exc.status_code), headers=exc.headers)
         return error.response()
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # Logged by the server; the client sees an OpenAI-shaped 500, never a stack trace.
-        return APIError(500, "The server had an error while processing your request.", code="internal_error").response()
-
     app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,36 +1,87 @@
-"""Image bytes in and out: decoding inputs (files, data URLs, allowed remote URLs) and encoding outputs.
+"""Image bytes in and out: input images (files, data URLs, allowed remote URLs) and the encoded outputs.
 
-Pillow is the encoder: its wheels carry libjpeg-turbo, and on a 1024x1024
-image it matched simplejpeg within noise (bench/encode.py), so a second
-binding buys nothing.
+Inputs are looked at twice: `probe` reads a file's header (format and size, no pixels) when the request
+arrives, so that every limit is checked against what decoding would cost before anything is decoded; `decode`
+runs only after the request has its place in the queue. Pillow is the encoder: its wheels carry
+libjpeg-turbo, and on a 1024x1024 image it matched simplejpeg within noise (bench/encode.py).
 """
 
 import base64
 import binascii
 import io
+import warnings
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from server.errors import bad_request
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_OPENERS = ("PNG", "JPEG", "WEBP")  # Pillow's plugins tried, no other (JPEG opens MPO files too)
+_INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "MPO")
 
-# Decompression bombs: refuse anything over 64 megapixels before decoding it.
-Image.MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+# Our own limit (MAX_INPUT_PIXELS) is checked from the headers before anything is decoded; Pillow's would only
+# warn below twice its value, so it is off rather than half on. Only `probe`d images are ever decoded.
+Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes, param: str) -> Image.Image:
+@dataclass(frozen=True)
+class InputImage:
+    """An input file, its header read: what it costs to decode is known before it is decoded."""
+
+    data: bytes
+    param: str
+    format: str
+    width: int
+    height: int
+    has_alpha: bool
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def probe(data: bytes, param: str) -> InputImage:
+    """Format and size from the header alone: a 400 for anything that is not a PNG, JPEG or WebP."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data), formats=_OPENERS) as image:
+            warnings.simplefilter("ignore")
+            kind, (width, height) = image.format, image.size
+            alpha = "A" in image.getbands() or "transparency" in image.info
+    except Exception as exc:  # a hostile file may make a Pillow plugin fail in any way: the file's fault
         raise bad_request(f"'{param}' is not a readable PNG, JPEG or WebP image ({exc}).", param) from None
-    if image.format not in ("PNG", "JPEG", "WEBP", "MPO"):
-        raise bad_request(f"'{param}' must be a PNG, JPEG or WebP image, not {image.format}.", param)
-    return image
+    if kind not in _INPUT_FORMATS:
+        raise bad_request(f"'{param}' must be a PNG, JPEG or WebP image, not {kind}.", param)
+    if width < 1 or height < 1:
+        raise bad_request(f"'{param}' has no pixels ({width}x{height}).", param)
+    return InputImage(data, param, kind, width, height, alpha)
+
+
+def check_pixels(images: list[InputImage], budget: int) -> None:
+    """All the input images of one request together must decode within MAX_INPUT_PIXELS."""
+    total = sum(image.pixels for image in images)
+    if total > budget:
+        sizes = ", ".join(f"{i.width}x{i.height}" for i in images)
+        raise bad_request(
+            f"The input images hold {total} pixels ({sizes}); this server decodes at most {budget} per request "
+            "(MAX_INPUT_PIXELS). Send smaller images.",
+            images[0].param,
+            "image_too_large",
+        )
+
+
+def decode(image: InputImage) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decoded = Image.open(io.BytesIO(image.data), formats=_OPENERS)
+            decoded.load()
+    except Exception as exc:  # as in `probe`
+        raise bad_request(f"'{image.param}' could not be decoded ({exc}).", image.param) from None
+    return decoded
 
 
 def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
@@ -38,7 +89,7 @@ def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
     if not header.startswith("data:") or ";base64" not in header:
         raise bad_request(f"'{param}' must be a base64 data URL (data:image/png;base64,...).", param)
     if len(payload) * 3 // 4 > max_bytes:
-        raise bad_request(f"'{param}' is larger than {max_bytes // 2**20} MiB.", param, "image_too_large")
+        raise bad_request(f"'{param}' is larger than {max_bytes / 2**20:g} MiB.", param, "image_too_large")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -47,31 +98,39 @@ def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
 
 async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max_bytes: int) -> bytes:
     """Fetch an http(s) image URL, only from hosts the operator allowed."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        raise bad_request(f"'{param}' is not a valid URL.", param) from None
+    if parts.scheme not in ("http", "https") or not host:
         raise bad_request(f"'{param}' must be a data URL or an http(s) URL.", param)
-    if parts.hostname not in allowed_hosts:
+    if host not in allowed_hosts:
         raise bad_request(
-            f"'{param}': fetching images from {parts.hostname} is not allowed on this server "
+            f"'{param}': fetching images from {host} is not allowed on this server "
             "(send the image as a data URL or a file, or ask the operator to add the host to REMOTE_IMAGE_HOSTS).",
             param,
             "remote_image_not_allowed",
         )
     try:
-        async with (
-            httpx.AsyncClient(follow_redirects=False, timeout=30) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code != 200:
-                raise bad_request(f"'{param}': {url} answered {response.status_code}.", param)
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise bad_request(f"'{param}' is larger than {max_bytes // 2**20} MiB.", param)
-                chunks.append(chunk)
-    except httpx.HTTPError as exc:
+        return await _download(url, param, max_bytes)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise bad_request(f"'{param}': could not fetch {url}: {exc}", param) from None
+
+
+async def _download(url: str, param: str, max_bytes: int) -> bytes:
+    async with (
+        httpx.AsyncClient(follow_redirects=False, timeout=30) as client,
+        client.stream("GET", url) as response,
+    ):
+        if response.status_code != 200:
+            raise bad_request(f"'{param}': {url} answered {response.status_code}.", param)
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise bad_request(f"'{param}' is larger than {max_bytes / 2**20:g} MiB.", param, "image_too_large")
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -79,17 +138,21 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def mask_from_alpha(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """OpenAI's mask (alpha 0 = repaint) as a diffusers mask (white = repaint)."""
-    if mask.size != size:
+def check_mask(mask: InputImage, image: InputImage) -> None:
+    """From the headers: OpenAI's mask is a PNG with an alpha channel, the size of the image."""
+    if (mask.width, mask.height) != (image.width, image.height):
         raise bad_request(
-            f"The mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; they must match.",
+            f"The mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; they must match.",
             "mask",
         )
-    if "A" not in mask.getbands() and "transparency" not in mask.info:
+    if not mask.has_alpha:
         raise bad_request(
             "The mask must be a PNG with an alpha channel: fully transparent pixels mark the area to edit.", "mask"
         )
+
+
+def mask_from_alpha(mask: Image.Image) -> Image.Image:
+    """OpenAI's mask (alpha 0 = repaint) as a diffusers mask (white = repaint)."""
     alpha = mask.convert("RGBA").getchannel("A")
     return alpha.point(lambda a: 255 if a == 0 else 0)
 

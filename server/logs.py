@@ -1,9 +1,22 @@
-"""Logging: plain lines for people, one JSON object per line for log collectors (--log-json)."""
+"""Logging: plain lines for people, one JSON object per line for log collectors (--log-json).
+
+Libraries that install handlers of their own (transformers, torch) are routed through ours, so that every
+line has one format; warnings that say nothing to an operator of this server are dropped.
+"""
 
 import json
 import logging
 import sys
 import time
+
+# Libraries whose loggers stay at WARNING whatever LOG_LEVEL says (their INFO is per-call noise).
+_NOISY = ("httpx", "httpcore", "urllib3", "diffusers", "transformers", "torch", "torchao", "accelerate", "peft")
+# Warnings about optional packages this server does not use.
+_IRRELEVANT = (
+    "requires torchvision (not installed)",  # transformers' image processors fall back to PIL, which we use
+    "Detected no triton",  # torchao on a machine without a GPU
+    "register_constant() on Enum subclasses is deprecated",  # torchao's, at import
+)
 
 
 class JSONFormatter(logging.Formatter):
@@ -23,14 +36,33 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class DropIrrelevant(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _IRRELEVANT)
+
+
 def configure(json_lines: bool, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(DropIrrelevant())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "urllib3", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    for name in _NOISY:
+        library = logging.getLogger(name)
+        library.handlers.clear()  # transformers and torch print through handlers of their own
+        library.propagate = True
+        library.setLevel(max(logging.WARNING, root.level))
+    _route_transformers()
+
+
+def _route_transformers() -> None:
+    """transformers re-creates its handler on first use unless told not to."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()

@@ -1,69 +1,116 @@
-"""The plugin interface: the few hooks that LoRA, NSFW, upscale and upload need.
+"""The plugin interface: the hooks that LoRA, NSFW, upscale, upload and the Nunchaku backend need.
 
-A plugin is a class registered in the `image_server.plugins` entry-point group
-(the built-ins in `plugins/` register the same way, see pyproject.toml), and
-enabled by name with PLUGINS=lora,nsfw,upload. Hooks, in the order a request
-meets them:
+A plugin is a class registered in the `image_server.plugins` entry-point group (the built-ins in `plugins/`
+register the same way, see pyproject.toml), enabled by name with PLUGINS=lora,nsfw,upload. It declares its
+settings (`Settings`, a dataclass of `server.config.option`s: flags and variables like the server's own) and
+its request fields (`fields`, a pydantic model). Hooks, in the order they run:
 
-  fields          pydantic model of the request fields it adds
-  option(req)     validate those fields -> the value the other hooks get (None: not used)
-  prep(option)    what the pipeline must have applied for this request; part of the batch key
-  prepare(prep)   engine thread, before a batch whose prep differs from the last
-  postprocess()   post-processing pool: look at / replace / withhold each image
-  deliver()       post-processing pool: send the encoded images somewhere
+  engine, while it loads (engine thread)
+    provide_pipeline(context)   build the pipeline instead of the engine (Nunchaku), or name a fallback
+    lora_applier(target)        how LoRA sets get into this pipeline's weights (merged, or a slot)
+  load()                        after the engine has loaded, before the server is ready
+  per request
+    option(request)             validate its fields -> the value the other hooks get (None: not used)
+    loras(option)               the LoRA set the request needs applied (part of its batch key)
+    output_size(option, size)   the size of the images it will hand on (upscale)
+    postprocess(images, ...)    post-processing pool: look at / replace / withhold each image
+    deliver(encoded, ...)       event loop, async: send the encoded images somewhere before the deadline
 Hooks may add fields to each response item (`data[i]`).
 """
 
 import logging
-from collections.abc import Hashable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from fastapi import APIRouter
 from PIL import Image
 from pydantic import BaseModel
 
 from server.config import Settings
+from server.engines.base import Engine, Fallback, LoRATarget, PipelineContext, ProvidedPipeline
 from server.errors import bad_request
+from server.lora import LoRAApplier, LoRASet
 
 log = logging.getLogger(__name__)
 
 GROUP = "image_server.plugins"
 
 
-class Plugin:
-    name: str = ""
-    fields: type[BaseModel] | None = None
-    order: int = 50  # postprocess order: lower runs first (NSFW before upscale)
-    body_limits: dict[str, int] = {}  # POST paths of its routes that take bodies over MAX_BODY_MB  # noqa: RUF012
+@dataclass(frozen=True)
+class RouteLimit:
+    """A route of a plugin that takes bodies over MAX_BODY_MB, and the 413's message past its limit."""
 
-    def __init__(self, settings: Settings, engine: Any) -> None:
+    bytes: int
+    message: str
+
+
+class Plugin:
+    name: ClassVar[str] = ""
+    fields: ClassVar[type[BaseModel] | None] = None
+    Settings: ClassVar[type | None] = None
+    order: ClassVar[int] = 50  # postprocess order: lower runs first (NSFW before upscale)
+
+    @classmethod
+    def enabled(cls, settings: Settings) -> bool:
+        """Named in PLUGINS; a backend may also turn itself on from its own settings."""
+        return cls.name in settings.plugin_names
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
+        self.config = settings.sections.get(self.name)
         self.engine = engine
 
+    # -- engine hooks ---------------------------------------------------
+
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | Fallback | None:
+        return None
+
+    def lora_applier(self, target: LoRATarget) -> LoRAApplier | None:
+        return None
+
+    # -- lifecycle ------------------------------------------------------
+
     def load(self) -> None:
-        """After the engine has loaded, before the server is ready (load models here)."""
+        """Load models, check files; SystemExit with the reason stops the server."""
 
     def router(self) -> APIRouter | None:
         """Extra HTTP routes (the LoRA management API)."""
         return None
 
+    def route_limits(self) -> dict[str, RouteLimit]:
+        """POST paths of its routes whose bodies may be larger than MAX_BODY_MB."""
+        return {}
+
+    @classmethod
+    def demo_assets(cls, folder: Path) -> list[str]:
+        """`image-server demo-assets`: write files that let a new user try this plugin on the demo model;
+        returns the settings that use them (lines like NSFW_MODEL_PATH=...)."""
+        return []
+
+    # -- request hooks --------------------------------------------------
+
     def option(self, request: BaseModel) -> Any:
-        """The validated value of this plugin's fields for one request; None when the request does not use it."""
+        """The validated value of this plugin's fields for one request; None when the request does not use it.
+        Runs in a worker thread: it may look at files or resolve host names."""
         return None
 
-    def prep(self, option: Any) -> Hashable:
-        return None
+    def loras(self, option: Any) -> LoRASet:
+        return ()
 
-    def prepare(self, prep: Hashable) -> None:
-        pass
+    def output_size(self, option: Any, size: tuple[int, int]) -> tuple[int, int]:
+        return size
 
     def postprocess(self, images: list[Image.Image | None], option: Any, items: list[dict]) -> list[Image.Image | None]:
         """Return the images to keep going with; None withholds an image."""
         return images
 
-    def deliver(self, encoded: list[bytes | None], fmt: str, option: Any, items: list[dict]) -> list[bool]:
-        """Send the request's encoded images (None: withheld); True where an image needs no b64_json/url."""
+    async def deliver(
+        self, encoded: list[bytes | None], fmt: str, option: Any, items: list[dict], deadline: float
+    ) -> list[bool]:
+        """Send the encoded images (None: withheld) by `deadline` (monotonic); True where an image needs no
+        b64_json/url. An image not delivered in time is returned in the response instead."""
         return [False] * len(encoded)
 
 
@@ -85,25 +132,39 @@ def field_names(model: type[BaseModel] | None) -> set[str]:
 
 
 class PluginSet:
-    """The enabled plugins, in the order their hooks run."""
+    """The enabled plugins, in the order their hooks run. It is the engine's `EngineHooks`."""
 
-    def __init__(self, settings: Settings, engine: Any, available: dict[str, type[Plugin]] | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, available: dict[str, type[Plugin]] | None = None) -> None:
         available = discover() if available is None else available
         unknown = [n for n in settings.plugin_names if n not in available]
         if unknown:
             raise SystemExit(f"PLUGINS names unknown plugins {unknown}; installed: {sorted(available)}")
-        enabled = [available[n](settings, engine) for n in settings.plugin_names]
+        enabled = [cls(settings, engine) for cls in available.values() if cls.enabled(settings)]
         self.plugins: list[Plugin] = sorted(enabled, key=lambda p: p.order)
         self._disabled_fields = {
             field: name
             for name, cls in available.items()
-            if name not in settings.plugin_names
+            if not cls.enabled(settings)
             for field in field_names(cls.fields)
         }
 
     @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.plugins]
+
+    @property
     def fields(self) -> list[type[BaseModel]]:
         return [p.fields for p in self.plugins if p.fields is not None]
+
+    # -- EngineHooks ----------------------------------------------------
+
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | Fallback | None:
+        return next((found for p in self.plugins if (found := p.provide_pipeline(context)) is not None), None)
+
+    def lora_applier(self, target: LoRATarget) -> LoRAApplier | None:
+        return next((found for p in self.plugins if (found := p.lora_applier(target)) is not None), None)
+
+    # -- lifecycle ------------------------------------------------------
 
     def load(self) -> None:
         for plugin in self.plugins:
@@ -111,6 +172,11 @@ class PluginSet:
 
     def routers(self) -> list[APIRouter]:
         return [r for p in self.plugins if (r := p.router()) is not None]
+
+    def route_limits(self) -> dict[str, RouteLimit]:
+        return {path: limit for p in self.plugins for path, limit in p.route_limits().items()}
+
+    # -- requests -------------------------------------------------------
 
     def options(self, request: BaseModel) -> dict[str, Any]:
         for field in request.model_extra or {}:
@@ -123,24 +189,24 @@ class PluginSet:
                 )
         return {p.name: p.option(request) for p in self.plugins}
 
-    def prep(self, options: dict[str, Any]) -> tuple:
-        return tuple(p.prep(options[p.name]) for p in self.plugins)
+    def loras(self, options: dict[str, Any]) -> LoRASet:
+        return next((found for p in self.plugins if (found := p.loras(options[p.name]))), ())
 
-    def prepare(self, prep: tuple) -> None:
-        for plugin, value in zip(self.plugins, prep, strict=True):
-            plugin.prepare(value)
+    def output_size(self, options: dict[str, Any], size: tuple[int, int]) -> tuple[int, int]:
+        for plugin in self.plugins:
+            size = plugin.output_size(options[plugin.name], size)
+        return size
 
     def postprocess(self, images: list, options: dict[str, Any], items: list[dict]) -> list:
         for plugin in self.plugins:
             images = plugin.postprocess(images, options[plugin.name], items)
         return images
 
-    def deliver(self, encoded: list[bytes | None], fmt: str, options: dict[str, Any], items: list[dict]) -> list[bool]:
+    async def deliver(
+        self, encoded: list[bytes | None], fmt: str, options: dict[str, Any], items: list[dict], deadline: float
+    ) -> list[bool]:
         delivered = [False] * len(encoded)
         for plugin in self.plugins:
-            done = plugin.deliver(encoded, fmt, options[plugin.name], items)
+            done = await plugin.deliver(encoded, fmt, options[plugin.name], items, deadline)
             delivered = [a or b for a, b in zip(delivered, done, strict=True)]
         return delivered
-
-    def body_limits(self) -> dict[str, int]:
-        return {path: limit for p in self.plugins for path, limit in p.body_limits.items()}

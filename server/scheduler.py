@@ -1,14 +1,13 @@
-"""The scheduler: a bounded queue in front of the one engine worker.
+"""The scheduler: a bounded queue in front of the one engine, and the batches it runs.
 
-One thread owns the pipeline (diffusers pipelines are not thread-safe); the
-event loop only queues, picks batches and hands them over. Post-processing of
-a finished batch happens in the request handlers, in another pool, so it
-overlaps the next batch's generation.
+The event loop only admits, queues, picks batches and hands them to the engine; the engine runs them on its
+own thread. Post-processing of a finished batch happens in the request handlers, so it overlaps the next
+batch's generation.
 
-Picking a batch: the oldest waiting request leads, so incompatible keys are
-served first come first served. One exception: a request whose `prep` (the
-LoRA set) is already applied may go before an older one that would need a
-switch, but an old request is passed over at most `max_bypass` times.
+Admission comes first: a request takes its place in the queue (or gets 429) before its input images are
+decoded, so a full server decodes nothing. Picking a batch: the oldest waiting request leads, so incompatible
+keys are served first come first served. One exception: a request whose LoRA set is already applied may go
+before an older one that would need a switch, but an old request is passed over at most `max_bypass` times.
 """
 
 import asyncio
@@ -16,16 +15,22 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from server.errors import APIError, unavailable
+from server.engines.base import Progress
+from server.errors import APIError, shutting_down, timed_out
+from server.lora import LoRASet
 from server.metrics import Metrics
-from server.spec import BatchKey, GenerationSpec
+from server.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER = 120  # seconds; the OpenAI SDK ignores longer hints
+
+# Runs one batch (specs that share a BatchKey) on the engine; one list of images per spec.
+Execute = Callable[[list[GenerationSpec], Progress], Awaitable[list[list[Image.Image]]]]
 
 
 class ClientGone(Exception):
@@ -35,15 +40,14 @@ class ClientGone(Exception):
 @dataclass(eq=False)
 class Job:
     spec: GenerationSpec
-    key: BatchKey
+    deadline: float  # monotonic time by which the request must be answered
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
     finished: float = 0.0
-    batch_images: int = 0
     bypassed: int = 0
     cancelled: bool = False
-    images: list[Image.Image] = field(default_factory=list)
+    previews: asyncio.Queue | None = None  # stream=true: (image index, render) as the engine takes previews
 
     @property
     def queue_wait(self) -> float:
@@ -54,15 +58,27 @@ class Job:
         return self.finished - self.started if self.finished else 0.0
 
 
-# Runs on the engine thread: prepares the pipeline for `prep`, then generates
-# each spec's images; `should_stop` turns true when every waiter has left.
-GenerateFn = Callable[[list[GenerationSpec], tuple, Callable[[], bool]], list[list[Image.Image]]]
+class Admission:
+    """A place in the queue, held while the request's inputs are decoded; `submit` or `release` ends it."""
+
+    def __init__(self, scheduler: "Scheduler") -> None:
+        self._scheduler = scheduler
+        self._open = True
+
+    def submit(self, spec: GenerationSpec, deadline: float, previews: asyncio.Queue | None = None) -> Job:
+        self.release()
+        return self._scheduler._enqueue(spec, deadline, previews)
+
+    def release(self) -> None:
+        if self._open:
+            self._open = False
+            self._scheduler._reserved -= 1
 
 
 class Scheduler:
     def __init__(
         self,
-        generate: GenerateFn,
+        execute: Execute,
         metrics: Metrics,
         *,
         max_queue: int,
@@ -73,26 +89,27 @@ class Scheduler:
         can_batch: bool = True,
         expect_company: Callable[[], bool] = lambda: True,
     ) -> None:
-        self._generate = generate
+        self._execute = execute
         self._metrics = metrics
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.batch_window = batch_window
         self.max_bypass = max_bypass
-        self.timeout = timeout
+        self.timeout = timeout  # REQUEST_TIMEOUT, for the 504's message (each job carries its deadline)
         self.can_batch = can_batch
         self._expect_company = expect_company
         self._queue: list[Job] = []
         self._running: list[Job] = []
-        self._applied: tuple | None = None
+        self._reserved = 0
+        self._applied: LoRASet | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self._stop_running = False  # drain ran out of time: the running batch stops at its next step
         self.accepting = True
-        self._avg_batch_seconds = 1.0
+        self.seconds_per_image = 1.0  # recent average, for Retry-After
         self._engine_free_at = 0.0
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
 
     # -- public ----------------------------------------------------------
@@ -100,40 +117,55 @@ class Scheduler:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="scheduler")
 
-    async def call(self, fn: Callable[[], object]) -> object:
-        """Run `fn` on the engine thread (model loading and warm-up belong there too)."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
-
     @property
     def depth(self) -> int:
         return len(self._queue)
 
-    async def run(self, spec: GenerationSpec, disconnected: Awaitable | None = None) -> Job:
-        """Queue `spec`, wait for its images; raise APIError (429, 503, 504, 500) or ClientGone."""
-        job = self._submit(spec)
-        watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
+    def admit(self) -> Admission:
+        """A place in the queue, or 503 (draining) / 429 (full, with the wait the queue holds) at once."""
+        if not self.accepting:
+            raise shutting_down()
+        waiting = sum(1 for j in self._queue if not j.cancelled) + self._reserved
+        if waiting >= self.max_queue:
+            raise APIError(
+                429,
+                f"The server's queue is full ({self.max_queue} requests waiting); retry later.",
+                code="queue_full",
+                headers={"Retry-After": str(self.retry_after())},
+            )
+        self._reserved += 1
+        return Admission(self)
+
+    def retry_after(self) -> int:
+        """The estimated wait: the images queued and running, at the recent seconds per image."""
+        images = sum(j.spec.n for j in self._queue) + sum(j.spec.n for j in self._running)
+        return max(1, min(MAX_RETRY_AFTER, math.ceil(images * self.seconds_per_image)))
+
+    async def wait(self, job: Job, disconnected: Callable[[], Awaitable[None]] | None = None) -> list[Image.Image]:
+        """The job's images; APIError (504 past the deadline, 503, 500, 400) or ClientGone."""
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         waiting = {job.future} | ({watcher} if watcher else set())
         try:
-            done, _ = await asyncio.wait(waiting, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+            timeout = max(0.0, job.deadline - time.monotonic())
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if watcher:
                 watcher.cancel()
         if job.future.done():
-            job.images = job.future.result()  # raises the job's error, if any
-            return job
-        job.cancelled = True
-        self._wakeup.set()
+            return job.future.result()  # raises the job's error, if any
+        self.cancel(job)
         if watcher in done:
             raise ClientGone()
-        raise APIError(
-            504,
-            f"The request did not finish within {self.timeout:g} seconds.",
-            type="timeout_error",
-            code="timeout",
-        )
+        raise timed_out(self.timeout)
+
+    def cancel(self, job: Job) -> None:
+        """Nobody waits for this job any more: dropped from the queue, or its batch stops when all have left."""
+        job.cancelled = True
+        self._wakeup.set()
 
     async def drain(self, timeout: float) -> None:
-        """Stop accepting; let queued and running work finish; refuse what is left after `timeout`."""
+        """Stop accepting; let queued and running work finish; past `timeout`, stop the running batch at its
+        next step and answer what is left with 503."""
         self.accepting = False
         self._wakeup.set()
         deadline = time.monotonic() + timeout
@@ -143,60 +175,47 @@ class Scheduler:
                 await asyncio.wait_for(self._idle.wait(), min(0.5, max(0.0, deadline - time.monotonic())))
             except TimeoutError:
                 pass
-        left = [j for j in self._queue if not j.cancelled]
-        if left:
-            log.warning("drain timeout: refusing %d queued requests", len(left))
-        for job in left:
-            _fail(job, unavailable("The server is shutting down; retry on another instance.", "shutting_down", 1))
-        self._queue.clear()
-        self._metrics.queue_depth.set(0)
+        self._refuse_what_is_left()
         self._closing = True
         self._wakeup.set()
         if self._task:
             await self._task
-        # never block the loop: a model still loading keeps its thread until it finishes
-        self._worker.shutdown(wait=False, cancel_futures=True)
 
     # -- queueing --------------------------------------------------------
 
-    def _submit(self, spec: GenerationSpec) -> Job:
+    def _enqueue(self, spec: GenerationSpec, deadline: float, previews: asyncio.Queue | None) -> Job:
         if not self.accepting:
-            raise unavailable("The server is shutting down; retry on another instance.", "shutting_down", 1)
-        waiting = sum(1 for j in self._queue if not j.cancelled)
-        if waiting >= self.max_queue:
-            raise APIError(
-                429,
-                f"The server's queue is full ({self.max_queue} requests waiting); retry later.",
-                code="queue_full",
-                headers={"Retry-After": str(self._retry_after())},
-            )
-        job = Job(spec, spec.key, asyncio.get_running_loop().create_future())
+            raise shutting_down()
+        job = Job(spec, deadline, asyncio.get_running_loop().create_future(), previews=previews)
         self._queue.append(job)
         self._metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
         return job
 
-    def _retry_after(self) -> int:
-        batches_ahead = math.ceil(len(self._queue) / max(1, self.max_batch))
-        return max(1, min(60, math.ceil(batches_ahead * self._avg_batch_seconds)))
+    def _refuse_what_is_left(self) -> None:
+        left = [j for j in self._queue + self._running if not j.cancelled and not j.future.done()]
+        if left:
+            log.warning("drain timeout: stopping the running batch and refusing %d requests", len(left))
+        for job in left:
+            _fail(job, shutting_down())
+        self._stop_running = True
+        self._queue.clear()
+        self._metrics.queue_depth.set(0)
 
     # -- batching --------------------------------------------------------
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
             if batch is None:
                 return
             self._running = batch
             started = time.monotonic()
-            try:
-                results = await loop.run_in_executor(self._worker, self._run_batch, batch)
-            except Exception:  # _run_batch answers every job itself; this is a bug guard
-                log.exception("scheduler: batch crashed")
-                results = [None] * len(batch)
+            results = await self._run_batch(batch)
             self._engine_free_at = time.monotonic()
-            self._avg_batch_seconds = 0.8 * self._avg_batch_seconds + 0.2 * (self._engine_free_at - started)
+            images = sum(j.spec.n for j in batch)
+            per_image = (self._engine_free_at - started) / max(1, images)
+            self.seconds_per_image = 0.8 * self.seconds_per_image + 0.2 * per_image
             self._finish(batch, results)
             self._running = []
             if not self._queue:
@@ -238,16 +257,16 @@ class Scheduler:
 
     def _pick_head(self) -> Job:
         oldest = self._queue[0]
-        if oldest.key.prep == self._applied or oldest.bypassed >= self.max_bypass:
+        if oldest.spec.loras == self._applied or oldest.bypassed >= self.max_bypass:
             return oldest
-        return next((j for j in self._queue if j.key.prep == self._applied), oldest)
+        return next((j for j in self._queue if j.spec.loras == self._applied), oldest)
 
     def _gather(self, head: Job) -> list[Job]:
         if not self.can_batch:
             return [head]
         batch, images = [head], head.spec.n
         for job in self._queue:
-            if job is head or job.key != head.key or images + job.spec.n > self.max_batch:
+            if job is head or job.spec.key != head.spec.key or images + job.spec.n > self.max_batch:
                 continue
             batch.append(job)
             images += job.spec.n
@@ -261,41 +280,46 @@ class Scheduler:
                 job.bypassed += 1
         self._queue = [j for j in self._queue if j not in batch]
         self._metrics.queue_depth.set(len(self._queue))
-        images = sum(j.spec.n for j in batch)
         for job in batch:
             job.started = now
-            job.batch_images = images
             self._metrics.queue_wait.observe(job.queue_wait)
-        self._metrics.batch_size.observe(images)
-        if first.key.prep != self._applied:
+        self._metrics.batch_size.observe(sum(j.spec.n for j in batch))
+        if first.spec.loras != self._applied:
             if self._applied is not None:
                 self._metrics.prep_switches.inc()
-            self._applied = first.key.prep
+            self._applied = first.spec.loras
 
-    # -- the engine thread -----------------------------------------------
+    # -- running ---------------------------------------------------------
 
-    def _run_batch(self, batch: list[Job]) -> list[list[Image.Image] | Exception]:
-        """Runs on the engine thread. A failing batch of several requests is retried one by one,
-        so that one bad request does not fail its neighbours."""
+    async def _run_batch(self, batch: list[Job]) -> list[list[Image.Image] | BaseException]:
+        """A failing batch of several requests is retried one by one, so that one bad request does not fail
+        its neighbours."""
         try:
-            return self._call(batch)
+            return await self._call(batch)
         except Exception as exc:
             if len(batch) == 1:
                 return [exc]
             log.warning("batch of %d failed (%s); retrying its requests one by one", len(batch), exc)
-        results: list[list[Image.Image] | Exception] = []
+        results: list[list[Image.Image] | BaseException] = []
         for job in batch:
             try:
-                results.extend(self._call([job]))
+                results.extend(await self._call([job]))
             except Exception as exc:
                 results.append(exc)
         return results
 
-    def _call(self, batch: list[Job]) -> list[list[Image.Image]]:
-        def should_stop() -> bool:
-            return all(j.cancelled for j in batch)
+    async def _call(self, batch: list[Job]) -> list[list[Image.Image]]:
+        loop = asyncio.get_running_loop()
 
-        return self._generate([j.spec for j in batch], batch[0].key.prep, should_stop)
+        def should_stop() -> bool:
+            return self._stop_running or all(j.cancelled for j in batch)
+
+        def preview(spec_index: int, image_index: int, render) -> None:  # engine thread
+            job = batch[spec_index]
+            if job.previews is not None and not job.cancelled:
+                loop.call_soon_threadsafe(job.previews.put_nowait, (image_index, render))
+
+        return await self._execute([j.spec for j in batch], Progress(should_stop, preview))
 
     def _finish(self, batch: list[Job], results: list) -> None:
         now = time.monotonic()

@@ -1,71 +1,92 @@
-"""The image service: from a validated request to an OpenAI ImagesResponse.
+"""The image service: one call per request, from what the HTTP layer read to a typed answer.
 
-It turns a request into a GenerationSpec (defaults, limits, seeds, plugin
-options), runs it through the scheduler, then post-processes, encodes and
-delivers the images in the post-processing pool, off the event loop and off
-the engine thread.
+`images(call)` validates the request, plans it (rules, plugin options, every limit), takes its place in the
+queue, decodes its inputs, waits for the engine, then finishes the images in the post-processing pool and
+delivers them before the request's deadline. It returns an `ImagesResponse`, or for `stream=true` the events
+to send as they come.
 """
 
 import asyncio
-import base64
-import json
 import logging
-import re
-import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from PIL import Image
+from pydantic import BaseModel, ValidationError
 
-from server.config import Settings
-from server.errors import APIError, bad_request, unavailable
-from server.images import encode_image
+from server import respond, rules
+from server.config import Settings, parse_quality_steps
+from server.engines.base import Engine
+from server.errors import from_validation
+from server.images import as_rgb, decode, encode_image, mask_from_alpha
+from server.inputs import EditInputs, from_refs, from_uploads
+from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.plugins import PluginSet
-from server.protocol import ImageRequest, request_models
-from server.scheduler import Scheduler
+from server.protocol import ImageRequest, ImagesResponse, StreamEvent, Usage, request_models
+from server.rules import Output
+from server.scheduler import Job, Scheduler
 from server.spec import GenerationSpec
 from server.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-_RANDOM_SEED_LIMIT = 2**31  # random seeds stay small enough for every tool to reproduce them
+LARGE_PAYLOAD = 64 * 1024  # bytes of body above which validation leaves the event loop
 
 
 @dataclass
-class Output:
-    """How the images of one request are returned."""
+class ImageCall:
+    """One request to /v1/images/generations or /v1/images/edits, as the HTTP layer read it."""
 
-    format: str
-    compression: int
-    response_format: str
+    edit: bool
+    payload: dict
     base_url: str
-    quality: str
+    body_bytes: int = 0
+    multipart: bool = False
+    uploads: list[bytes] = field(default_factory=list)  # multipart edits: the image files
+    mask_upload: bytes | None = None
+    disconnected: Callable[[], Awaitable[None]] | None = None  # resolves when the client has gone
+
+
+@dataclass
+class Plan:
+    spec: GenerationSpec  # without its input images: they are decoded after admission
+    output: Output
+    inputs: EditInputs | None
 
 
 @dataclass
 class Result:
-    body: bytes
-    timings: dict[str, float] = field(default_factory=dict)
+    response: ImagesResponse
+    timings: dict[str, float]
+
+
+@dataclass
+class EventStream:
+    """stream=true: the request is admitted; `events` yields keep-alive comments (None) and events."""
+
+    events: AsyncIterator[StreamEvent | None]
+    timings: dict[str, float]
 
 
 class ImageService:
-    def __init__(self, settings: Settings, engine, plugins: PluginSet, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, engine: Engine, plugins: PluginSet, metrics: Metrics) -> None:
         self.settings = settings
         self.engine = engine
         self.plugins = plugins
         self.metrics = metrics
-        self.store = ImageStore(settings.images_path, settings.image_ttl)
-        self.ready = False
-        self.draining = False
+        self.lifecycle = Lifecycle(engine, metrics)
+        self.store = ImageStore(settings.images_path, settings.image_ttl, int(settings.image_dir_max_mb * 2**20))
         self.default_steps, self.default_guidance = 28, 3.5
+        self.quality_steps = parse_quality_steps(settings.quality_steps)
         self.scheduler: Scheduler | None = None
         self.in_flight = 0  # accepted and not yet answered (the event loop alone changes it)
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
+        self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="preview")  # one: previews stay in order
+        self._decoding = asyncio.Semaphore(settings.decode_workers)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -73,7 +94,7 @@ class ImageService:
         """On the event loop, before serving."""
         s = self.settings
         self.scheduler = Scheduler(
-            self._generate,
+            self._execute,
             self.metrics,
             max_queue=s.max_queue,
             max_batch=s.max_batch,
@@ -85,10 +106,14 @@ class ImageService:
         )
         self.scheduler.start()
 
-    def load(self) -> None:
-        """Blocking: load the engine and the plugins, warm up. Runs in a thread while /health already answers."""
+    async def load(self) -> None:
+        """The engine and the plugins, on the engine thread, while /health already answers."""
+        await self.engine.call(self._load)
+        self.lifecycle.loaded = True
+
+    def _load(self) -> None:
         started = time.monotonic()
-        self.engine.load()
+        self.engine.load(self.plugins)
         steps, guidance = self.engine.defaults()
         self.default_steps = self.settings.default_steps or steps
         self.default_guidance = guidance if self.settings.default_guidance < 0 else self.settings.default_guidance
@@ -104,176 +129,248 @@ class ImageService:
             self.default_guidance,
         )
 
+    async def _execute(self, specs: list[GenerationSpec], progress) -> list:
+        """The scheduler's way to the engine: one batch on the engine thread."""
+        return await self.engine.call(lambda: self.engine.run(specs, progress))
+
     async def drain(self) -> None:
-        self.draining = True
-        self.metrics.ready.set(0)
+        self.lifecycle.draining = True
         if self.scheduler:
             await self.scheduler.drain(self.settings.drain_timeout)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        close_engine = getattr(self.engine, "close", None)  # an engine with a child process stops it here
-        if close_engine is not None:
-            close_engine()
+        self._preview_pool.shutdown(wait=True)
+        self.engine.close()
 
-    @property
-    def engine_healthy(self) -> bool:
-        """An out-of-process engine (SGLang) can die and come back; an in-process one is up once loaded."""
-        return getattr(self.engine, "healthy", True)
+    # -- one request -----------------------------------------------------
 
-    @property
-    def serving(self) -> bool:
-        return self.ready and not self.draining and self.engine_healthy
+    async def images(self, call: ImageCall) -> Result | EventStream:
+        """The whole request: APIError for anything refused (4xx, 429, 503, 504, 500), ClientGone if the client
+        left while its request waited or ran."""
+        deadline = time.monotonic() + self.settings.request_timeout
+        request = await self._validate(call)
+        inputs = await self._inputs(request, call) if call.edit else None
+        plan = await asyncio.to_thread(self._plan, request, inputs, call.base_url)
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            job = await self._submit(plan, deadline)
+        except BaseException:
+            self._done()
+            raise
+        if request.stream:
+            return EventStream(self._events(job, plan, call, deadline), {})
+        try:
+            return await self._answer(job, plan, call, deadline)
+        finally:
+            self._done()
 
-    def check_accepting(self) -> None:
-        if self.draining:
-            raise unavailable("The server is shutting down; retry on another instance.", "shutting_down", 1)
-        if not self.ready:
-            raise unavailable("The model is still loading; retry shortly.", "model_loading", 10)
-        if not self.engine_healthy:
-            retry_after = getattr(self.engine, "retry_after", 10)
-            raise unavailable("The generation engine is restarting; retry shortly.", "engine_restarting", retry_after)
+    def _done(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
 
-    # -- request -> spec -------------------------------------------------
+    async def _validate(self, call: ImageCall) -> ImageRequest:
+        model = self.edit_model if call.edit else self.generation_model
+        if call.body_bytes > LARGE_PAYLOAD:
+            return await asyncio.to_thread(validate, model, call.payload)
+        return validate(model, call.payload)
 
-    def spec(self, req: ImageRequest, image: Image.Image | None = None, mask: Image.Image | None = None):
-        if req.background == "transparent":
-            raise bad_request(
-                "Transparent backgrounds are not supported: this model cannot produce an alpha channel.",
-                "background",
-                "unsupported",
-            )
-        n = req.n or 1
-        width, height = self._size(req.size, image)
-        steps = req.num_inference_steps or self.default_steps
-        if steps > self.settings.max_steps:
-            raise bad_request(f"'num_inference_steps' may be at most {self.settings.max_steps}.", "num_inference_steps")
-        strength = getattr(req, "strength", None)
-        if image is not None and strength is not None and int(steps * strength) < 1:
-            raise bad_request(
-                f"'strength' {strength} with {steps} steps leaves no denoising step; raise either.", "strength"
-            )
-        options = self.plugins.options(req)
-        return GenerationSpec(
-            prompt=req.prompt,
+    async def _inputs(self, request, call: ImageCall) -> EditInputs:
+        if call.multipart:
+            return await asyncio.to_thread(from_uploads, call.uploads, call.mask_upload, self.settings)
+        return await from_refs(request, self.settings)
+
+    def _plan(self, request: ImageRequest, inputs: EditInputs | None, base_url: str) -> Plan:
+        """Worker thread (plugins may look at files or resolve hosts): every rule and limit, before queueing."""
+        s = self.settings
+        rules.check_background(request.background)
+        image_size = (inputs.image.width, inputs.image.height) if inputs else None
+        width, height = rules.requested_size(request.size, image_size, s)
+        preset = rules.quality_preset(request.quality)
+        steps = rules.steps(request.num_inference_steps, preset, self.default_steps, self.quality_steps, s.max_steps)
+        strength = request.strength if inputs is not None else None  # a generation's `strength` is an unknown field
+        rules.check_strength(strength, steps)
+        options = self.plugins.options(request)
+        output = self._output(request, base_url, preset)
+        rules.check_output(*self.plugins.output_size(options, (width, height)), output.format, s)
+        n = request.n or 1
+        spec = GenerationSpec(
+            prompt=request.prompt,
             n=n,
             width=width,
             height=height,
             steps=steps,
-            guidance=self.default_guidance if req.guidance_scale is None else req.guidance_scale,
-            seeds=_seeds(req.seed, n),
-            negative_prompt=req.negative_prompt,
-            true_cfg=req.true_cfg_scale,
+            guidance=self.default_guidance if request.guidance_scale is None else request.guidance_scale,
+            seeds=rules.seeds(request.seed, n),
+            negative_prompt=request.negative_prompt,
+            true_cfg=request.true_cfg_scale,
             strength=strength,
-            image=image,
-            mask=mask,
-            prep=self.plugins.prep(options),
+            mode=_mode(inputs),
+            loras=self.plugins.loras(options),
+            previews=output.partial_images if request.stream else 0,
             options=options,
         )
+        self.engine.check(spec)
+        return Plan(spec, output, inputs)
 
-    def _size(self, size: str | None, image: Image.Image | None) -> tuple[int, int]:
-        s = self.settings
-        if size in (None, "auto"):
-            return _fit(*image.size, s) if image is not None else _parse_size(s.default_size)
-        match = _SIZE.match(size)
-        if not match:
-            raise bad_request(f"Invalid value for 'size': {size!r}; use WIDTHxHEIGHT, e.g. 1024x1024, or auto.", "size")
-        width, height = int(match[1]), int(match[2])
-        if width % 16 or height % 16:
-            raise bad_request(f"Invalid value for 'size': {size}; width and height must be multiples of 16.", "size")
-        if not s.min_pixels <= width * height <= s.max_pixels or max(width, height) > s.max_side:
-            raise bad_request(
-                f"Invalid value for 'size': {size}; width*height must be between {s.min_pixels} and "
-                f"{s.max_pixels} pixels and no side longer than {s.max_side}.",
-                "size",
-            )
-        return width, height
-
-    def output(self, req: ImageRequest, base_url: str) -> Output:
-        fmt = req.output_format or "jpeg"
-        quality = req.output_compression if req.output_compression is not None else self.settings.jpeg_quality
-        response_format = "b64_json" if req.stream else req.response_format or "b64_json"  # events carry b64_json
-        return Output(fmt, quality, response_format, base_url, req.quality or "auto")
-
-    # -- running ---------------------------------------------------------
-
-    def _generate(self, specs: list[GenerationSpec], prep: tuple, should_stop) -> list[list[Image.Image]]:
-        """Engine thread."""
-        self.plugins.prepare(prep)
-        return self.engine.generate(specs, should_stop)
-
-    async def run(self, spec: GenerationSpec, output: Output, disconnected: Awaitable | None) -> Result:
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
-        try:
-            job = await self.scheduler.run(spec, disconnected)
-            started = time.monotonic()
-            loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(self._pool, self._respond, job.images, spec, output)
-            post = time.monotonic() - started
-            self.metrics.postprocess.observe(post)
-            return Result(body, {"queue": job.queue_wait, "gen": job.generation_time, "post": post})
-        finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
-
-    def _respond(self, images: list[Image.Image], spec: GenerationSpec, output: Output) -> bytes:
-        """Post-processing pool: plugins, encoding, delivery; returns the JSON body."""
-        items: list[dict] = [{} for _ in images]
-        kept = self.plugins.postprocess(list(images), spec.options, items)
-        if all(image is None for image in kept):
-            raise APIError(
-                400,
-                "Your request was rejected by the safety system: every generated image was flagged.",
-                code="moderation_blocked",
-            )
-        started = time.monotonic()
-        encoded = [None if image is None else encode_image(image, output.format, output.compression) for image in kept]
-        self.metrics.encode.observe(time.monotonic() - started)
-        delivered = self.plugins.deliver(encoded, output.format, spec.options, items)
-        for index, (data, done, item) in enumerate(zip(encoded, delivered, items, strict=True)):
-            item["seed"] = spec.seeds[index]
-            if data is None or done:
-                continue
-            if output.response_format == "url":
-                item["url"] = output.base_url + "/v1/images/" + self.store.save(data, output.format)
-            else:
-                item["b64_json"] = _b64(data)
-        first = next(image for image in kept if image is not None)
-        response = {
-            "created": int(time.time()),
-            "data": items,
-            "background": "opaque",
-            "output_format": output.format,
-            "size": f"{first.width}x{first.height}",
-            "quality": output.quality,
-        }
-        return json.dumps(response).encode()
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _parse_size(size: str) -> tuple[int, int]:
-    width, _, height = size.partition("x")
-    return int(width), int(height)
-
-
-def _fit(width: int, height: int, s: Settings) -> tuple[int, int]:
-    """An input image's size, scaled into the allowed range and rounded down to multiples of 16."""
-    scale = min(1.0, (s.max_pixels / (width * height)) ** 0.5, s.max_side / max(width, height))
-    scale = max(scale, (s.min_pixels / (width * height)) ** 0.5)
-    return max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)
-
-
-def _seeds(seed: int | list[int] | None, n: int) -> list[int]:
-    if seed is None:
-        return [secrets.randbelow(_RANDOM_SEED_LIMIT) for _ in range(n)]
-    if isinstance(seed, int):
-        return [(seed + i) % 2**63 for i in range(n)]
-    if len(seed) != n:
-        raise bad_request(
-            f"'seed' lists {len(seed)} seeds for n={n} images; give one per image or a single seed.", "seed"
+    def _output(self, request: ImageRequest, base_url: str, preset: str) -> Output:
+        fmt = request.output_format or "jpeg"
+        compression = (
+            request.output_compression if request.output_compression is not None else self.settings.jpeg_quality
         )
-    return list(seed)
+        response_format = "b64_json" if request.stream else request.response_format or "b64_json"  # events carry b64
+        return Output(fmt, compression, response_format, base_url, preset, request.partial_images or 0)
+
+    async def _submit(self, plan: Plan, deadline: float) -> Job:
+        """A place in the queue first (429 decodes nothing), then the input images, then the job."""
+        admission = self.scheduler.admit()
+        try:
+            spec = await self._decoded(plan.spec, plan.inputs)
+            return admission.submit(spec, deadline, asyncio.Queue() if spec.previews else None)
+        finally:
+            admission.release()
+
+    async def _decoded(self, spec: GenerationSpec, inputs: EditInputs | None) -> GenerationSpec:
+        if inputs is None:
+            return spec
+        async with self._decoding:
+            image, mask = await asyncio.to_thread(_decode_inputs, inputs)
+        return replace(spec, image=image, mask=mask)
+
+    async def _answer(self, job: Job, plan: Plan, call: ImageCall, deadline: float) -> Result:
+        images = await self.scheduler.wait(job, call.disconnected)
+        started = time.monotonic()
+        response = await self._finish(images, plan, deadline)
+        post = time.monotonic() - started
+        self.metrics.postprocess.observe(post)
+        return Result(response, {"queue": job.queue_wait, "gen": job.generation_time, "post": post})
+
+    async def _finish(self, images, plan: Plan, deadline: float) -> ImagesResponse:
+        finished = await self._in_pool(
+            respond.finish_images, self.plugins, images, plan.spec, plan.output, self.metrics
+        )
+        delivered = await self._deliver(finished, plan, deadline)
+        return await self._in_pool(respond.assemble, finished, delivered, plan.output, self.store)
+
+    async def _deliver(self, finished: respond.Finished, plan: Plan, deadline: float) -> list[bool]:
+        """Nothing accepted is lost: a delivery that fails outright leaves every image in the response."""
+        try:
+            return await self.plugins.deliver(
+                finished.encoded, plan.output.format, plan.spec.options, finished.items, deadline
+            )
+        except Exception:
+            log.exception("delivery failed; the images are returned in the response")
+            return [False] * len(finished.encoded)
+
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- streaming -------------------------------------------------------
+
+    async def _events(
+        self, job: Job, plan: Plan, call: ImageCall, deadline: float
+    ) -> AsyncIterator[StreamEvent | None]:
+        """Keep-alives (None) while the request waits, its previews as they form, then one completed event per
+        image: for each image, its partial images in order, then its completed event."""
+        waiting = asyncio.ensure_future(self.scheduler.wait(job))
+        previews = Previews(job.previews, self._preview_pool, plan, call.edit)
+        try:
+            while not waiting.done():
+                event = await previews.next(waiting, self.settings.stream_keepalive)
+                if event is not None or not waiting.done():
+                    yield event  # a preview, or a keep-alive while the request waits
+            async for preview in previews.rest():
+                yield preview
+            response = await self._finish(waiting.result(), plan, deadline)
+            for event in completed_events(response, call.edit):
+                yield event
+        finally:
+            if not waiting.done():  # the client left mid-stream: its share of the work stops
+                waiting.cancel()
+                self.scheduler.cancel(job)
+            self._done()
+
+
+class Previews:
+    """A streamed request's partial images: decoded and encoded on the preview thread, numbered per image."""
+
+    def __init__(self, queue: asyncio.Queue | None, pool: ThreadPoolExecutor, plan: Plan, edit: bool) -> None:
+        self.queue = queue
+        self.pool = pool
+        self.output = plan.output
+        self.size = f"{plan.spec.width}x{plan.spec.height}"
+        self.kind = "image_edit.partial_image" if edit else "image_generation.partial_image"
+        self.count = [0] * plan.spec.n
+        self.seeds = plan.spec.seeds
+
+    async def next(self, waiting: asyncio.Future, keepalive: float) -> StreamEvent | None:
+        """The next preview, or None (a keep-alive) when none came within `keepalive` or the job finished."""
+        if self.queue is None:
+            await asyncio.wait({waiting}, timeout=keepalive)
+            return None
+        getter = asyncio.ensure_future(self.queue.get())
+        done, _ = await asyncio.wait({getter, waiting}, timeout=keepalive, return_when=asyncio.FIRST_COMPLETED)
+        if getter not in done:
+            getter.cancel()
+            return None
+        return await self._event(*getter.result())
+
+    async def rest(self) -> AsyncIterator[StreamEvent]:
+        """Previews queued before the job finished (the engine hands them over before its result)."""
+        while self.queue is not None and not self.queue.empty():
+            yield await self._event(*self.queue.get_nowait())
+
+    async def _event(self, index: int, render: Callable) -> StreamEvent:
+        fmt, compression = self.output.format, self.output.compression
+        encoded = await asyncio.get_running_loop().run_in_executor(
+            self.pool, lambda: encode_image(render(), fmt, compression)
+        )
+        self.count[index] += 1
+        return StreamEvent(
+            type=self.kind,
+            b64_json=respond.b64(encoded),
+            created_at=int(time.time()),
+            size=self.size,
+            quality=self.output.quality,
+            output_format=fmt,
+            partial_image_index=self.count[index] - 1,
+            seed=self.seeds[index],  # which image of the request, as in its completed event
+        )
+
+
+def validate(model: type[BaseModel], payload: dict) -> ImageRequest:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+def completed_events(response: ImagesResponse, edit: bool) -> list[StreamEvent]:
+    kind = "image_edit.completed" if edit else "image_generation.completed"
+    return [
+        StreamEvent(
+            type=kind,
+            created_at=response.created,
+            size=response.size,
+            quality=response.quality,
+            background=response.background,
+            output_format=response.output_format,
+            usage=Usage(),
+            **{"b64_json": "", **item.model_dump(exclude_unset=True)},  # "": delivered elsewhere (upload)
+        )
+        for item in response.data
+    ]
+
+
+def _mode(inputs: EditInputs | None) -> str:
+    if inputs is None:
+        return "text2img"
+    return "img2img" if inputs.mask is None else "inpaint"
+
+
+def _decode_inputs(inputs: EditInputs):
+    """Worker thread: the first image (the one edited) and the mask; the other images were only checked."""
+    image = as_rgb(decode(inputs.image))
+    mask = mask_from_alpha(decode(inputs.mask)) if inputs.mask is not None else None
+    return image, mask

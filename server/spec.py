@@ -5,13 +5,12 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
+from server.lora import LoRASet
+
 
 class BatchKey(NamedTuple):
-    """Requests with equal keys run as one pipeline call.
-
-    `prep` is what must be applied to the pipeline before the call (the LoRA
-    set); the scheduler prefers requests whose `prep` is already applied.
-    """
+    """Requests with equal keys run as one pipeline call. The scheduler prefers requests whose LoRA set is
+    the one already applied."""
 
     mode: str  # "text2img", "img2img" or "inpaint"
     width: int
@@ -21,7 +20,7 @@ class BatchKey(NamedTuple):
     true_cfg: float | None
     strength: float | None
     negative_prompt: str | None
-    prep: tuple = ()
+    loras: LoRASet = ()
 
 
 @dataclass(eq=False)
@@ -36,16 +35,12 @@ class GenerationSpec:
     negative_prompt: str | None = None
     true_cfg: float | None = None
     strength: float | None = None
+    mode: str = "text2img"  # "img2img" with an input image, "inpaint" with a mask too
     image: Image.Image | None = None
     mask: Image.Image | None = None
-    prep: tuple = ()
+    loras: LoRASet = ()
+    previews: int = 0  # partial images per image, when streamed
     options: dict[str, Any] = field(default_factory=dict)  # validated plugin fields, by plugin name
-
-    @property
-    def mode(self) -> str:
-        if self.image is None:
-            return "text2img"
-        return "img2img" if self.mask is None else "inpaint"
 
     @property
     def key(self) -> BatchKey:
@@ -58,5 +53,5 @@ class GenerationSpec:
             self.true_cfg,
             self.strength,
             self.negative_prompt,
-            self.prep,
+            self.loras,
         )

@@ -1,10 +1,11 @@
 """LoRA plugin: up to MAX_LORAS weighted LoRAs per request, by name from LORA_DIR, and their management API.
 
-A request's LoRA set is part of its batch key and is applied on the engine
-thread before the batch runs. How a set is applied belongs to the engine:
-diffusers pipelines get `LoRAMerger` (merged weights, exact restore); an
-engine with its own way (Nunchaku, SGLang) offers a `lora_applier` with the
-same three methods: check(path), apply([(path, weight), ...]), forget(path).
+A request's LoRA set is part of its batch key and is applied on the engine thread before its batch runs.
+How a set gets into the weights is the engine's business, asked through the `lora_applier` hook: merged
+into the weights (`merge.LoRAMerger`), or, where the weights cannot be merged into (FP8, compiled), a
+hot-swapped slot reserved before compilation (`hotswap.HotswapLoRA`). Engines with a way of their own
+(Nunchaku, SGLang) bring their own applier. Every file is checked against the model before it is accepted,
+by the management API and for LORA_DEFAULTS.
 """
 
 import asyncio
@@ -14,33 +15,53 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
-from plugins.lora.merge import LoRAError, LoRAMerger
+from plugins.lora.demo import write_demo_loras
+from plugins.lora.hotswap import HotswapLoRA
+from plugins.lora.merge import LoRAMerger
 from server.auth import check_key, key_matches, presented_key, require_api_key
+from server.config import option
+from server.engines.base import LoRATarget
 from server.errors import APIError, bad_request
-from server.plugins import Plugin
+from server.lora import LoRAApplier, LoRAError, LoRASet
+from server.plugins import Plugin, RouteLimit
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUFFIX = ".safetensors"
 
-# A LoRA set: ((name, weight), ...) sorted by name, no zero weights. Hashable, so it can be in a batch key.
-LoRASet = tuple[tuple[str, float], ...]
+
+@dataclass(frozen=True)
+class LoRASettings:
+    lora_dir: Path = option(Path("loras"), "folder of LoRA .safetensors files; a LoRA's name is its file name")
+    lora_defaults: str = option("", "LoRA set used when a request names none, e.g. 'style:1.0,detail:0.7,grain:0.5'")
+    max_loras: int = option(3, "most LoRAs one request may merge", low=1, high=16)
+    lora_max_mb: float = option(1024.0, "largest LoRA file accepted by POST /v1/loras, in MiB", low=0.01)
+    lora_hotswap_rank: int = option(
+        64, "with FP8 or COMPILE: rank of the hot-swapped LoRA slot (a set's ranks add up)", low=1
+    )
 
 
 class LoRARef(BaseModel):
     name: str = Field(min_length=1, max_length=160)
-    weight: float = Field(default=1.0, ge=-10, le=10)
+    weight: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False)
 
 
 class LoRAFields(BaseModel):
     loras: list[LoRARef] | None = Field(default=None, max_length=16)
+
+
+def valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None and ".." not in name
 
 
 def parse_defaults(text: str) -> list[LoRARef]:
@@ -48,36 +69,53 @@ def parse_defaults(text: str) -> list[LoRARef]:
     refs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, weight = part.partition(":")
-        refs.append(LoRARef(name=name.strip(), weight=float(weight) if weight else 1.0))
+        try:
+            refs.append(LoRARef(name=name.strip(), weight=float(weight) if weight else 1.0))
+        except ValueError as exc:
+            raise SystemExit(f"LORA_DEFAULTS={text!r}: {part!r} is not NAME or NAME:WEIGHT ({exc})") from None
     return refs
 
 
 class LoRAPlugin(Plugin):
     name = "lora"
     fields = LoRAFields
+    Settings = LoRASettings
 
     def __init__(self, settings, engine) -> None:
         super().__init__(settings, engine)
-        self.dir = Path(settings.lora_dir).resolve()
-        self.max_loras = settings.max_loras
-        self.max_bytes = int(settings.lora_max_mb * 2**20)
-        self.body_limits = {"/v1/loras": self.max_bytes + 2**20}
+        self.dir = Path(self.config.lora_dir).resolve()
+        self.max_bytes = int(self.config.lora_max_mb * 2**20)
         self.defaults: LoRASet = ()
-        self.applier = None
+        self.applier: LoRAApplier | None = None
+        self._claimed: set[str] = set()  # names being uploaded right now
+
+    # -- engine hooks ----------------------------------------------------
+
+    def lora_applier(self, target: LoRATarget) -> LoRAApplier:
+        if target.mergeable:
+            return LoRAMerger(target.pipe)
+        return HotswapLoRA(target.pipe, self.config.lora_hotswap_rank, target.shapes, target.dtype)
 
     # -- lifecycle -------------------------------------------------------
 
     def load(self) -> None:
-        """Engine thread, after the model loaded: pick the applier, check the default set."""
+        """Engine thread, after the model loaded: the engine's applier, and the default set checked."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.applier = getattr(self.engine, "lora_applier", None) or LoRAMerger(self.engine.pipe)
+        self.applier = self.engine.lora_applier
+        if self.applier is None:
+            raise SystemExit(f"PLUGINS has lora, but this engine ({self.engine.info}) cannot apply LoRAs.")
         try:
-            self.defaults = self.resolve(parse_defaults(self.settings.lora_defaults), "LORA_DEFAULTS")
-            for name, _ in self.defaults:
-                self.applier.check(self.path(name))
+            self.defaults = self.resolve(parse_defaults(self.config.lora_defaults), "LORA_DEFAULTS")
+            for path, _ in self.defaults:
+                self.applier.check(path)
         except (APIError, LoRAError) as exc:
-            raise SystemExit(f"LORA_DEFAULTS={self.settings.lora_defaults!r}: {getattr(exc, 'message', exc)}") from None
-        log.info("LoRA dir %s, default set %s", self.dir, self.defaults or "none")
+            raise SystemExit(f"LORA_DEFAULTS={self.config.lora_defaults!r}: {getattr(exc, 'message', exc)}") from None
+        log.info("LoRA dir %s, default set %s", self.dir, [(p.stem, w) for p, w in self.defaults] or "none")
+
+    @classmethod
+    def demo_assets(cls, folder: Path) -> list[str]:
+        names = write_demo_loras(folder)
+        return [f"LORA_DIR={folder}", f"# LoRAs for the demo model: {', '.join(names)}"]
 
     # -- requests --------------------------------------------------------
 
@@ -85,14 +123,14 @@ class LoRAPlugin(Plugin):
         return self.dir / (name + SUFFIX)
 
     def resolve(self, refs: list[LoRARef], param: str) -> LoRASet:
-        if len(refs) > self.max_loras:
-            raise bad_request(f"At most {self.max_loras} LoRAs may be merged per request.", param)
+        if len(refs) > self.config.max_loras:
+            raise bad_request(f"At most {self.config.max_loras} LoRAs may be merged per request.", param)
         entries: dict[str, float] = {}
         for i, ref in enumerate(refs):
             where = f"{param}[{i}].name" if param == "loras" else param
             name = ref.name.removesuffix(SUFFIX)
-            if not _NAME.match(name) or ".." in name:
-                raise bad_request(f"'{ref.name}' is not a LoRA name (a file name in LORA_DIR, no path).", where)
+            if not valid_name(name):
+                raise bad_request(f"{ref.name!r} is not a LoRA name (a file name in LORA_DIR, no path).", where)
             if not self.path(name).is_file():
                 raise bad_request(
                     f"There is no LoRA named '{name}'; GET /v1/loras lists them.", where, "lora_not_found"
@@ -102,27 +140,21 @@ class LoRAPlugin(Plugin):
             if not math.isfinite(ref.weight):
                 raise bad_request("LoRA weights must be finite numbers.", where.replace(".name", ".weight"))
             entries[name] = ref.weight
-        return tuple(sorted((n, w) for n, w in entries.items() if w != 0))
+        return tuple(sorted((self.path(n), w) for n, w in entries.items() if w != 0))
 
     def option(self, request) -> LoRASet:
         if request.loras is None:
             return self.defaults
         return self.resolve(request.loras, "loras")
 
-    def prep(self, option: LoRASet) -> LoRASet:
+    def loras(self, option: LoRASet) -> LoRASet:
         return option
-
-    def prepare(self, prep: LoRASet) -> None:
-        try:
-            self.applier.apply([(self.path(name), weight) for name, weight in prep])
-        except (LoRAError, FileNotFoundError) as exc:
-            raise bad_request(f"The LoRA set {list(prep)} cannot be applied: {exc}", "loras", "lora_invalid") from None
 
     # -- management API --------------------------------------------------
 
     def catalog(self) -> list[dict]:
         files = sorted(self.dir.glob("*" + SUFFIX)) if self.dir.is_dir() else []
-        defaults = dict(self.defaults)
+        defaults = {p.stem: w for p, w in self.defaults}
         return [
             {
                 "id": f.stem,
@@ -132,6 +164,7 @@ class LoRAPlugin(Plugin):
                 "default_weight": defaults.get(f.stem),
             }
             for f in files
+            if valid_name(f.stem)
         ]
 
     def check_admin(self, request: Request) -> None:
@@ -153,26 +186,47 @@ class LoRAPlugin(Plugin):
                 "Send the LoRA as a multipart file field named 'file'.", "file", "missing_required_parameter"
             )
         name = str(form.get("name") or Path(upload.filename or "").name).removesuffix(SUFFIX)
-        if not _NAME.match(name) or ".." in name:
-            raise bad_request(f"'{name}' is not a valid LoRA name (letters, digits, . _ -).", "name")
+        if not valid_name(name):
+            raise bad_request(f"{name!r} is not a valid LoRA name (letters, digits, . _ -).", "name")
         if upload.size is not None and upload.size > self.max_bytes:
-            raise bad_request(f"The LoRA is larger than {self.max_bytes // 2**20} MiB.", "file", "file_too_large")
-        target = self.path(name)
-        if target.exists():
-            raise APIError(409, f"A LoRA named '{name}' exists; DELETE it first.", param="name", code="conflict")
-        staged = await asyncio.to_thread(self._stage, upload)
-        try:
-            await request.app.state.service.scheduler.call(lambda: self.applier.check(staged))
-        except LoRAError as exc:
-            staged.unlink(missing_ok=True)
-            raise bad_request(f"The file cannot be applied to this model: {exc}", "file", "lora_invalid") from None
-        except Exception:
-            staged.unlink(missing_ok=True)
-            raise
-        os.replace(staged, target)
-        self.applier.forget(staged)
-        log.info("LoRA %s added (%d bytes)", name, target.stat().st_size)
+            raise bad_request(
+                f"The LoRA is larger than {self.config.lora_max_mb:g} MiB (LORA_MAX_MB).", "file", "file_too_large"
+            )
+        with self._claim(name):
+            staged = await asyncio.to_thread(self._stage, upload)
+            try:
+                await self._check_on_engine(staged)
+                self._publish(staged, name)
+            finally:
+                staged.unlink(missing_ok=True)
+        log.info("LoRA %s added (%d bytes)", name, self.path(name).stat().st_size)
         return next(item for item in self.catalog() if item["id"] == name)
+
+    @contextmanager
+    def _claim(self, name: str) -> Iterator[None]:
+        """One upload per name at a time, and none over an existing file: 409 for the others."""
+        if name in self._claimed or self.path(name).exists():
+            raise _exists(name)
+        self._claimed.add(name)
+        try:
+            yield
+        finally:
+            self._claimed.discard(name)
+
+    async def _check_on_engine(self, staged: Path) -> None:
+        try:
+            await self.engine.call(lambda: self.applier.check(staged))
+        except LoRAError as exc:
+            raise bad_request(f"The file cannot be applied to this model: {exc}", "file", "lora_invalid") from None
+        finally:
+            self.applier.forget(staged)
+
+    def _publish(self, staged: Path, name: str) -> None:
+        """Atomic: a link fails if the name exists, so two servers sharing LORA_DIR cannot overwrite each other."""
+        try:
+            os.link(staged, self.path(name))
+        except FileExistsError:
+            raise _exists(name) from None
 
     def _stage(self, upload: UploadFile) -> Path:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".upload-", suffix=SUFFIX)
@@ -183,14 +237,18 @@ class LoRAPlugin(Plugin):
 
     def delete(self, request: Request, name: str) -> dict:
         self.check_admin(request)
-        if not _NAME.match(name) or ".." in name or not self.path(name).is_file():
+        if not valid_name(name) or not self.path(name).is_file():
             raise APIError(404, f"There is no LoRA named '{name}'.", param="name", code="lora_not_found")
-        if name in dict(self.defaults):
+        if self.path(name) in {p for p, _ in self.defaults}:
             raise bad_request(f"'{name}' is in the default set (LORA_DEFAULTS); it cannot be deleted.", "name")
         self.path(name).unlink()
         self.applier.forget(self.path(name))
         log.info("LoRA %s deleted", name)
         return {"id": name, "object": "lora", "deleted": True}
+
+    def route_limits(self) -> dict[str, RouteLimit]:
+        message = f"The LoRA file is larger than {self.config.lora_max_mb:g} MiB (LORA_MAX_MB)."
+        return {"/v1/loras": RouteLimit(self.max_bytes + 2**20, message)}  # + the multipart envelope
 
     def router(self) -> APIRouter:
         router = APIRouter()
@@ -198,7 +256,7 @@ class LoRAPlugin(Plugin):
         @router.get("/v1/loras")
         async def list_loras(request: Request) -> dict:
             await require_api_key(request)
-            return {"object": "list", "data": self.catalog(), "max_loras": self.max_loras}
+            return {"object": "list", "data": self.catalog(), "max_loras": self.config.max_loras}
 
         @router.post("/v1/loras")
         async def add_lora(request: Request) -> dict:
@@ -209,3 +267,7 @@ class LoRAPlugin(Plugin):
             return self.delete(request, name)
 
         return router
+
+
+def _exists(name: str) -> APIError:
+    return APIError(409, f"A LoRA named '{name}' exists; DELETE it first.", param="name", code="conflict")

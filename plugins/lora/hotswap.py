@@ -24,17 +24,20 @@ text encoders (not compiled) are merged into their weights by `LoRAMerger`.
 LoRA biases are refused. QKV projections stay unfused under a slot: a LoRA's
 q, k and v parts would stack block-diagonally on a fused to_qkv, tripling the
 rank it needs there, which costs more than fusing saves.
+
+All or nothing: the whole slot state is built (every file parsed, every layer
+checked) before anything is written; if writing fails, the slot is zeroed
+and the text encoders restored, which is the base model.
 """
 
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from plugins.lora.merge import LoRAError, LoRALayer, LoRAMerger
-from plugins.lora.sets import set_key
+from plugins.lora.merge import LoRAMerger
+from server.lora import Layers, LoRAApplier, LoRAError, LoRALayer, LoRASet, Shapes
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +89,21 @@ def layer_factors(
     return torch.cat(downs), torch.cat(ups, dim=1)
 
 
-class HotswapLoRA:
-    """The LoRA plugin's applier for FP8/compiled transformers. Engine thread only.
+class HotswapLoRA(LoRAApplier):
+    """LoRA sets for FP8/compiled transformers. rank: the slot's rank (LORA_HOTSWAP_RANK); shapes: the
+    layers as LoRA files name them, taken before the transformer was quantized; dtype: the slot's."""
 
-    pipe: the pipeline; rank: the slot's rank (LORA_HOTSWAP_RANK); shapes: `weight_shapes(pipe)` taken
-    before the transformer was quantized (the layers as LoRA files name them); dtype: the slot's dtype
-    (the pipeline's)."""
-
-    def __init__(self, pipe, rank: int, shapes: dict, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, pipe, rank: int, shapes: Shapes, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
         self.transformer = pipe.transformer
         self.rank = rank
         self.dtype = dtype
-        self.files = LoRAMerger(pipe, shapes)  # parses and caches files; merges text-encoder layers
+        self.encoders = LoRAMerger(pipe, shapes)  # parses and caches files; merges text-encoder layers
         self.targets: dict[str, tuple[int, int]] = {}
-        self.applied: tuple = ()
+
+    @property
+    def how(self) -> str:
+        return f"hot-swapped into a slot of rank {self.rank}"
 
     # -- setup (before torch.compile) ----------------------------------
 
@@ -108,35 +112,33 @@ class HotswapLoRA:
         self.targets = linear_layers(self.transformer)
         self.transformer.enable_lora_hotswap(target_rank=self.rank)
         self.transformer.load_lora_adapter(self._slot_state([]), adapter_name=SLOT, prefix=None)
-        self.applied = ()
         log.info("LoRA slot of rank %d on %d linear layers (hotswap)", self.rank, len(self.targets))
 
-    # -- the applier interface -------------------------------------------
+    # -- the applier ------------------------------------------------------
 
     def check(self, path: Path) -> None:
         """Parsing checks the layers and shapes; what is left is what only the slot refuses."""
-        self._transformer_parts([(self.files.layers(path), 1.0)])
+        self._transformer_parts([(self.encoders.files.layers(path), 1.0)])
 
     def forget(self, path: Path) -> None:
-        self.files.forget(path)
+        self.encoders.forget(path)
 
-    def apply(self, entries: list[tuple[Path, float]]) -> None:
-        key = set_key(entries)
-        if key == self.applied:
-            return
-        started = time.monotonic()
-        loras = [(self.files.layers(path), weight) for path, weight in entries]
-        state = self._slot_state(self._transformer_parts(loras))  # checks everything before touching a weight
+    def _apply(self, loras: LoRASet) -> None:
+        parsed = [(self.encoders.files.layers(path), weight) for path, weight in loras]
+        state = self._slot_state(self._transformer_parts(parsed))  # everything checked before any write
+        self._write(state, [({k: v for k, v in layers.items() if k[0] != "transformer"}, w) for layers, w in parsed])
+
+    def _reset(self) -> None:
+        self._write(self._slot_state([]), [])
+
+    def _write(self, state: dict[str, torch.Tensor], encoder_layers: list[tuple[Layers, float]]) -> None:
         with torch.no_grad():
             self.transformer.load_lora_adapter(state, adapter_name=SLOT, prefix=None, hotswap=True)
-            self.files.merge([({k: v for k, v in layers.items() if k[0] != "transformer"}, w) for layers, w in loras])
-        self.applied = key
-        names = ", ".join(f"{Path(p).stem}:{w:g}" for p, w in entries) or "none"
-        log.info("LoRA set [%s] hot-swapped in %.2fs", names, time.monotonic() - started)
+            self.encoders.merge(encoder_layers)
 
     # -- building the slot's weights ---------------------------------------
 
-    def _transformer_parts(self, loras: list[tuple[dict, float]]) -> list[tuple[dict[str, LoRALayer], float]]:
+    def _transformer_parts(self, loras: list[tuple[Layers, float]]) -> list[tuple[dict[str, LoRALayer], float]]:
         parts = []
         for layers, weight in loras:
             mine = {module: layer for (component, module), layer in layers.items() if component == "transformer"}

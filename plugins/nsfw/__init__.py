@@ -5,20 +5,46 @@ flagged (`nsfw: true`, `nsfw_score: null`, `nsfw_error`: why); the request
 itself still succeeds. NSFW_ACTION says what happens to a flagged image:
 flag (returned with the flag), blur, or block (withheld; when every image of
 a request is withheld the answer is a 400 `moderation_blocked`, as OpenAI's).
+NSFW_CHECK=always checks every image whatever the request says.
 """
 
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageFilter
 from pydantic import AliasChoices, BaseModel, Field
 
+from plugins.nsfw.demo import write_demo_classifier
+from server.config import option
 from server.plugins import Plugin
 
 log = logging.getLogger(__name__)
+
+_CHECK = {"always": "always", "true": "on", "on": "on", "yes": "on", "1": "on", "false": "off", "off": "off",
+          "no": "off", "0": "off"}  # fmt: skip
+
+
+def _check_problem(value: str) -> str | None:
+    return None if value.lower() in _CHECK else "true (check unless the request says no), false, or always"
+
+
+@dataclass(frozen=True)
+class NSFWSettings:
+    nsfw_model_path: Path = option(Path(""), "local folder of the NSFW classifier (Falconsai/nsfw_image_detection)")
+    nsfw_check: str = option(
+        "true",
+        "check images: true (unless the request says nsfw_check=false), false (only when it asks), always",
+        check=_check_problem,
+    )
+    nsfw_threshold: float = option(0.5, "nsfw probability at or above which an image is flagged", low=0, high=1)
+    nsfw_timeout: float = option(
+        5.0, "seconds the NSFW check may take; past it the image is flagged (fail closed)", low=0.0001
+    )
+    nsfw_action: str = option("flag", "what to do with a flagged image", choices=("flag", "blur", "block"))
 
 
 class NSFWFields(BaseModel):
@@ -51,19 +77,21 @@ class NSFWClassifier:
 class NSFWPlugin(Plugin):
     name = "nsfw"
     fields = NSFWFields
+    Settings = NSFWSettings
     order = 10  # before upscale: classify what the model made, at the classifier's size
 
     def __init__(self, settings, engine) -> None:
         super().__init__(settings, engine)
-        self.timeout = settings.nsfw_timeout
-        self.threshold = settings.nsfw_threshold
-        self.action = settings.nsfw_action
+        self.timeout = self.config.nsfw_timeout
+        self.threshold = self.config.nsfw_threshold
+        self.action = self.config.nsfw_action
+        self.check = _CHECK[self.config.nsfw_check.lower()]
         self.classifier: NSFWClassifier | None = None
         # One thread: the classifier runs one batch at a time; a stuck check makes the next ones time out too.
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="nsfw")
 
     def load(self) -> None:
-        path = Path(self.settings.nsfw_model_path)
+        path = Path(self.config.nsfw_model_path)
         if not (path / "config.json").is_file():
             raise SystemExit(
                 f"NSFW_MODEL_PATH={str(path)!r} is not a model folder; download Falconsai/nsfw_image_detection "
@@ -72,8 +100,14 @@ class NSFWPlugin(Plugin):
         self.classifier = NSFWClassifier(path)
         log.info("NSFW classifier loaded from %s on %s", path, self.classifier.device)
 
+    @classmethod
+    def demo_assets(cls, folder: Path) -> list[str]:
+        return [f"NSFW_MODEL_PATH={write_demo_classifier(folder)}", "# a random classifier: its verdicts mean nothing"]
+
     def option(self, request) -> bool:
-        return self.settings.nsfw_check if request.nsfw_check is None else request.nsfw_check
+        if self.check == "always" or request.nsfw_check is None:
+            return self.check != "off"
+        return request.nsfw_check
 
     def postprocess(self, images: list[Image.Image | None], option: bool, items: list[dict]) -> list:
         if not option:

@@ -1,18 +1,18 @@
-"""Nunchaku 4-bit FLUX (SVDQuant): a backend of the diffusers engine, not a request plugin.
+"""Nunchaku 4-bit FLUX (SVDQuant): a pipeline provider for the diffusers engine.
 
-With NUNCHAKU_TRANSFORMER set, `DiffusersEngine.load` calls, in order:
+On when NUNCHAKU_TRANSFORMER is set (or PLUGINS names it). While the engine loads, `provide_pipeline`:
 
-  choose(settings, gpu)            Plan, or Fallback (NUNCHAKU_FALLBACK), or SystemExit with the reason
+  decide(...)                      Plan, Fallback (NUNCHAKU_FALLBACK) or SystemExit with the reason
   build_pipeline(plan, ...)        Nunchaku's transformer (and 4-bit T5) inside the FLUX pipeline of MODEL_PATH
-  finish(plan, pipelines)          first-block cache on every pipeline; the LoRA applier; the /v1/models info
+  finish(pipelines)                first-block cache on every mode's pipeline, once the engine built them
 
-The decisions live in plan.py and package.py and need neither a GPU nor the
-package; only `build_pipeline` and `finish` import Nunchaku.
+and hands the engine Nunchaku's LoRA applier. The decisions live in plan.py and package.py and need neither
+a GPU nor the package; only `build_pipeline` and `finish` import Nunchaku.
 """
 
-import dataclasses
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,69 +20,104 @@ import torch
 from plugins.nunchaku_flux.lora import NunchakuLoRA
 from plugins.nunchaku_flux.package import detect
 from plugins.nunchaku_flux.plan import Fallback, Plan, Refusal, decide
-from server.engines.fastpath import GPU
+from server.config import option
+from server.engines.base import Fallback as EngineFallback
+from server.engines.base import PipelineContext, ProvidedPipeline
+from server.plugins import Plugin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Fallback", "NunchakuLoRA", "Plan", "build_pipeline", "choose", "fallback_settings", "finish"]
+
+@dataclass(frozen=True)
+class NunchakuSettings:
+    nunchaku_transformer: str = option(
+        "", "Nunchaku 4-bit FLUX transformer: an svdq-{int4|fp4}_r32-flux.1-*.safetensors file or a folder of both"
+    )
+    nunchaku_fallback: str = option(
+        "none",
+        "where Nunchaku cannot run (Hopper, B200, no GPU, no package): none (refuse to start), "
+        "fp8 (FP8 + compile), bf16",
+        choices=("none", "fp8", "bf16"),
+    )
+    nunchaku_fp16_attention: bool = option(
+        False, "Nunchaku's FP16 attention (faster on RTX 30/40/50; always on Turing)"
+    )
+    nunchaku_t5: str = option("", "Nunchaku's 4-bit T5 text encoder file (awq-int4-flux.1-t5xxl.safetensors)")
 
 
-def choose(settings, gpu: GPU | None) -> Plan | Fallback:
-    decision = decide(settings, gpu, detect(), torch.__version__, sys.version_info[:2])
-    if isinstance(decision, Refusal):
-        raise SystemExit(decision.message)
-    if isinstance(decision, Fallback):
-        log.warning(
-            "Nunchaku cannot run here: %s. NUNCHAKU_FALLBACK=%s: serving that instead", decision.reason, decision.to
+class NunchakuPlugin(Plugin):
+    name = "nunchaku"
+    Settings = NunchakuSettings
+
+    @classmethod
+    def enabled(cls, settings) -> bool:
+        return super().enabled(settings) or bool(settings.section(cls.name).nunchaku_transformer)
+
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | EngineFallback:
+        choice = self.choose(context.gpu)
+        if isinstance(choice, Fallback):
+            reason = f"{choice.to} (NUNCHAKU_FALLBACK): {choice.reason}"
+            return EngineFallback(fp8=choice.to == "fp8", compile=choice.to == "fp8", reason=reason)
+        pipe = build_pipeline(choice, context)
+        return ProvidedPipeline(
+            pipe=pipe,
+            dtype=_dtype(choice),
+            offload="sequential" if choice.offload else "",
+            info=describe(choice),
+            lora_applier=NunchakuLoRA(pipe.transformer),
+            finish=lambda pipelines: finish(choice, pipelines),
         )
-    return decision
+
+    def choose(self, gpu) -> Plan | Fallback:
+        decision = decide(self.settings, self.config, gpu, detect(), torch.__version__, sys.version_info[:2])
+        if isinstance(decision, Refusal):
+            raise SystemExit(decision.message)
+        if isinstance(decision, Fallback):
+            log.warning(
+                "Nunchaku cannot run here: %s. NUNCHAKU_FALLBACK=%s: serving that instead", decision.reason, decision.to
+            )
+        return decision
 
 
-def fallback_settings(settings, fallback: Fallback):
-    """fp8 is the Hopper fast path, FP8 + compile; bf16 is the plain pipeline."""
-    if fallback.to == "fp8":
-        return dataclasses.replace(settings, fp8=True, compile=True)
-    return settings
+def _dtype(plan: Plan) -> torch.dtype:
+    return torch.float16 if plan.dtype == "fp16" else torch.bfloat16
 
 
-def build_pipeline(plan: Plan, base: Path, device: torch.device, load_pipeline):
-    """The FLUX pipeline of `base` around Nunchaku's transformer. Needs the real package and a supported GPU."""
+def build_pipeline(plan: Plan, context: PipelineContext):
+    """The FLUX pipeline of MODEL_PATH around Nunchaku's transformer. Needs the real package and a supported GPU."""
     try:
         from nunchaku import NunchakuFluxTransformer2dModel, NunchakuT5EncoderModel
     except (ImportError, OSError) as exc:  # an extension built for another torch or CUDA fails here
         raise SystemExit(
             f"Nunchaku failed to import ({type(exc).__name__}: {exc}); see README, GPU fast paths."
         ) from None
-    dtype = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+    dtype, device = _dtype(plan), str(context.device)
     log.info("Nunchaku %s transformer %s (offload %s)", plan.precision, plan.file, plan.offload)
     transformer = NunchakuFluxTransformer2dModel.from_pretrained(
-        str(plan.file), device=str(device), offload=plan.offload, torch_dtype=dtype
+        str(plan.file), device=device, offload=plan.offload, torch_dtype=dtype
     )
     if plan.fp16_attention:
         transformer.set_attention_impl("nunchaku-fp16")
     components = {"transformer": transformer}
     if plan.t5 is not None:
         components["text_encoder_2"] = NunchakuT5EncoderModel.from_pretrained(
-            str(plan.t5), torch_dtype=dtype, device=str(device)
+            str(plan.t5), torch_dtype=dtype, device=device
         )
-    return load_pipeline(base, dtype, **components)
+    return context.load_pipeline(context.path, dtype, **components)
 
 
-def finish(plan: Plan, pipelines: dict) -> tuple[dict, NunchakuLoRA]:
-    """After the engine adopted the pipeline: cache on every mode's pipeline; the LoRA applier; the info."""
+def finish(plan: Plan, pipelines: dict) -> None:
+    """Nunchaku's cache wraps each pipeline class's __call__; img2img and inpaint are other classes."""
     if plan.cache_threshold > 0:
         from nunchaku.caching.diffusers_adapters import apply_cache_on_pipe
 
-        # It wraps each pipeline class's __call__ in a cache context; img2img and inpaint are other classes.
         for pipe in pipelines.values():
             apply_cache_on_pipe(pipe, residual_diff_threshold=plan.cache_threshold)
-    transformer = pipelines["text2img"].transformer
-    return describe(plan), NunchakuLoRA(transformer)
 
 
 def describe(plan: Plan) -> dict:
     return {
-        "precision": f"{plan.precision} (Nunchaku SVDQuant, {plan.file.name})",
+        "precision": f"{plan.precision} (Nunchaku SVDQuant, {Path(plan.file).name})",
         "attention": "nunchaku-fp16" if plan.fp16_attention else "flashattn2 (Nunchaku)",
         "compile": False,
         "cache": f"first-block (Nunchaku), threshold {plan.cache_threshold:g}" if plan.cache_threshold > 0 else None,

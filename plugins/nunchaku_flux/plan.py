@@ -182,24 +182,25 @@ def pick_file(setting: str, precision: str, gpu: GPU) -> Path | str:
 # -- the decision ------------------------------------------------------------
 
 
-def decide(settings, gpu: GPU | None, package: Package, torch_version: str, python: tuple[int, int]):
-    """Plan, Fallback or Refusal for NUNCHAKU_TRANSFORMER on this machine."""
+def decide(settings, config, gpu: GPU | None, package: Package, torch_version: str, python: tuple[int, int]):
+    """Plan, Fallback or Refusal for NUNCHAKU_TRANSFORMER on this machine (`settings`: the server's; `config`:
+    the plugin's NunchakuSettings)."""
     if settings.fp8 or settings.compile:
         return Refusal(
             "NUNCHAKU_TRANSFORMER and FP8/COMPILE are two different paths: choose one. NUNCHAKU_FALLBACK=fp8 "
             "runs FP8 + compile where Nunchaku cannot run."
         )
-    mistake = config_problem(settings.nunchaku_transformer, settings.nunchaku_t5)
+    mistake = config_problem(config.nunchaku_transformer, config.nunchaku_t5)
     if mistake:
         return Refusal(mistake)
-    fallback = settings.nunchaku_fallback
+    fallback = config.nunchaku_fallback
     precision = precision_for(gpu)
     if precision is None:  # the GPU decides first: the refusal says so whether or not the package is there
         return _cannot_run(hardware_problem(gpu), fallback, gpu, package_aside(package))
     reason = problem(package, torch_version, python)
     if reason:
         return _cannot_run(reason, fallback, gpu)
-    chosen = pick_file(settings.nunchaku_transformer, precision, gpu)
+    chosen = pick_file(config.nunchaku_transformer, precision, gpu)
     if isinstance(chosen, str):
         return Refusal(chosen)
     turing = gpu.sm == 75
@@ -208,8 +209,8 @@ def decide(settings, gpu: GPU | None, package: Package, torch_version: str, pyth
         precision=precision,
         file=chosen,
         dtype="fp16" if turing else "bf16",
-        fp16_attention=settings.nunchaku_fp16_attention or turing,
-        t5=Path(settings.nunchaku_t5).expanduser() if settings.nunchaku_t5 else None,
+        fp16_attention=config.nunchaku_fp16_attention or turing,
+        t5=Path(config.nunchaku_t5).expanduser() if config.nunchaku_t5 else None,
         offload=settings.cpu_offload,
         cache_threshold=settings.cache_threshold,
         notes=notes,

@@ -1,32 +1,30 @@
 """Upload each image to a caller's pre-signed PUT URL (S3, GCS, MinIO...): no cloud credentials on the server.
 
-Each image is PUT with exactly the headers a pre-signed URL expects
-(Content-Type of the output format, Content-Length). Connection errors and
-5xx are retried with backoff; 4xx are not (an expired URL answers 403
-AccessDenied "Request has expired", a header mismatch 403
-SignatureDoesNotMatch). A failed upload never loses the image: its `data[i]`
-carries the error and the image as b64_json.
+Each image is PUT with exactly the headers a pre-signed URL expects (Content-Type of the output format,
+Content-Length). Connection errors and 5xx are retried with backoff; 4xx are not (an expired URL answers 403
+AccessDenied "Request has expired", a header mismatch 403 SignatureDoesNotMatch). Uploads run on the event
+loop, all of a request's at once, and every attempt has a deadline for the whole attempt (UPLOAD_TIMEOUT,
+and never past the request's own): a target that trickles its answer holds nothing but its own socket. A
+failed or late upload never loses the image: its `data[i]` carries the error and the image as b64_json.
 
-The server PUTs to URLs a caller chose, so it guards against SSRF: the host
-is resolved and loopback, private, link-local, reserved and cloud-metadata
-addresses are refused, redirects are not followed, and the connection goes to
-the address that was checked (no DNS rebinding between check and use). Only
-hosts in UPLOAD_ALLOWED_HOSTS (names or *.domain) skip the address check and
-may use plain http (an in-cluster MinIO).
+The server PUTs to URLs a caller chose, so it guards against SSRF (see `ssrf.py`): the host is resolved and
+every address must be public, redirects are not followed, and the connection goes to the address that was
+checked (no DNS rebinding between check and use). Only hosts in UPLOAD_ALLOWED_HOSTS (names or *.domain)
+skip the address check and may use plain http (an in-cluster MinIO).
 """
 
-import ipaddress
+import asyncio
 import logging
 import re
-import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel, Field
 
+from plugins.upload.ssrf import Target, UnsafeURL, check_url, resolve_checked
+from server.config import option, split
 from server.errors import bad_request
 from server.images import CONTENT_TYPES
 from server.plugins import Plugin
@@ -34,62 +32,20 @@ from server.plugins import Plugin
 log = logging.getLogger(__name__)
 
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
+MAX_URL_LENGTH = 8192
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    upload_allowed_hosts: str = option(
+        "", "hosts (or *.domain) trusted for upload_urls: private addresses and plain http allowed"
+    )
+    upload_timeout: float = option(60.0, "seconds one upload attempt may take, from connecting to the answer", low=0.1)
+    upload_retries: int = option(3, "retries of an upload after a connection error or a 5xx", low=0, high=10)
 
 
 class UploadFields(BaseModel):
     upload_urls: list[str] | None = Field(default=None, max_length=10)
-
-
-class UnsafeURL(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class Target:
-    url: str  # as given, pre-signed query included
-    host: str
-    port: int
-    address: str | None  # the checked IP to connect to; None for trusted hosts (resolved normally)
-
-
-def host_allowed(host: str, patterns: tuple[str, ...]) -> bool:
-    host = host.lower().rstrip(".")
-    for pattern in (p.lower() for p in patterns):
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
-            return True
-    return False
-
-
-def _public(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-def check_url(url: str, allowed: tuple[str, ...]) -> Target:
-    """Refuse what an SSRF would use; returns where to connect."""
-    parts = urlsplit(url)
-    host = parts.hostname
-    if not host or parts.scheme not in ("http", "https"):
-        raise UnsafeURL("must be an https URL")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise UnsafeURL("has an invalid port") from None
-    if host_allowed(host, allowed):
-        return Target(url, host, port, None)
-    if parts.scheme != "https":
-        raise UnsafeURL(f"must use https ({host} is not in UPLOAD_ALLOWED_HOSTS)")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise UnsafeURL(f"host {host} does not resolve ({exc.strerror})") from None
-    addresses = [info[4][0] for info in infos]
-    private = [a for a in addresses if not _public(a)]
-    if private:
-        raise UnsafeURL(f"host {host} resolves to a non-public address ({private[0]}); refused")
-    return Target(url, host, port, addresses[0])
 
 
 def object_url(url: str) -> str:
@@ -107,13 +63,13 @@ def _s3_error(response: httpx.Response) -> str:
 class UploadPlugin(Plugin):
     name = "upload"
     fields = UploadFields
+    Settings = UploadSettings
 
     def __init__(self, settings, engine) -> None:
         super().__init__(settings, engine)
-        self.allowed = settings.upload_hosts
-        self.retries = settings.upload_retries
-        self.timeout = settings.upload_timeout
-        self._pool = ThreadPoolExecutor(8, thread_name_prefix="upload")
+        self.allowed = split(self.config.upload_allowed_hosts)
+        self.retries = self.config.upload_retries
+        self.timeout = self.config.upload_timeout
 
     def option(self, request) -> list[Target] | None:
         urls = request.upload_urls
@@ -127,42 +83,47 @@ class UploadPlugin(Plugin):
         targets = []
         for i, url in enumerate(urls):
             try:
+                if len(url) > MAX_URL_LENGTH:
+                    raise UnsafeURL(f"is longer than {MAX_URL_LENGTH} characters")
                 targets.append(check_url(url, self.allowed))
             except UnsafeURL as exc:
                 raise bad_request(f"upload_urls[{i}] {exc}.", f"upload_urls[{i}]", "unsafe_upload_url") from None
         return targets
 
-    def deliver(self, encoded: list[bytes | None], fmt: str, option, items: list[dict]) -> list[bool]:
+    async def deliver(
+        self, encoded: list[bytes | None], fmt: str, option, items: list[dict], deadline: float
+    ) -> list[bool]:
         if option is None:
             return [False] * len(encoded)
-        jobs = [
-            self._pool.submit(self._upload, target, data, CONTENT_TYPES[fmt]) if data is not None else None
+        uploads = [
+            self._upload(target, data, CONTENT_TYPES[fmt], deadline) if data is not None else _withheld()
             for target, data in zip(option, encoded, strict=True)
         ]
         delivered = []
-        for target, job, item in zip(option, jobs, items, strict=True):
-            if job is None:  # withheld by another plugin: nothing to upload
+        for target, data, item, status in zip(option, encoded, items, await asyncio.gather(*uploads), strict=True):
+            if data is None:  # withheld by another plugin: nothing was uploaded
                 delivered.append(False)
                 continue
-            status = job.result()
             item["s3_url"] = object_url(target.url)
             item["upload"] = status
             delivered.append(status["status"] == "uploaded")
         return delivered
 
-    def _upload(self, target: Target, data: bytes, content_type: str) -> dict:
+    async def _upload(self, target: Target, data: bytes, content_type: str, deadline: float) -> dict:
         attempts, error, code = 0, "", None
         while attempts <= self.retries:
             if attempts:
-                time.sleep(min(8.0, 0.5 * 2 ** (attempts - 1)))
+                await asyncio.sleep(min(8.0, 0.5 * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                error, code = "the request's deadline (REQUEST_TIMEOUT) passed before the upload finished", None
+                break
             attempts += 1
             try:
-                target = target if target.address is None else check_url(target.url, self.allowed)  # re-check
-                response = self._put(target, data, content_type)
+                response = await self._attempt(target, data, content_type, deadline)
             except UnsafeURL as exc:
                 return {"status": "failed", "error": str(exc), "attempts": attempts}
-            except httpx.HTTPError as exc:
-                error, code = f"{type(exc).__name__}: {exc}", None
+            except (httpx.HTTPError, TimeoutError) as exc:
+                error, code = _transport_error(exc, self.timeout), None
                 continue
             code = response.status_code
             if 200 <= code < 300:
@@ -173,7 +134,14 @@ class UploadPlugin(Plugin):
         log.warning("upload to %s failed after %d attempts: %s", object_url(target.url), attempts, error)
         return {"status": "failed", "http_status": code, "error": error, "attempts": attempts}
 
-    def _put(self, target: Target, data: bytes, content_type: str) -> httpx.Response:
+    async def _attempt(self, target: Target, data: bytes, content_type: str, deadline: float) -> httpx.Response:
+        """One PUT, start to answer within UPLOAD_TIMEOUT and the request's deadline (TimeoutError past it)."""
+        limit = max(0.0, min(self.timeout, deadline - time.monotonic()))
+        return await asyncio.wait_for(self._put(target, data, content_type), limit)
+
+    async def _put(self, target: Target, data: bytes, content_type: str) -> httpx.Response:
+        if target.address is not None:
+            target = await resolve_checked(target)  # again: the name may point elsewhere by now
         headers = {"Content-Type": content_type, "Content-Length": str(len(data))}
         url, extensions = target.url, {}
         if target.address is not None:
@@ -183,6 +151,16 @@ class UploadPlugin(Plugin):
             url = urlunsplit((parts.scheme, f"{ip}:{target.port}", parts.path, parts.query, ""))
             headers["Host"] = parts.netloc
             extensions["sni_hostname"] = target.host
-        with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:
+        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, trust_env=False) as client:
             request = client.build_request("PUT", url, content=data, headers=headers, extensions=extensions)
-            return client.send(request)
+            return await client.send(request)
+
+
+def _transport_error(exc: Exception, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"the attempt did not finish within UPLOAD_TIMEOUT ({timeout:g}s) or the request's deadline"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _withheld() -> dict:
+    return {}

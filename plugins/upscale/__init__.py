@@ -1,7 +1,8 @@
 """Upscale (the legacy `upscale: 2 | 4` parameter): enlarge each image before encoding.
 
-Lanczos resampling: sharp and cheap. A learned super-resolution model can
-replace it later through the same postprocess hook.
+Lanczos resampling: sharp and cheap. A learned super-resolution model can replace it later through the same
+postprocess hook. The upscaled size is declared up front (`output_size`), so MAX_OUTPUT_PIXELS and the
+encoders' limits are checked before generation.
 """
 
 from typing import Literal
@@ -23,6 +24,9 @@ class UpscalePlugin(Plugin):
 
     def option(self, request) -> int:
         return request.upscale or 1
+
+    def output_size(self, option: int, size: tuple[int, int]) -> tuple[int, int]:
+        return size[0] * option, size[1] * option
 
     def postprocess(self, images: list[Image.Image | None], option: int, items: list[dict]) -> list:
         if option == 1:

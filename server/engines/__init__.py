@@ -1,16 +1,10 @@
-"""Engines generate images; everything around generation lives outside them.
-
-An engine has: `name` (the model id), `info` (how it runs, shown in
-/v1/models), `can_batch` (whether several requests may share a call),
-`load()`, `warmup()`, `defaults()` -> (steps, guidance), and
-`generate(specs, should_stop)` -> one list of images per spec, called on the
-engine thread only.
-"""
+"""Engines generate images; everything around generation lives outside them (see base.py: `Engine`)."""
 
 from server.config import Settings
+from server.engines.base import Engine
 
 
-def create_engine(settings: Settings):
+def create_engine(settings: Settings) -> Engine:
     if settings.engine == "sglang":
         from server.engines.sglang import SGLangEngine
 

@@ -77,14 +77,10 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def build_demo_pipeline():
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+def _transformer():
+    from diffusers import FluxTransformer2DModel
 
-    torch.manual_seed(0)
-    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
-    transformer = FluxTransformer2DModel(
+    return FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
         num_layers=1,
@@ -96,6 +92,11 @@ def build_demo_pipeline():
         guidance_embeds=True,
         axes_dims_rope=(2, 2, 4),
     )
+
+
+def _text_encoders(clip_tok, t5_tok):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tok),
@@ -111,7 +112,13 @@ def build_demo_pipeline():
         )
     )
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
-    vae = AutoencoderKL(
+    return clip, t5
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -126,9 +133,19 @@ def build_demo_pipeline():
         shift_factor=0.0609,
         scaling_factor=1.5035,
     )
+
+
+def build_demo_pipeline():
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    torch.manual_seed(0)
+    clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
+    transformer = _transformer()
+    clip, t5 = _text_encoders(clip_tok, t5_tok)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae,
+        vae=_vae(),
         text_encoder=clip,
         tokenizer=clip_tok,
         text_encoder_2=t5,
@@ -146,6 +163,9 @@ def demo_model_path(cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".build-"))
     try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # a bar per shard, in the server's log
         build_demo_pipeline().save_pretrained(tmp)
         os.replace(tmp, path)  # atomic: concurrent instances never see half a model
     except OSError:

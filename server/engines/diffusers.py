@@ -1,22 +1,26 @@
 """The in-process engine: a diffusers pipeline on this process's GPU (or CPU).
 
-Text-to-image, image-to-image and inpainting share one set of weights: the
-img2img and inpaint pipelines are built with `from_pipe`, which reuses the
-loaded components. Only the engine thread calls into the pipelines.
+Text-to-image, image-to-image and inpainting share one set of weights: the img2img and inpaint pipelines
+are built with `from_pipe`, which reuses the loaded components. A plugin may build the pipeline instead
+(Nunchaku's 4-bit FLUX) and says how LoRA sets get into the weights; the engine asks through its hooks.
 """
 
 import inspect
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from server.config import Settings
+from server.engines.base import Engine, EngineHooks, Fallback, LoRATarget, PipelineContext, Progress, ProvidedPipeline
 from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu
-from server.errors import APIError
+from server.engines.previews import PreviewDecoder, predicted_clean, preview_steps
+from server.errors import bad_request
+from server.lora import weight_shapes
 from server.spec import GenerationSpec
 
 log = logging.getLogger(__name__)
@@ -25,6 +29,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Pipelines whose negative prompt only acts through "true CFG" (FLUX, Qwen-Image).
 DEFAULT_TRUE_CFG = 4.0
+
+# A request field -> the pipeline argument it needs.
+_ARGUMENTS = {"negative_prompt": "negative_prompt", "true_cfg_scale": "true_cfg_scale", "strength": "strength"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,6 +62,7 @@ def model_folder(settings: Settings) -> Path:
 
 
 def load_pipeline(path: Path, dtype: torch.dtype, **components):
+    """The pipeline in `path`, with `components` given instead of loaded (a plugin's transformer)."""
     import transformers
     from diffusers import AutoPipelineForText2Image, DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -76,75 +84,70 @@ def _derived(factory, pipe):
         return None
 
 
-class DiffusersEngine:
-    can_batch = True
+class DiffusersEngine(Engine):
+    """`build` loads a pipeline (path, dtype, **components); benchmarks hand in one built in memory."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, build: Callable[..., object] = load_pipeline) -> None:
+        super().__init__()
         self.settings = settings
+        self.build = build
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.max_batch = settings.max_batch
         self.pipelines: dict[str, object] = {}
+        self.previews: PreviewDecoder | None = None
         self._params: dict[str, set[str]] = {}
         self.name = settings.model_name or ("flux-demo" if settings.model == "demo" else Path(settings.model).name)
-        self.info: dict = {"engine": "diffusers", "device": str(self.device), "precision": str(self.dtype)[6:]}
-        self.lora_applier = None  # set by a fast path whose weights LoRAMerger cannot merge into
+        self.info = {"engine": "diffusers", "device": str(self.device), "precision": str(self.dtype)[6:]}
         self.compiled = False
 
     # -- loading ---------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self, hooks: EngineHooks) -> None:
         if not self.settings.allow_download:
             os.environ["HF_HUB_OFFLINE"] = "1"
         path = model_folder(self.settings)
         gpu = detect_gpu(self.device)
         self.info.update(gpu=gpu.describe() if gpu else None, offload=None, fallback=None)
-        settings = self.settings
-        if settings.nunchaku_transformer:
-            from plugins import nunchaku_flux
+        provided = hooks.provide_pipeline(PipelineContext(path, self.device, gpu, self.settings, self.build))
+        if isinstance(provided, ProvidedPipeline):
+            self._adopt_provided(provided)
+            return
+        options = FastOptions.from_settings(self.settings)
+        if isinstance(provided, Fallback):
+            options = options.with_fallback(provided.fp8, provided.compile)
+            self.info["fallback"] = provided.reason
+        self._load_diffusers(options, gpu, path, hooks)
 
-            choice = nunchaku_flux.choose(settings, gpu)  # SystemExit: Nunchaku cannot run and no fallback is set
-            if isinstance(choice, nunchaku_flux.Plan):
-                self._load_nunchaku(choice, path)
-                return
-            settings = nunchaku_flux.fallback_settings(settings, choice)
-            self.info["fallback"] = f"{choice.to} (NUNCHAKU_FALLBACK): {choice.reason}"
-        self._load_diffusers(FastOptions.from_settings(settings), gpu, path)
-
-    def _load_diffusers(self, options: FastOptions, gpu, path: Path) -> None:
+    def _load_diffusers(self, options: FastOptions, gpu, path: Path, hooks: EngineHooks) -> None:
         problems = check_options(options, gpu)
         if problems:
-            raise SystemExit(
-                " ".join(problems) + (f" [fallback: {self.info['fallback']}]" if self.info["fallback"] else "")
-            )
+            fallback = f" [fallback: {self.info['fallback']}]" if self.info["fallback"] else ""
+            raise SystemExit(" ".join(problems) + fallback)
         log.info("loading %s on %s as %s", path, self.device, self.dtype)
-        pipe = load_pipeline(path, self.dtype)
+        pipe = self.build(path, self.dtype)
         self.use_pipeline(pipe, offload="model" if options.offload else "")
-        info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype)
-        if self.lora_applier is None and "lora" in self.settings.plugin_names:
-            info["lora"] = "merged into the weights per set"
+        mergeable = not (options.fp8 or options.compile)  # FP8 weights and compiled graphs take a slot instead
+        target = LoRATarget(pipe, mergeable, weight_shapes(pipe), self.dtype)
+        info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype, lambda: hooks.lora_applier(target))
         self.compiled = options.compile
         self.info.update(info, offload="model CPU offload" if options.offload else None)
         self._log_path()
 
-    def _load_nunchaku(self, plan, path: Path) -> None:
-        from plugins import nunchaku_flux
-
-        self.dtype = torch.float16 if plan.dtype == "fp16" else torch.bfloat16
-        pipe = nunchaku_flux.build_pipeline(plan, path, self.device, load_pipeline)
-        self.use_pipeline(pipe, offload="sequential" if plan.offload else "")
-        info, self.lora_applier = nunchaku_flux.finish(plan, self.pipelines)
-        self.info.update(info)
+    def _adopt_provided(self, provided: ProvidedPipeline) -> None:
+        self.dtype = provided.dtype
+        self.use_pipeline(provided.pipe, offload=provided.offload)
+        provided.finish(self.pipelines)
+        self.lora_applier = provided.lora_applier
+        self.info.update(provided.info, precision=provided.info.get("precision", str(self.dtype)[6:]))
         self._log_path()
 
     def _log_path(self) -> None:
-        keys = ("gpu", "precision", "attention", "compile", "cache", "offload", "fallback")
+        keys = ("gpu", "precision", "attention", "compile", "cache", "offload", "fallback", "lora")
         log.info("engine path: %s", "; ".join(f"{k}={self.info.get(k)}" for k in keys))
 
     def use_pipeline(self, pipe, offload: str = "") -> None:
-        """Adopt a built text-to-image pipeline (the GPU fast paths build their own).
-
-        offload: "" (everything on the device), "model" or "sequential" (diffusers' CPU offload)."""
+        """Adopt a built text-to-image pipeline; offload: "", "model" or "sequential" (diffusers' CPU offload)."""
         from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
         if offload == "model":
@@ -161,7 +164,12 @@ class DiffusersEngine:
                 derived.set_progress_bar_config(disable=True)
                 self.pipelines[mode] = derived
         self._params = {m: set(inspect.signature(p.__call__).parameters) for m, p in self.pipelines.items()}
-        self.info.update(pipeline=type(pipe).__name__, modes=sorted(self.pipelines))
+        self.previews = _preview_decoder(pipe, self.settings.preview_decoder)
+        self.info.update(
+            pipeline=type(pipe).__name__,
+            modes=sorted(self.pipelines),
+            previews=self.previews.kind if self.previews else None,
+        )
 
     @property
     def pipe(self):
@@ -182,62 +190,131 @@ class DiffusersEngine:
         if self.compiled:  # torch.compile specialises on the first shape: compile for the size most requests use
             width, height = (int(side) for side in self.settings.default_size.lower().split("x"))
         spec = GenerationSpec(prompt="warm up", n=1, width=width, height=height, steps=2, guidance=0.0, seeds=[0])
-        self.generate([spec], lambda: False)
+        self.generate([spec], Progress())
+
+    # -- requests --------------------------------------------------------
+
+    def check(self, spec: GenerationSpec) -> None:
+        """What this pipeline cannot do is a 400 before the request queues, never a silently dropped field."""
+        if spec.mode not in self.pipelines:
+            raise bad_request(
+                f"This model ({self.info['pipeline']}) does not support {spec.mode}.", "image", "unsupported"
+            )
+        params = self._params[spec.mode]
+        given = {"negative_prompt": spec.negative_prompt, "true_cfg_scale": spec.true_cfg, "strength": spec.strength}
+        for field, value in given.items():
+            if value is not None and _ARGUMENTS[field] not in params:
+                raise bad_request(
+                    f"'{field}' is not supported by this model ({self.info['pipeline']}).", field, "unsupported"
+                )
+        if "guidance_scale" not in params and spec.guidance != self.defaults()[1]:
+            raise bad_request(
+                f"'guidance_scale' is not supported by this model ({self.info['pipeline']}).",
+                "guidance_scale",
+                "unsupported",
+            )
 
     # -- generation (engine thread only) ---------------------------------
 
-    def generate(self, specs: list[GenerationSpec], should_stop: Callable[[], bool]) -> list[list[Image.Image]]:
+    def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
         head = specs[0]
-        pipe = self.pipelines.get(head.mode)
-        if pipe is None:
-            raise APIError(
-                400, f"This model ({self.info['pipeline']}) does not support {head.mode}.", code="unsupported"
-            )
-        per_image = [(s, seed) for s in specs for seed in s.seeds]
+        pipe = self.pipelines[head.mode]
+        per_image = [Row(i, j, s, seed) for i, s in enumerate(specs) for j, seed in enumerate(s.seeds)]
         images: list[Image.Image] = []
         for start in range(0, len(per_image), self.max_batch):
-            images += self._call(head.mode, pipe, per_image[start : start + self.max_batch], should_stop)
+            images += self._call(head.mode, pipe, per_image[start : start + self.max_batch], progress)
         out, at = [], 0
         for s in specs:
             out.append(images[at : at + s.n])
             at += s.n
         return out
 
-    def _call(self, mode: str, pipe, chunk: list[tuple[GenerationSpec, int]], should_stop) -> list[Image.Image]:
+    def _call(self, mode: str, pipe, rows: list["Row"], progress: Progress) -> list[Image.Image]:
+        chunk = [(row.spec, row.seed) for row in rows]
         head = chunk[0][0]
-        params = self._params[mode]
         kwargs = {
             "prompt": [s.prompt for s, _ in chunk],
             "height": head.height,
             "width": head.width,
             "num_inference_steps": head.steps,
-            "guidance_scale": head.guidance,
             "generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk],
             "output_type": "pil",
+            **_optional_arguments(head, self._params[mode]),
         }
-        if head.negative_prompt is not None:
-            kwargs["negative_prompt"] = [head.negative_prompt] * len(chunk)
-            if "true_cfg_scale" in params:
-                kwargs["true_cfg_scale"] = head.true_cfg if head.true_cfg is not None else DEFAULT_TRUE_CFG
         if mode != "text2img":
             kwargs["image"] = [s.image for s, _ in chunk]
-            if head.strength is not None:
-                kwargs["strength"] = head.strength
         if mode == "inpaint":
             kwargs["mask_image"] = [s.mask for s, _ in chunk]
-        if "callback_on_step_end" in params:
-            kwargs["callback_on_step_end"] = _stopper(should_stop)
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
+        if "negative_prompt" in kwargs:
+            kwargs["negative_prompt"] = [head.negative_prompt] * len(chunk)
+        if "callback_on_step_end" in self._params[mode]:
+            kwargs["callback_on_step_end"] = StepWatcher(progress, rows, self.previews)
         with torch.inference_mode():
             return list(pipe(**kwargs).images)
 
 
-def _stopper(should_stop: Callable[[], bool]):
-    """Skips the remaining denoising steps once every waiter of the batch has gone."""
+def _optional_arguments(spec: GenerationSpec, params: set[str]) -> dict:
+    """The arguments only some pipelines take (`check` refused the request if it needs one that is missing)."""
+    kwargs = {}
+    if "guidance_scale" in params:
+        kwargs["guidance_scale"] = spec.guidance
+    if spec.negative_prompt is not None:
+        kwargs["negative_prompt"] = spec.negative_prompt
+        if "true_cfg_scale" in params:
+            kwargs["true_cfg_scale"] = spec.true_cfg if spec.true_cfg is not None else DEFAULT_TRUE_CFG
+    elif spec.true_cfg is not None:
+        kwargs["true_cfg_scale"] = spec.true_cfg
+    if spec.strength is not None:
+        kwargs["strength"] = spec.strength
+    return kwargs
 
-    def on_step_end(pipe, step, timestep, callback_kwargs):
-        if should_stop():
+
+def _preview_decoder(pipe, kind: str) -> PreviewDecoder | None:
+    """Previews need FLUX-style packed latents and a VAE; other pipelines stream completed images only."""
+    if not (hasattr(pipe, "_unpack_latents") and getattr(pipe, "vae", None) is not None):
+        return None
+    return PreviewDecoder(pipe, kind)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image of a batch: its spec's index in the batch, its index in the spec, the spec, its seed."""
+
+    spec_index: int
+    image_index: int
+    spec: GenerationSpec
+    seed: int
+
+
+class StepWatcher:
+    """The pipeline's step callback (engine thread): stops the batch once every waiter has gone, and hands
+    over the previews its streamed requests asked for."""
+
+    def __init__(self, progress: Progress, rows: list[Row], decoder: PreviewDecoder | None) -> None:
+        self.progress = progress
+        self.rows = rows
+        self.decoder = decoder
+        self.wanted: dict[int, list[int]] = {}  # step -> rows that want a preview after it
+        if progress.preview is not None and decoder is not None:
+            for index, row in enumerate(rows):
+                for step in preview_steps(row.spec.steps, row.spec.previews):
+                    self.wanted.setdefault(step, []).append(index)
+        self.before: torch.Tensor | None = None  # the latents before the next preview's step
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        if self.progress.should_stop():
             pipe._interrupt = True
+            return {}
+        if not self.wanted:
+            return {}
+        done, latents = step + 1, callback_kwargs["latents"]
+        if done in self.wanted and self.before is not None:
+            self._hand_over(predicted_clean(pipe.scheduler, self.before, latents), self.wanted[done])
+        self.before = latents.clone() if done + 1 in self.wanted else None
         return {}
 
-    return on_step_end
+    def _hand_over(self, clean: torch.Tensor, indices: list[int]) -> None:
+        for index in indices:
+            row = self.rows[index]
+            render = self.decoder.render(clean[index].clone(), row.spec.width, row.spec.height)
+            self.progress.preview(row.spec_index, row.image_index, render)

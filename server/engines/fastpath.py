@@ -7,17 +7,21 @@ only order that works:
 
   attention kernel -> fused QKV (compile without a LoRA slot) -> FP8 (torchao
   quantizes the fused linears) -> LoRA slot (PEFT wraps the FP8 linears; the
-  slot itself stays bf16) -> first-block cache -> torch.compile (last: it sees
-  the final modules)
+  slot itself stays bf16; the LoRA plugin provides it) -> first-block cache ->
+  torch.compile (last: it sees the final modules)
 
-The Nunchaku 4-bit path is another backend (plugins/nunchaku_flux); it shares
-`GPU` and the refusal style with this module.
+The Nunchaku 4-bit path is another backend (plugins/nunchaku_flux, a pipeline
+provider); it shares `GPU` and the refusal style with this module.
 """
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from server.lora import LoRAApplier
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,6 @@ class FastOptions:
     attention: str = "auto"
     cache_threshold: float = 0.0
     offload: bool = False
-    lora_rank: int = 0  # the hot-swapped LoRA slot's rank; 0: the LoRA plugin is not enabled
 
     @classmethod
     def from_settings(cls, settings) -> "FastOptions":
@@ -67,13 +70,11 @@ class FastOptions:
             attention=settings.attention,
             cache_threshold=settings.cache_threshold,
             offload=settings.cpu_offload,
-            lora_rank=settings.lora_hotswap_rank if "lora" in settings.plugin_names else 0,
         )
 
-    @property
-    def hotswap_lora(self) -> bool:
-        """LoRAs go into a hot-swapped adapter slot: merging cannot touch FP8 weights or a compiled graph."""
-        return self.lora_rank > 0 and (self.fp8 or self.compile)
+    def with_fallback(self, fp8: bool, compile: bool) -> "FastOptions":
+        """A pipeline provider that cannot run here asked for this path instead (NUNCHAKU_FALLBACK)."""
+        return dataclasses.replace(self, fp8=fp8, compile=compile)
 
 
 def fp8_refusal(gpu: GPU | None) -> str | None:
@@ -104,10 +105,6 @@ def check_options(options: FastOptions, gpu: GPU | None) -> list[str]:
             "CPU_OFFLOAD and COMPILE do not go together: offloading moves the weights at every call, which a "
             "compiled graph cannot follow. Choose one (offload for small GPUs, compile for speed)."
         )
-    if options.cache_threshold < 0:
-        problems.append(f"CACHE_THRESHOLD must be 0 (off) or positive, not {options.cache_threshold}.")
-    if options.lora_rank < 0:
-        problems.append(f"LORA_HOTSWAP_RANK must be positive, not {options.lora_rank}.")
     return problems
 
 
@@ -199,32 +196,35 @@ def compile_transformer(transformer, options: FastOptions) -> str:
     return how
 
 
-def accelerate(pipe, options: FastOptions, gpu: GPU | None, dtype: torch.dtype, fp8_config=None):
-    """Apply the fast paths to a loaded pipeline. Returns (info for /v1/models, LoRA applier or None)."""
+def accelerate(
+    pipe,
+    options: FastOptions,
+    gpu: GPU | None,
+    dtype: torch.dtype,
+    lora_applier: Callable[[], LoRAApplier | None] = lambda: None,
+    fp8_config=None,
+) -> tuple[dict, LoRAApplier | None]:
+    """Apply the fast paths to a loaded pipeline. `lora_applier` asks the plugins how LoRA sets will get into
+    the weights (merged, or a slot it installs after FP8 and before compilation). Returns (info for
+    /v1/models, the applier or None)."""
     transformer = getattr(pipe, "transformer", None)
     info: dict = {"attention": "native (PyTorch SDPA)", "compile": False, "cache": None}
+    applier = lora_applier()
     if transformer is None:
         if options.fp8 or options.compile or options.cache_threshold or options.attention != "auto":
             raise SystemExit(
                 f"FP8, COMPILE, CACHE_THRESHOLD and ATTENTION need a transformer; {type(pipe).__name__} has none."
             )
-        return info, None
+        return info, applier
     backend = choose_attention(options.attention, gpu, fa3_installed() if gpu else False)
     info["attention"] = set_attention(transformer, backend, explicit=options.attention != "auto")
-    applier = None
-    if options.hotswap_lora:
-        from plugins.lora.hotswap import HotswapLoRA
-        from plugins.lora.merge import weight_shapes
-
-        shapes = weight_shapes(pipe)  # before quantizing and wrapping: the layers as LoRA files name them
-    # Under a LoRA slot QKV stays unfused: see plugins/lora/hotswap.py for why.
-    fused = fuse_qkv(transformer) if options.compile and not options.hotswap_lora else 0
+    # Under a LoRA slot QKV stays unfused: a fused to_qkv would triple the slot rank it needs there.
+    fused = fuse_qkv(transformer) if options.compile and applier is None else 0
     if options.fp8:
         info["precision"] = quantize_fp8(transformer, dtype, fp8_config)
-    if options.hotswap_lora:
-        applier = HotswapLoRA(pipe, options.lora_rank, shapes, dtype)
+    if applier is not None:
         applier.install()
-        info["lora"] = f"hot-swapped slot of rank {options.lora_rank}"
+        info["lora"] = applier.describe()
     if options.cache_threshold > 0:
         from diffusers import FirstBlockCacheConfig
 

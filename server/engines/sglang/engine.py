@@ -23,6 +23,8 @@ import httpx
 from PIL import Image
 
 from server.config import Settings
+from server.engines.base import Engine, EngineHooks, Progress
+from server.engines.sglang.errors import error_text
 from server.engines.sglang.lora import LoRAChecker, SGLangLoRAApplier
 from server.engines.sglang.models import (
     EDIT_TASKS,
@@ -98,28 +100,17 @@ def _decode(b64: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def _detail(response: httpx.Response) -> str:
-    """SGLang's error text: FastAPI's {"detail": ...}, its own {"error": ...}, or plain text."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip()[:500]
-    if isinstance(body, dict):
-        return str(body.get("detail") or body.get("error") or body)[:500]
-    return str(body)[:500]
-
-
-class SGLangEngine:
+class SGLangEngine(Engine):
     can_batch = False  # one request per call: its own n and seeds; SGLang queues calls FIFO anyway
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self.settings = settings
         self.name = settings.model_name or ("flux-demo" if settings.model == "demo" else Path(settings.model).name)
         self.info: dict = {"engine": "sglang"}
         self.family: Family | None = None
         self.folder: Path | None = None
         self.process: SGLangProcess | None = None
-        self.lora_applier: SGLangLoRAApplier | None = None
         self.version = ""
         self.tasks: set[str] = set()
         self.extra_args = shlex.split(settings.sglang_args)
@@ -130,7 +121,8 @@ class SGLangEngine:
 
     # -- lifecycle (engine thread) ---------------------------------------
 
-    def load(self) -> None:
+    def load(self, hooks: EngineHooks) -> None:
+        """SGLang builds its own pipeline and applies LoRAs itself: it asks the plugins nothing."""
         from server.engines.diffusers import model_folder
 
         self.folder = model_folder(self.settings)
@@ -148,27 +140,25 @@ class SGLangEngine:
         )
         log.info("starting SGLang for %s (family %s) from %s", self.folder, self.family.name, executable)
         self.process.start()
-        # built while SGLang starts (it imports diffusers), and only for the LoRA plugin
-        checker = LoRAChecker(self.folder) if "lora" in self.settings.plugin_names else None
         self.process.wait_ready()
         self._describe()
-        if checker is not None:
-            self.lora_applier = SGLangLoRAApplier(self._post, self.process, checker, scratch)
+        self.lora_applier = SGLangLoRAApplier(self._post, self.process, LoRAChecker(self.folder), scratch)
 
     def routers(self) -> list:
         """/v1/videos, answered for video models (a 400 for the others)."""
-        from server.engines.sglang.video import video_router
+        from server.engines.sglang.video import VideoRoutes
 
-        return [video_router(self)]
+        return [VideoRoutes(self).router()]
 
     def close(self) -> None:
         """Stops the child (after the service has drained)."""
         if self.process is not None:
             self.process.stop()
+        super().close()
 
     @property
     def healthy(self) -> bool:
-        return self.process is not None and self.process.healthy
+        return self.process is not None and self.process.healthy and super().healthy
 
     @property
     def retry_after(self) -> int:
@@ -194,7 +184,7 @@ class SGLangEngine:
         spec = GenerationSpec(
             prompt="warm up", n=1, width=256, height=256, steps=2, guidance=self.default_guidance, seeds=[0]
         )
-        self.generate([spec], lambda: False)
+        self.generate([spec], Progress())
 
     # -- what the family and the running server can do -------------------
 
@@ -307,19 +297,19 @@ class SGLangEngine:
 
     # -- generation (engine thread) --------------------------------------
 
-    def generate(self, specs: list[GenerationSpec], should_stop) -> list[list[Image.Image]]:
-        return [self._images(spec, should_stop) for spec in specs]
+    def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
+        return [self._images(spec, progress) for spec in specs]
 
-    def _images(self, spec: GenerationSpec, should_stop) -> list[Image.Image]:
-        self._check_supported(spec)
+    def _images(self, spec: GenerationSpec, progress: Progress) -> list[Image.Image]:
         images: list[Image.Image] = []
         for seed, count in seed_runs(spec.seeds):
-            if images and should_stop():
+            if images and progress.should_stop():
                 break  # every waiter has gone: SGLang cannot cancel a call, but we can skip the next
             images += self._call(spec, seed, count)
         return images
 
-    def _check_supported(self, spec: GenerationSpec) -> None:
+    def check(self, spec: GenerationSpec) -> None:
+        """What SGLang cannot do for this family is a 400 before the request queues."""
         family = self.family.name
         if spec.mode == "inpaint":
             raise bad_request("Masks (inpainting) are not supported by the SGLang engine.", "mask", "unsupported")
@@ -379,7 +369,7 @@ class SGLangEngine:
         status = response.status_code
         if status == 200:
             return
-        detail = _detail(response)
+        detail = error_text(response)
         if status in (400, 422):
             raise bad_request(f"SGLang refused the request: {detail}", None, "invalid_value")
         if status == 503:

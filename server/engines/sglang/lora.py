@@ -1,33 +1,25 @@
 """LoRA sets through SGLang's /v1/set_lora, and a check of each LoRA file before SGLang sees it.
 
-Why a check of our own: SGLang accepts a LoRA whose keys match no layer of the
-model with a 200 and a log line, and one whose shapes do not fit leaves the
-model broken until its weights are unmerged. So every file is checked first,
-with the same code the diffusers engine uses (plugins/lora/merge.py:
-`parse_lora`), against the model's transformer(s) built from their configs on
-PyTorch's meta device: every module name and weight shape, no weights loaded,
-no memory used. Keys are converted by the model's own diffusers pipeline class
-(kohya, xlabs and PEFT formats), and only the keys for the transformer(s) count,
-as SGLang applies LoRAs to its DiT alone. A LoRA that matches nothing, matches
-a layer the model does not have, or has a wrong shape is refused with a 400.
+Why a check of our own: SGLang accepts a LoRA whose keys match no layer of the model with a 200 and a log
+line, and one whose shapes do not fit leaves the model broken until its weights are unmerged. So every file
+is checked first, with the reader the diffusers engine uses (`server.lora.parse_lora`), against the model's
+transformer(s) built from their configs on PyTorch's meta device: every module name and weight shape, no
+weights loaded, no memory used. Keys are converted by the model's own diffusers pipeline class (kohya, xlabs
+and PEFT formats), and only the keys for the transformer(s) count, as SGLang applies LoRAs to its DiT alone.
 
-How a set is applied: each file gets a nickname from its path, size and
-modification time (a replaced file is a new adapter); the first use loads it
-(`lora_path`), later uses re-activate SGLang's cached copy (`lora_path: null`).
-Several adapters go in one call in merge mode (SGLang stacks adapters only by
-merging them); the empty set unmerges, which gives the base weights back bit
-for bit.
+How a set is applied: each file gets a nickname from its path, size and modification time (a replaced file
+is a new adapter); the first use loads it (`lora_path`), later uses re-activate SGLang's cached copy
+(`lora_path: null`). Several adapters go in one call in merge mode (SGLang stacks adapters only by merging
+them); the empty set unmerges, which gives the base weights back bit for bit, and is how a failed set is
+undone.
 
-A workaround for SGLang 0.5.23: in a call with several adapters, a layer that
-the first adapter does not cover keeps the adapters it held before, and the
-new ones are added to them, so re-applying a set drifts further each time
-(measured on the demo model: 44, then 65, then 85 levels off). A call with one
-adapter that matches no layer clears every layer, so such a call (`RESET`, a
-two-number file written here) goes before each set of several adapters; with
-it, every set gives the same image however often and in whatever order sets
-are applied. A restarted child holds no adapters: the applier notices the new
-epoch and loads again. Only the engine thread calls apply(), so two requests
-with different sets can never interleave their switches with a generation.
+A workaround for SGLang 0.5.23: in a call with several adapters, a layer that the first adapter does not
+cover keeps the adapters it held before, and the new ones are added to them, so re-applying a set drifts
+further each time (measured on the demo model: 44, then 65, then 85 levels off). A call with one adapter
+that matches no layer clears every layer, so such a call (`RESET`, a two-number file written here) goes
+before each set of several adapters; with it, every set gives the same image however often and in whatever
+order sets are applied. A restarted child holds no adapters: the applier notices the new epoch and loads
+again.
 """
 
 import hashlib
@@ -39,7 +31,8 @@ from pathlib import Path
 
 import httpx
 
-from plugins.lora.merge import LoRAError, parse_lora
+from server.engines.sglang.errors import error_text
+from server.lora import LoRAApplier, LoRAError, LoRASet, file_stamp, parse_lora, weight_shapes
 
 log = logging.getLogger("server.engines.sglang")
 
@@ -85,25 +78,16 @@ class ModelSkeleton:
 
 
 class LoRAChecker:
-    """Checks LoRA files against the model; verdicts are cached by (path, size, mtime)."""
+    """Checks LoRA files against the model; the skeleton is built at the first check, verdicts cached by stamp."""
 
     def __init__(self, folder: Path) -> None:
-        started = time.monotonic()
-        self.skeleton: ModelSkeleton | None = None
-        try:
-            self.skeleton = ModelSkeleton(folder)
-        except (LoRAError, OSError, ValueError, TypeError) as exc:
-            log.warning(
-                "LoRA files cannot be checked against %s (%s): SGLang will accept LoRAs that match no layer",
-                folder,
-                exc,
-            )
-        else:
-            log.info("LoRA checks use %s's layers (built in %.1fs)", folder.name, time.monotonic() - started)
+        self.folder = folder
+        self._skeleton: ModelSkeleton | bool | None = False  # False: not built yet; None: cannot be built
+        self._shapes: dict = {}
         self._verdicts: dict[Path, tuple[tuple, str]] = {}
 
     def check(self, path: Path) -> None:
-        stamp = _stamp(path)
+        stamp = file_stamp(path)  # FileNotFoundError: the caller answers a 400
         cached = self._verdicts.get(path)
         if cached is None or cached[0] != stamp:
             cached = (stamp, self._verdict(path))
@@ -116,18 +100,29 @@ class LoRAChecker:
 
     def _verdict(self, path: Path) -> str:
         """'' when the file fits the model, else why not."""
-        if self.skeleton is None:
+        skeleton = self._build()
+        if skeleton is None:
             return ""
         try:
-            parse_lora(self.skeleton, path)
+            parse_lora(skeleton, path, self._shapes)
         except LoRAError as exc:
             return str(exc)
         return ""
 
-
-def _stamp(path: Path) -> tuple:
-    stat = path.stat()  # FileNotFoundError: the LoRA plugin answers it as a 400
-    return stat.st_size, stat.st_mtime_ns
+    def _build(self) -> ModelSkeleton | None:
+        if self._skeleton is not False:
+            return self._skeleton
+        started = time.monotonic()
+        try:
+            self._skeleton = ModelSkeleton(self.folder)
+        except (LoRAError, OSError, ValueError, TypeError) as exc:
+            log.warning("LoRA files cannot be checked against %s (%s): SGLang will accept LoRAs that match no layer",
+                        self.folder, exc)  # fmt: skip
+            self._skeleton = None
+            return None
+        self._shapes = weight_shapes(self._skeleton)
+        log.info("LoRA checks use %s's layers (built in %.1fs)", self.folder.name, time.monotonic() - started)
+        return self._skeleton
 
 
 def write_reset_lora(path: Path) -> Path:
@@ -141,21 +136,21 @@ def write_reset_lora(path: Path) -> Path:
 
 def nickname(path: Path) -> str:
     """A name for SGLang's adapter cache: a replaced file (new size or mtime) is a new adapter."""
-    digest = hashlib.sha1(f"{path.resolve()}|{_stamp(path)}".encode()).hexdigest()[:12]
+    digest = hashlib.sha1(f"{path.resolve()}|{file_stamp(path)}".encode()).hexdigest()[:12]
     return f"{path.stem[:48]}-{digest}"
 
 
-class SGLangLoRAApplier:
-    """check(path), apply([(path, weight), ...]), forget(path): the LoRA plugin's applier interface."""
+class SGLangLoRAApplier(LoRAApplier):
+    how = "applied by SGLang"
 
     def __init__(self, post: Callable[..., httpx.Response], process, checker: LoRAChecker, scratch: Path) -> None:
+        super().__init__()
         self._post = post
         self._process = process
         self._checker = checker
         self._reset_path = write_reset_lora(scratch / f"{RESET}.safetensors")
         self._epoch = process.epoch
         self._loaded: set[str] = set()  # nicknames the running child holds
-        self.applied: tuple[tuple[Path, float], ...] = ()
 
     def check(self, path: Path) -> None:
         self._checker.check(path)
@@ -163,70 +158,48 @@ class SGLangLoRAApplier:
     def forget(self, path: Path) -> None:
         self._checker.forget(path)
 
-    def apply(self, entries: list[tuple[Path, float]]) -> None:
+    def apply(self, loras: LoRASet) -> None:
         self._follow_restarts()
-        entries = tuple(entries)
-        if entries == self.applied:
-            return
-        for path, _ in entries:
-            self._checker.check(path)
-        started = time.monotonic()
-        self.applied = ()  # until SGLang confirms the new set
-        if entries:
-            self._set(entries)
-        else:
-            self._unmerge()
-        self.applied = entries
-        names = ", ".join(f"{p.stem}:{w:g}" for p, w in entries) or "none"
-        log.info("LoRA set [%s] applied by SGLang in %.2fs", names, time.monotonic() - started)
+        super().apply(loras)
 
     def _follow_restarts(self) -> None:
         if self._process.epoch != self._epoch:
             self._epoch = self._process.epoch
             self._loaded.clear()
-            self.applied = ()  # a new child starts with its base weights
+            self._applied = ()  # a new child starts with its base weights
+            self.broken = False
 
-    def _set(self, entries: tuple[tuple[Path, float], ...]) -> None:
-        if len(entries) > 1:
+    def _apply(self, loras: LoRASet) -> None:
+        for path, _ in loras:
+            self._checker.check(path)
+        if not loras:
+            self._reset()
+            return
+        if len(loras) > 1:
             self._clear_layers()
-        nicknames = [nickname(path) for path, _ in entries]
+        nicknames = [nickname(path) for path, _ in loras]
         body: dict = {
             "lora_nickname": nicknames,
-            "lora_path": [None if n in self._loaded else str(p) for n, (p, _) in zip(nicknames, entries, strict=True)],
-            "strength": [weight for _, weight in entries],
+            "lora_path": [None if n in self._loaded else str(p) for n, (p, _) in zip(nicknames, loras, strict=True)],
+            "strength": [weight for _, weight in loras],
         }
-        if len(entries) > 1:
+        if len(loras) > 1:
             body["merge_mode"] = "merge"  # SGLang's dynamic mode takes one adapter per target
         response = self._post("/v1/set_lora", json=body)
         if response.status_code != 200:
-            self._recover()
-            raise LoRAError(f"SGLang refused it: {_message(response)}")
+            raise LoRAError(f"SGLang refused it: {error_text(response)}")
         self._loaded.update(nicknames)
 
     def _clear_layers(self) -> None:
         """Every layer drops the adapters it holds (SGLang 0.5.23 workaround, see the module docstring)."""
-        loaded = RESET in self._loaded
-        body = {"lora_nickname": RESET, "lora_path": None if loaded else str(self._reset_path)}
-        response = self._post("/v1/set_lora", json=body)
+        reset_path = None if RESET in self._loaded else str(self._reset_path)
+        response = self._post("/v1/set_lora", json={"lora_nickname": RESET, "lora_path": reset_path})
         if response.status_code != 200:
-            raise LoRAError(f"SGLang could not clear the previous set: {_message(response)}")
+            raise LoRAError(f"SGLang could not clear the previous set: {error_text(response)}")
         self._loaded.add(RESET)
 
-    def _unmerge(self) -> None:
+    def _reset(self) -> None:
+        """Unmerging gives the base weights back bit for bit (and clears a failed set_lora, SGLang 0.5.23)."""
         response = self._post("/v1/unmerge_lora_weights", json={})
         if response.status_code != 200:
-            raise LoRAError(f"SGLang could not restore the base weights: {_message(response)}")
-
-    def _recover(self) -> None:
-        """A failed set_lora can leave the model unusable until its weights are unmerged (SGLang 0.5.23)."""
-        try:
-            self._unmerge()
-        except LoRAError as exc:
-            log.error("after a failed set_lora: %s", exc)
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("detail", response.text))[:500]
-    except ValueError:
-        return response.text[:500]
+            raise LoRAError(f"SGLang could not restore the base weights: {error_text(response)}")

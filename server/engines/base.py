@@ -1,0 +1,180 @@
+"""The engine interface: what the server asks of whatever generates the images.
+
+An engine owns one thread, the engine thread: loading, warm-up, LoRA switches and generation all run there,
+one at a time, because pipelines are not thread-safe. The server reaches it through `call` alone.
+
+What an engine may ask of the plugins is `EngineHooks`: a pipeline provider (Nunchaku's 4-bit FLUX) and a
+LoRA applier for weights that LoRAs can be merged into or slotted into before compilation. `server/` names
+these hooks; `plugins/` implements them; an engine never imports a plugin.
+"""
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+from fastapi import APIRouter
+from PIL import Image
+
+from server.config import Settings
+from server.errors import bad_request
+from server.lora import LoRAApplier, LoRAError, LoRASet, Shapes, describe
+from server.spec import GenerationSpec
+
+T = TypeVar("T")
+
+
+# (index of the spec in the batch, index of the image in its spec, render) -> None. `render` decodes the preview;
+# the receiver calls it on another thread.
+PreviewSink = Callable[[int, int, Callable[[], Image.Image]], None]
+
+
+@dataclass
+class Progress:
+    """What a running batch reports and learns: previews as they form (stream=true), and that nobody waits for
+    it any more (stop at the next step)."""
+
+    should_stop: Callable[[], bool] = lambda: False
+    preview: PreviewSink | None = None
+
+
+# -- what engines may ask the plugins ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineContext:
+    """What a pipeline provider gets: the model folder, where it runs, and the engine's own loader."""
+
+    path: Path
+    device: torch.device
+    gpu: Any  # server.engines.fastpath.GPU or None
+    settings: Settings
+    load_pipeline: Callable[..., Any]  # (path, dtype, **components) -> pipeline
+
+
+@dataclass
+class ProvidedPipeline:
+    """A pipeline built by a plugin (Nunchaku), with how to place it and what to finish once adopted."""
+
+    pipe: Any
+    dtype: torch.dtype
+    offload: str = ""  # "", "model" or "sequential" (diffusers' CPU offload)
+    info: dict = field(default_factory=dict)
+    lora_applier: LoRAApplier | None = None
+    finish: Callable[[dict[str, Any]], None] = lambda pipelines: None  # every mode's pipeline, once built
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The provider cannot run here; serve the engine's own path with these fast options (logged, shown)."""
+
+    fp8: bool
+    compile: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """Where LoRA sets must go: merged into `pipe`'s weights, or (not mergeable: FP8 or compiled weights)
+    into a slot reserved before compilation. `shapes` are the layers as LoRA files name them."""
+
+    pipe: Any
+    mergeable: bool
+    shapes: Shapes
+    dtype: torch.dtype
+
+
+class EngineHooks(Protocol):
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | Fallback | None: ...
+
+    def lora_applier(self, target: LoRATarget) -> LoRAApplier | None: ...
+
+
+class NoHooks:
+    """No plugin offers anything (tests and benchmarks that drive an engine alone)."""
+
+    def provide_pipeline(self, context: PipelineContext) -> None:
+        return None
+
+    def lora_applier(self, target: LoRATarget) -> None:
+        return None
+
+
+# -- the engine ------------------------------------------------------------------------
+
+
+class Engine(ABC):
+    name: str = ""
+    info: dict
+    can_batch: bool = True  # whether several requests may share one call
+    lora_applier: LoRAApplier | None = None
+
+    def __init__(self) -> None:
+        self.info = {}
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="engine")
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    @abstractmethod
+    def load(self, hooks: EngineHooks) -> None:
+        """Engine thread: load the model (the server's /health answers meanwhile)."""
+
+    @abstractmethod
+    def defaults(self) -> tuple[int, float]:
+        """(steps, guidance) for a request that names neither."""
+
+    def warmup(self) -> None:
+        """Engine thread: one small generation before the server reports ready."""
+
+    def check(self, spec: GenerationSpec) -> None:
+        """Before a request is queued: a 400 naming the field for anything this engine cannot do."""
+
+    @abstractmethod
+    def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
+        """Engine thread: the images of each spec (all specs share one BatchKey)."""
+
+    def run(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
+        """Engine thread: the batch's LoRA set, then its images."""
+        self.apply_loras(specs[0].loras)
+        return self.generate(specs, progress)
+
+    def apply_loras(self, loras: LoRASet) -> None:
+        if self.lora_applier is None:
+            if loras:
+                raise bad_request("This engine cannot apply LoRAs.", "loras", "unsupported")
+            return
+        try:
+            self.lora_applier.apply(loras)
+        except (LoRAError, FileNotFoundError) as exc:
+            raise bad_request(
+                f"The LoRA set [{describe(loras)}] cannot be applied: {exc}", "loras", "lora_invalid"
+            ) from None
+
+    @property
+    def broken(self) -> bool:
+        """The model is in an unknown state (a failed LoRA set could not be undone): only a restart helps."""
+        return self.lora_applier is not None and self.lora_applier.broken
+
+    @property
+    def healthy(self) -> bool:
+        """False while the engine cannot serve (a child process restarting, a broken model)."""
+        return not self.broken
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds a client should wait while the engine is not healthy."""
+        return 10
+
+    def routers(self) -> list[APIRouter]:
+        """Engine-specific endpoints (SGLang's /v1/videos)."""
+        return []
+
+    def close(self) -> None:
+        """After the drain: stop what the engine started."""
+        self._thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,76 @@
+"""From generated images to an OpenAI ImagesResponse: plugins, encoding, delivery, b64_json or URLs.
+
+Two steps run in the post-processing pool (CPU work) and one on the event loop (delivery, which waits on
+the network): `finish_images` -> `Plugins.deliver` -> `assemble`. The bench's in-process side uses the same
+functions, so it measures what the server does.
+"""
+
+import base64
+import time
+from dataclasses import dataclass
+
+from PIL import Image
+
+from server.errors import APIError
+from server.images import encode_image
+from server.metrics import Metrics
+from server.plugins import PluginSet
+from server.protocol import ImageData, ImagesResponse
+from server.rules import Output
+from server.spec import GenerationSpec
+from server.storage import ImageStore
+
+
+@dataclass
+class Finished:
+    """A request's images after the plugins, encoded; `items` gathers each image's response fields."""
+
+    encoded: list[bytes | None]  # None: withheld by a plugin
+    items: list[dict]
+    size: str
+
+
+def finish_images(
+    plugins: PluginSet, images: list[Image.Image], spec: GenerationSpec, output: Output, metrics: Metrics | None = None
+) -> Finished:
+    """Post-processing pool: the plugins' postprocess, then the encoder."""
+    items: list[dict] = [{"seed": seed} for seed in spec.seeds[: len(images)]]
+    kept = plugins.postprocess(list(images), spec.options, items)
+    if all(image is None for image in kept):
+        raise APIError(
+            400,
+            "Your request was rejected by the safety system: every generated image was flagged.",
+            code="moderation_blocked",
+        )
+    started = time.monotonic()
+    encoded = [None if image is None else encode_image(image, output.format, output.compression) for image in kept]
+    if metrics is not None:
+        metrics.encode.observe(time.monotonic() - started)
+    first = next(image for image in kept if image is not None)
+    return Finished(encoded, items, f"{first.width}x{first.height}")
+
+
+def assemble(finished: Finished, delivered: list[bool], output: Output, store: ImageStore) -> ImagesResponse:
+    """Post-processing pool: each image not delivered elsewhere as b64_json or a URL of this server."""
+    data = []
+    for encoded, done, item in zip(finished.encoded, delivered, finished.items, strict=True):
+        if encoded is not None and not done:
+            item.update(_inline(encoded, output, store))
+        data.append(ImageData(**item))
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        output_format=output.format,
+        size=finished.size,
+        quality=output.quality,
+    )
+
+
+def _inline(encoded: bytes, output: Output, store: ImageStore) -> dict:
+    if output.response_format == "url":
+        return {"url": f"{output.base_url}/v1/images/{store.save(encoded, output.format)}"}
+    return {"b64_json": b64(encoded)}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,137 @@
+"""The request rules, as pure functions: sizes, steps and quality, seeds, output limits.
+
+Everything here runs before a request is queued, so that every limit is checked before any generation.
+"""
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from server.config import Settings, parse_size
+from server.errors import bad_request
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_RANDOM_SEED_LIMIT = 2**31  # random seeds stay small enough for every tool to reproduce them
+
+# The encoders' largest side: WebP's format holds 14 bits, JPEG's 16 (PNG's 31 never binds here).
+ENCODER_MAX_SIDE = {"webp": 16383, "jpeg": 65535, "png": 2**31 - 1}
+# dall-e's names for the step presets
+QUALITY_ALIASES = {"standard": "medium", "hd": "high", "auto": "high"}
+QUALITY_FRACTIONS = {"low": 0.5, "medium": 0.75, "high": 1.0}  # of the model's default steps
+
+
+@dataclass(frozen=True)
+class Output:
+    """How the images of one request are returned."""
+
+    format: str
+    compression: int
+    response_format: str  # "b64_json" or "url"
+    base_url: str
+    quality: str  # the preset used: low, medium or high
+    partial_images: int = 0
+
+
+def quality_preset(quality: str | None) -> str:
+    quality = quality or "auto"
+    return QUALITY_ALIASES.get(quality, quality)
+
+
+def preset_steps(preset: str, model_steps: int, configured: dict[str, int]) -> int:
+    """The steps of a quality preset: configured (QUALITY_STEPS), else a fraction of the model's default."""
+    if preset in configured:
+        return configured[preset]
+    return max(1, round(model_steps * QUALITY_FRACTIONS[preset]))
+
+
+def steps(requested: int | None, preset: str, model_steps: int, configured: dict[str, int], limit: int) -> int:
+    """An explicit num_inference_steps wins over the quality preset."""
+    chosen = requested or preset_steps(preset, model_steps, configured)
+    if chosen > limit:
+        raise bad_request(f"'num_inference_steps' may be at most {limit}.", "num_inference_steps")
+    return chosen
+
+
+def requested_size(size: str | None, image_size: tuple[int, int] | None, s: Settings) -> tuple[int, int]:
+    """The size to generate: the request's, or for `auto` the input image's (fitted) or DEFAULT_SIZE."""
+    if size in (None, "auto"):
+        return fit(*image_size, s) if image_size is not None else parse_size(s.default_size)
+    match = _SIZE.match(size)
+    if not match:
+        raise bad_request(f"Invalid value for 'size': {size!r}; use WIDTHxHEIGHT, e.g. 1024x1024, or auto.", "size")
+    width, height = int(match[1]), int(match[2])
+    if width % 16 or height % 16:
+        raise bad_request(f"Invalid value for 'size': {size}; width and height must be multiples of 16.", "size")
+    if not size_allowed(width, height, s):
+        raise bad_request(
+            f"Invalid value for 'size': {size}; width*height must be between {s.min_pixels} and "
+            f"{s.max_pixels} pixels and no side longer than {s.max_side}.",
+            "size",
+        )
+    return width, height
+
+
+def size_allowed(width: int, height: int, s: Settings) -> bool:
+    return (
+        s.min_pixels <= width * height <= s.max_pixels and min(width, height) >= 16 and max(width, height) <= s.max_side
+    )
+
+
+def fit(width: int, height: int, s: Settings) -> tuple[int, int]:
+    """An input image's size scaled into the allowed range, sides rounded down to multiples of 16.
+
+    An image too long and thin for any allowed size keeps no shape worth keeping: 400, asking for a size."""
+    scale = min(1.0, (s.max_pixels / (width * height)) ** 0.5, s.max_side / max(width, height))
+    scale = max(scale, (s.min_pixels / (width * height)) ** 0.5)
+    fitted = max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)
+    if not size_allowed(*fitted, s):
+        raise bad_request(
+            f"size=auto cannot fit a {width}x{height} input image into the allowed sizes ({s.min_pixels} to "
+            f"{s.max_pixels} pixels, sides from 16 to {s.max_side}); give 'size' explicitly.",
+            "size",
+        )
+    return fitted
+
+
+def check_output(width: int, height: int, fmt: str, s: Settings) -> None:
+    """The images as they will be returned (after upscaling) must fit MAX_OUTPUT_PIXELS and the encoder."""
+    if width * height > s.max_output_pixels:
+        raise bad_request(
+            f"The output would be {width}x{height} ({width * height} pixels), more than this server returns "
+            f"(MAX_OUTPUT_PIXELS={s.max_output_pixels}); ask for a smaller size or upscale.",
+            "size",
+        )
+    if max(width, height) > ENCODER_MAX_SIDE[fmt]:
+        raise bad_request(
+            f"{fmt.upper()} images cannot be wider or taller than {ENCODER_MAX_SIDE[fmt]} pixels; the output "
+            f"would be {width}x{height}. Use another output_format or a smaller size.",
+            "output_format",
+        )
+
+
+def seeds(seed: int | list[int] | None, n: int) -> list[int]:
+    if seed is None:
+        return [secrets.randbelow(_RANDOM_SEED_LIMIT) for _ in range(n)]
+    if isinstance(seed, int):
+        return [(seed + i) % 2**63 for i in range(n)]
+    if len(seed) != n:
+        raise bad_request(
+            f"'seed' lists {len(seed)} seeds for n={n} images; give one per image or a single seed.", "seed"
+        )
+    return list(seed)
+
+
+def check_strength(strength: float | None, steps: int) -> None:
+    if strength is not None and int(steps * strength) < 1:
+        raise bad_request(
+            f"'strength' {strength} with {steps} steps leaves no denoising step; raise either.", "strength"
+        )
+
+
+def check_background(background: str | None) -> None:
+    if background == "transparent":
+        raise bad_request(
+            "Transparent backgrounds are not supported: this model cannot produce an alpha channel.",
+            "background",
+            "unsupported",
+        )

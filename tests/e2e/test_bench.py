@@ -1,0 +1,158 @@
+"""The bench tools run and report. Tiny runs only: no timing is asserted, figures belong in docs/BENCHMARKS.md."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import CACHE_DIR, ROOT
+
+BENCH = ROOT / "bench"
+TINY = {"prompt": "a cat", "size": "256x256", "num_inference_steps": 2}
+
+
+def run_tool(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A bench tool as a user runs it; it shares the test run's demo model."""
+    full_env = {**os.environ, "CACHE_DIR": str(CACHE_DIR), **(env or {})}
+    proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def write_mix(path: Path, *entries: dict) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return path
+
+
+def test_pressure_reports_latency_errors_split_and_plot(make_server, tmp_path):
+    srv = make_server({"MAX_QUEUE": "1", "MAX_BATCH": "1"})  # a short queue: some requests get 429
+    mix = write_mix(
+        tmp_path / "mix.jsonl",
+        {"name": "ok", **TINY, "n": 2},
+        {"name": "bad-size", "prompt": "x", "size": "100x100"},  # a 400, counted by status
+    )
+    out = tmp_path / "out"
+    proc = run_tool(
+        sys.executable, "bench/pressure.py", "--url", srv.url, "--rps", "20", "--count", "12",
+        "--arrivals", "constant", "--mix", str(mix), "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    report = json.loads((out / "pressure.json").read_text())
+    summary = report["summary"]
+    assert summary["requests"] == 12 == len(report["records"]) == sum(summary["by_status"].values())
+    assert summary["ok"] >= 1 and summary["images"] == 2 * summary["ok"]
+    assert summary["by_status"].get("400", 0) >= 1
+    assert summary["rejected_429"] == summary["by_status"].get("429", 0)
+    assert {"p50", "p95", "p99"} <= set(summary["latency_s"])
+    assert {"queue", "gen", "post"} <= set(summary["server_ms"])
+    assert summary["server_ms"]["gen"]["count"] == summary["ok"]
+    assert (out / "pressure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "images/s" in proc.stdout
+
+
+def test_run_pressure_test_wrapper_stops_by_itself(server, tmp_path):
+    mix = write_mix(tmp_path / "mix.jsonl", TINY)
+    out = tmp_path / "out"
+    env = {"URL": server.url, "MIX": str(mix), "DURATION": "2"}
+    run_tool("./run_pressure_test.sh", "2", "--no-progress", "--out", str(out), env=env)
+    summary = json.loads((out / "pressure.json").read_text())["summary"]
+    assert summary["requests"] >= 1 and summary["ok"] == summary["requests"]
+
+
+def test_example_mixes_parse():
+    spec = importlib.util.spec_from_file_location("pressure", BENCH / "pressure.py")
+    sys.path.insert(0, str(BENCH))  # pressure.py imports its sibling harness.py
+    try:
+        pressure = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pressure)
+    finally:
+        sys.path.remove(str(BENCH))
+    for path in sorted(BENCH.glob("mix-*.json*")):
+        entries = pressure.load_mix(path)
+        assert entries and all(e.weight > 0 and e.body["prompt"] for e in entries), path
+
+
+def test_overhead_reports_the_ratio(tmp_path):
+    out = tmp_path / "out"
+    args = ("--size", "256x256", "--steps", "2", "--pairs", "2", "--threads", "1", "--out", str(out))
+    proc = run_tool(sys.executable, "bench/overhead.py", *args)
+    report = json.loads((out / "overhead.json").read_text())
+    assert len(report["pairs"]) == 2
+    assert report["summary"]["ratio_of_medians"] > 0
+    assert report["summary"]["server_split_s"]["gen"] > 0
+    assert "target <= 1.05" in proc.stdout
+
+
+def test_throughput_sweeps_and_reports_targets(tmp_path):
+    out = tmp_path / "out"
+    args = ("--size", "256x256", "--steps", "2", "--requests", "4", "--concurrency", "1,2", "--threads", "1")
+    lora = ("--lora-requests", "8", "--lora-clients", "4")  # a tiny run of the LoRA mode
+    run_tool(sys.executable, "bench/throughput.py", *args, *lora, "--out", str(out))
+    report = json.loads((out / "throughput.json").read_text())
+    assert report["serial"]["images_per_s"] > 0
+    assert [(r["batching"], r["clients"]) for r in report["sweep"]] == [("off", 1), ("off", 2), ("on", 1), ("on", 2)]
+    assert all(r["errors"] == 0 and r["images"] >= 4 for r in report["sweep"])
+    assert "most_clients_no_lower_than_serial" in report["verdicts"]
+    lora = report["lora"]
+    assert set(lora["rows"]) == {"set-aware", "arrival order"}
+    assert all(row["errors"] == 0 and row["switches"] >= 1 for row in lora["rows"].values())
+    assert "switch_ratio" in lora and "set_aware_switches_at_most_a_quarter" in report["verdicts"]
+
+
+def test_encode_compares_pillow_and_simplejpeg(tmp_path):
+    out = tmp_path / "out"
+    run_tool(sys.executable, "bench/encode.py", "--size", "256", "--repeat", "2", "--out", str(out))
+    rows = json.loads((out / "encode.json").read_text())["rows"]
+    for content in ("noise", "smooth"):
+        encoders = {r["encoder"] for r in rows if r["content"] == content}
+        assert {"pillow (server)", "simplejpeg 4:2:0"} <= encoders
+    assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
+
+
+def bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_flux", ROOT / "bench" / "gpu_flux.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_benchmark_builds_flux_dev_at_its_real_size():
+    """The benchmark's configs give FLUX.1-dev's parameter counts (built on the meta device: shapes, no memory)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    bench = bench_module()
+    with torch.device("meta"):
+        parts = {
+            "transformer": FluxTransformer2DModel(**bench.FLUX_DEV_TRANSFORMER),
+            "vae": AutoencoderKL(**bench.FLUX_DEV_VAE),
+            "clip": CLIPTextModel(CLIPTextConfig(**bench.FLUX_DEV_CLIP)),
+            "t5": T5EncoderModel(T5Config(**bench.FLUX_DEV_T5)),
+        }
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    assert counts == {"transformer": 11_901_408_320, "vae": 83_819_683, "clip": 123_060_480, "t5": 4_762_310_656}
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_at_tiny_scale_on_cpu(tmp_path):
+    """bench/gpu_flux.py --tiny: the demo-sized FLUX on the CPU, through the same code as the GPU run."""
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_flux.py", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (out / "BENCHMARKS.md").read_text()
+    assert "## GPU (bench/gpu_flux.py)" in report
+    assert "diffusers bf16" in report and "image-server bf16 (HTTP)" in report
+    assert "LoRA set switching" in report
+    assert (out / "gpu_flux.json").is_file()

@@ -1,0 +1,105 @@
+"""Static checks: shellcheck on every shell script, hadolint and the image's policies on the Dockerfile, and locks
+that match pyproject.toml and the Dockerfile's CUDA."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.support.deploy import ROOT, lock_entries, run, tool
+
+SKIP_DIRS = {".git", ".venv", "node_modules", "wheelhouse", "out", "build", "__pycache__"}
+SHEBANG = re.compile(r"^#!\s*(/usr/bin/env\s+)?(/bin/|/usr/bin/)?(ba|da)?sh\b")
+LOCKS = {"cuda": ROOT / "requirements/cuda-py312.txt", "cpu": ROOT / "requirements/cpu-py311.txt"}
+
+
+def shell_scripts() -> list[str]:
+    """Every shell script of the checkout: *.sh files and files whose shebang names sh or bash."""
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith((".egg-info", "_cache"))]
+        for name in files:
+            path = Path(folder, name)
+            with path.open("rb") as f:
+                first = f.readline(200).decode(errors="replace")
+            if name.endswith(".sh") or SHEBANG.match(first):
+                found.append(path.relative_to(ROOT).as_posix())
+    return sorted(found)
+
+
+def test_every_shell_script_passes_shellcheck():
+    scripts = shell_scripts()
+    # The walk finds scripts wherever they are, with or without the .sh suffix.
+    assert {".ci/run", "scripts/setup.sh", "examples/generate.sh", "build.sh", "multi-gpu/run.sh"} <= set(scripts)
+    result = run([tool("shellcheck"), "--external-sources", *scripts])  # from the root: `source=` paths resolve
+    assert result.returncode == 0, result.stdout
+
+
+def test_dockerfile_passes_hadolint():
+    result = run([tool("hadolint"), "Dockerfile"])
+    assert result.returncode == 0, result.stdout
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined, comments dropped."""
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^(\w+)\s+(.*)$", text, re.M)]
+
+
+def test_dockerfile_policies():
+    instructions = dockerfile()
+    keywords = [k for k, _ in instructions]
+    args = " ".join(a for k, a in instructions if k == "ARG")
+    assert keywords.count("FROM") == 1  # one stage
+    assert re.search(r"CUDA_VERSION=\d+\.\d+", args) and "-devel-" in args  # nvcc stays for Triton/flash-attn
+    env = " ".join(a for k, a in instructions if k == "ENV")
+    for setting in ("HF_HUB_OFFLINE=1", "HOST=0.0.0.0", "MODEL_PATH=/app/models"):
+        assert setting in env
+    for cache in ("HF_HOME", "TORCH_HOME", "TRITON_CACHE_DIR"):  # all under the one writable path
+        assert re.search(rf"\b{cache}=/app/state/", env), cache
+    runs = " ".join(a for k, a in instructions if k == "RUN")
+    assert "python3.12" in runs and "libnuma1" in runs
+    assert "chown -R 1001:0 /app/state" in runs and "chmod -R g=u /app/state" in runs
+    assert "docker/install.sh" in runs and "--lock" in runs and "pip install" not in runs  # wheelhouse only
+    assert ("USER", "1001:0") in instructions
+    assert any(k == "EXPOSE" for k in keywords)
+    assert any(k == "HEALTHCHECK" and "/health" in a for k, a in instructions)
+    assert ("ENTRYPOINT", '["/app/docker/entrypoint.sh"]') in instructions
+
+
+def test_every_docker_context_path_exists():
+    """What the Dockerfile copies or mounts is in the build context (.dockerignore lets it through)."""
+    ignore = (ROOT / ".dockerignore").read_text()
+    for keyword, arguments in dockerfile():
+        if keyword == "COPY":
+            *sources, _ = arguments.split()
+            for source in sources:
+                assert (ROOT / source).exists(), source
+                assert f"!{source.split('/')[0]}" in ignore, source
+    assert "!wheelhouse/" in ignore  # bind-mounted by the install step
+
+
+@pytest.mark.parametrize("target", LOCKS)
+def test_lock_pins_every_dependency_of_pyproject_with_hashes(target):
+    """A dependency added to pyproject.toml without `requirements/lock.sh` would be missing from the image."""
+    pins = lock_entries(LOCKS[target])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in map(Requirement, project["dependencies"]):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in {LOCKS[target].name}: run requirements/lock.sh"
+        assert requirement.specifier.contains(pins[name][0], prereleases=True), (name, pins[name][0])
+    assert all(hashes for _, hashes in pins.values())
+    assert "setuptools" in pins  # install.sh builds the project offline with --no-build-isolation
+
+
+def test_cuda_lock_matches_the_dockerfile_cuda():
+    pins = lock_entries(LOCKS["cuda"])
+    assert "+" not in pins["torch"][0]  # PyPI's Linux torch: the CUDA build
+    cuda = re.search(r"CUDA_VERSION=(\d+\.\d+)", (ROOT / "Dockerfile").read_text())[1]
+    assert pins["cuda-toolkit"][0].startswith(cuda + "."), (pins["cuda-toolkit"], cuda)
+    assert lock_entries(LOCKS["cpu"])["torch"][0].endswith("+cpu")

@@ -1,0 +1,155 @@
+"""Operations: CLI and env configuration, probes, metrics, logs, URL expiry, startup failures."""
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.conftest import BIN, ServerProcess
+
+FAST = {"num_inference_steps": 2}
+
+
+def test_help_documents_every_flag_with_its_env_var():
+    out = subprocess.run([str(BIN / "image-server"), "serve", "--help"], capture_output=True, text=True).stdout
+    for flag, env in [
+        ("--model", "MODEL_PATH"),
+        ("--port", "PORT"),
+        ("--api-key", "API_KEY"),
+        ("--max-queue", "MAX_QUEUE"),
+        ("--max-batch", "MAX_BATCH"),
+        ("--plugins", "PLUGINS"),
+        ("--num-gpu-instances", "NUM_GPU_INSTANCES"),
+        ("--log-json", "LOG_JSON"),
+    ]:
+        assert flag in out and f"env {env}" in out
+
+
+def test_flags_override_environment(make_server):
+    srv = ServerProcess({"MODEL_NAME": "from-env"})
+    srv.command = [*srv.command, "--model-name", "from-flag"]
+    srv.start()
+    try:
+        assert httpx.get(srv.url + "/v1/models").json()["data"][0]["id"] == "from-flag"
+    finally:
+        srv.stop()
+
+
+def test_metrics_expose_the_promised_series(server, client):
+    client.images.generate(prompt="m", size="256x256", n=2, extra_body=FAST)
+    text = httpx.get(server.url + "/metrics").text
+    for series in (
+        'image_server_requests_total{route="/v1/images/generations",status="200"}',
+        "image_server_queue_depth",
+        "image_server_in_flight",
+        "image_server_ready 1.0",
+        "image_server_batch_size_bucket",
+        "image_server_queue_wait_seconds_bucket",
+        "image_server_generation_seconds_bucket",
+        "image_server_postprocess_seconds_bucket",
+        "image_server_encode_seconds_bucket",
+        "image_server_images_total",
+    ):
+        assert series in text, series
+
+
+def test_server_timing_and_request_id_headers(server):
+    response = httpx.post(
+        server.url + "/v1/images/generations",
+        json={"prompt": "t", "size": "256x256", **FAST},
+        headers={"X-Request-Id": "abc-123"},
+        timeout=60,
+    )
+    assert response.headers["x-request-id"] == "abc-123"
+    timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+    assert set(timing) == {"queue", "gen", "post"}
+    assert float(timing["gen"]) > 0
+    assert "request_id=abc-123" in server.logs() and "status=200" in server.logs()
+
+
+def test_json_logs_one_line_per_request(make_server):
+    srv = make_server({"LOG_JSON": "true"})
+    httpx.post(srv.url + "/v1/images/generations", json={"prompt": "j", "size": "256x256", **FAST}, timeout=60)
+    httpx.post(srv.url + "/v1/images/generations", json={"prompt": "j", "size": "1x1"})
+    entries = [json.loads(line) for line in srv.logs().splitlines() if line.startswith("{")]
+    requests = [e for e in entries if e.get("path") == "/v1/images/generations"]
+    assert [e["status"] for e in requests] == [200, 400]
+    assert {"request_id", "queue_seconds", "gen_seconds", "post_seconds"} <= set(requests[0])
+
+
+def image_url(srv) -> str:
+    body = {"prompt": "u", "size": "256x256", "response_format": "url", **FAST}
+    return httpx.post(srv.url + "/v1/images/generations", json=body, timeout=60).json()["data"][0]["url"]
+
+
+def test_url_images_expire_after_ttl(make_server):
+    srv = make_server({"IMAGE_TTL": "2"})
+    url = image_url(srv)
+    assert httpx.get(url).status_code == 200
+    time.sleep(3.5)
+    assert httpx.get(url).status_code == 404
+
+
+def test_public_url_setting(make_server):
+    srv = make_server({"PUBLIC_URL": "https://img.example.org/"})
+    assert image_url(srv).startswith("https://img.example.org/v1/images/")
+
+
+def test_health_answers_while_loading_and_ready_waits(make_server):
+    srv = make_server(wait=False)
+    saw_loading = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            ready = httpx.get(srv.url + "/ready", timeout=2)
+        except httpx.HTTPError:
+            time.sleep(0.05)
+            continue
+        assert httpx.get(srv.url + "/health").status_code == 200
+        if ready.status_code == 503:
+            saw_loading = True
+            assert ready.json()["error"]["code"] == "loading"
+            response = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "early"})
+            if response.status_code == 503:  # still loading: refused with a retry hint
+                assert response.headers["retry-after"]
+                assert response.json()["error"]["code"] == "model_loading"
+        if ready.status_code == 200:
+            break
+    assert ready.status_code == 200
+    assert saw_loading
+
+
+def test_bad_model_path_exits_nonzero_with_a_clear_message(tmp_path):
+    srv = ServerProcess({"MODEL_PATH": str(tmp_path / "missing")})
+    srv.start(wait=False)
+    assert srv.proc.wait(60) == 1
+    assert "is not a diffusers model folder" in srv.logs()
+
+
+def test_the_cli_exits_2_with_the_problem_and_no_traceback():
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--max-batch", "abc"],
+        capture_output=True,
+        text=True,
+        env={"NSFW_ACTION": "Block", "PATH": ""},
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "image-server: --max-batch='abc': expected an integer >= 1" in done.stderr
+    assert "image-server: NSFW_ACTION='Block': expected one of flag, blur, block" in done.stderr
+
+
+def test_help_lists_the_plugins_settings_with_true_defaults():
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
+    for flag, env in [
+        ("--lora-dir", "LORA_DIR"),
+        ("--nsfw-model-path", "NSFW_MODEL_PATH"),
+        ("--upload-timeout", "UPLOAD_TIMEOUT"),
+    ]:
+        assert flag in out and f"env {env}" in out
+    assert "default ." not in out  # empty paths say "none", as the README does

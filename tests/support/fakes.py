@@ -1,0 +1,107 @@
+"""A fake engine for the in-process tier: the real app, service, scheduler and plugins around an engine that
+paints each image a colour from its seed and prompt at once, and can be held at a gate by the test.
+
+It stands in for the diffusion pipeline only, so that the behaviour around generation (HTTP, validation,
+queueing, batching, errors, streaming) is tested in milliseconds and without timing; the end-to-end tier
+(tests/e2e) runs the same behaviour through real server processes and the real pipeline.
+"""
+
+import threading
+import zlib
+from dataclasses import dataclass
+
+import openai
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from server.app import create_app
+from server.config import from_env
+from server.engines.base import Engine, EngineHooks, Progress
+from server.errors import bad_request
+from server.spec import GenerationSpec
+
+
+@dataclass
+class Call:
+    specs: list[GenerationSpec]
+    progress: Progress
+
+
+class FakeEngine(Engine):
+    """Images of one colour per (prompt, seed). `gate`: cleared, every call waits until the test sets it;
+    `entered` is released as each call starts. Prompts containing EXPLODE fail, as a CUDA error would."""
+
+    name = "fake-model"
+
+    def __init__(self, can_batch: bool = True) -> None:
+        super().__init__()
+        self.can_batch = can_batch
+        self.info = {"engine": "fake"}
+        self.calls: list[Call] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Semaphore(0)
+
+    def load(self, hooks: EngineHooks) -> None:
+        pass
+
+    def defaults(self) -> tuple[int, float]:
+        return 8, 3.5
+
+    def check(self, spec: GenerationSpec) -> None:
+        if spec.strength is not None and spec.mode == "text2img":
+            raise bad_request("'strength' is not supported.", "strength", "unsupported")
+
+    def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
+        self.calls.append(Call(specs, progress))
+        self.entered.release()
+        self.gate.wait(30)
+        if any("EXPLODE" in s.prompt for s in specs):
+            raise RuntimeError("injected engine failure")
+        return [[_painted(s, seed) for seed in s.seeds] for s in specs]
+
+
+def _painted(spec: GenerationSpec, seed: int) -> Image.Image:
+    digest = zlib.crc32(f"{spec.prompt}|{seed}|{spec.loras}".encode())
+    colour = (digest & 255, (digest >> 8) & 255, (digest >> 16) & 255)
+    return Image.new("RGB", (spec.width, spec.height), colour)
+
+
+class InProcess:
+    """The app around a fake engine, its lifespan running: `http` is an httpx client, `client()` the SDK's."""
+
+    def __init__(self, engine: FakeEngine | None = None, **settings) -> None:
+        self.engine = engine or FakeEngine()
+        self.settings = from_env(warmup=False, **settings)
+        self.app = create_app(self.settings, engine=self.engine)
+        self.http = TestClient(self.app, raise_server_exceptions=False)
+
+    def __enter__(self) -> "InProcess":
+        self.http.__enter__()
+        self.wait_loaded()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.gate.set()
+        self.http.__exit__(*exc)
+
+    def wait_loaded(self) -> None:
+        for _ in range(500):
+            if self.http.get("/ready").status_code == 200:
+                return
+            threading.Event().wait(0.01)
+        raise AssertionError("the in-process app never became ready")
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=self.http, **kwargs)
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def metric(self, name: str, labels: str = "") -> float:
+        total = 0.0
+        for line in self.http.get("/metrics").text.splitlines():
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{") and labels in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total

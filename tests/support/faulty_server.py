@@ -1,0 +1,23 @@
+"""`image-server serve` whose engine fails on prompts containing EXPLODE.
+
+A stand-in for what cannot be provoked on this machine (a CUDA out-of-memory
+error, a kernel fault): everything else is the real server and the real
+diffusers engine.
+"""
+
+from server.cli import main
+from server.engines.diffusers import DiffusersEngine
+
+_generate = DiffusersEngine.generate
+
+
+def generate(self, specs, progress):
+    if any("EXPLODE" in spec.prompt for spec in specs):
+        raise RuntimeError("injected engine failure")
+    return _generate(self, specs, progress)
+
+
+DiffusersEngine.generate = generate
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""server/api.py and server/middleware.py in process: the real app around a fake engine (tests/support/fakes.py)."""
+
+import json
+import threading
+
+import openai
+import pytest
+
+from tests.support.fakes import InProcess
+from tests.support.images import assert_openai_shape, decode_b64, gradient, png_bytes
+
+
+@pytest.fixture(scope="module")
+def app():
+    with InProcess(max_batch=4) as running:
+        yield running
+
+
+def test_generation_through_the_sdk(app):
+    result = app.client().images.generate(prompt="a fox", size="256x128", n=2, extra_body={"seed": 5})
+    assert [d.model_extra["seed"] for d in result.data] == [5, 6]
+    assert result.quality == "high" and result.output_format == "jpeg" and result.size == "256x128"
+    assert decode_b64(result.data[0].b64_json).size == (256, 128)
+
+
+@pytest.mark.parametrize(("quality", "steps"), [("low", 4), ("medium", 6), ("high", 8), ("auto", 8), ("hd", 8)])
+def test_quality_selects_the_step_preset(app, quality, steps):
+    before = len(app.engine.calls)
+    app.client().images.generate(prompt="q", size="64x64", quality=quality)
+    assert app.engine.calls[before].specs[0].steps == steps  # the fake model's default is 8
+
+
+def test_explicit_steps_win_over_quality(app):
+    before = len(app.engine.calls)
+    app.client().images.generate(prompt="q", size="64x64", quality="low", extra_body={"num_inference_steps": 3})
+    assert app.engine.calls[before].specs[0].steps == 3
+
+
+def test_request_id_is_echoed_only_when_it_is_a_plain_token(app):
+    good = app.http.post(
+        "/v1/images/generations", json={"prompt": "x", "size": "64x64"}, headers={"x-request-id": "abc-1"}
+    )
+    assert good.headers["x-request-id"] == "abc-1"
+    forged = app.http.post("/v1/nothing", headers={"x-request-id": b"a\xe2\x80\xa8b status=200 forged"})
+    assert forged.headers["x-request-id"].startswith("req_")
+
+
+def test_413_from_content_length_carries_a_request_id_and_is_counted(app):
+    before = app.metric("image_server_requests_total", 'status="413"')
+    response = app.http.post("/v1/images/generations", content=b"x" * 100, headers={"content-length": str(2**40)})
+    assert response.status_code == 413
+    assert response.headers["x-request-id"].startswith("req_")
+    assert_openai_shape(response.json())
+    assert app.metric("image_server_requests_total", 'status="413"') == before + 1
+
+
+def test_a_bug_is_an_openai_shaped_500_with_a_request_id(app, monkeypatch):
+    monkeypatch.setattr(app.service, "images", _explode)
+    response = app.http.post("/v1/images/generations", json={"prompt": "x"})
+    assert response.status_code == 500
+    assert assert_openai_shape(response.json())["code"] == "internal_error"
+    assert response.headers["x-request-id"].startswith("req_")
+
+
+async def _explode(call):
+    raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),  # deeper than the recursion limit
+        (b'{"prompt": "x", "n": ' + b"9" * 5000 + b"}", "invalid_json"),  # past int's digit limit
+        (b'{"prompt": "x", "guidance_scale": NaN}', "invalid_json"),
+        (b'{"prompt": "x", "seed": [' + b"1," * 60_000 + b"1]}", "invalid_json"),  # more values than any request
+        (b'{"prompt": "x", "seed": [1,2,3,4,5,6,7,8,9,10,11]}', "invalid_value"),
+    ],
+    ids=["deep", "digits", "nan", "many-values", "eleven-seeds"],
+)
+def test_hostile_json_is_a_400(app, body, code):
+    response = app.http.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert assert_openai_shape(response.json())["code"] == code
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [("prompt", "a"), ("prompt[]", "b")],
+        [("prompt[]", "b"), ("prompt", "a")],
+        [("loras", "[]"), ("loras[name]", "x")],
+        [("loras[][name]", "x"), ("loras[]", "y"), ("loras[][name]", "z")],
+        [("prompt", "a"), ("prompt", "b")],
+    ],
+    ids=["plain-then-list", "list-then-plain", "list-then-object", "mixed-list", "twice"],
+)
+def test_multipart_key_clashes_are_400s(app, fields):
+    files = [("image", ("a.png", png_bytes(gradient(64, 64)), "image/png"))]
+    response = app.http.post("/v1/images/edits", data=fields, files=files)
+    assert response.status_code == 400, response.text
+    assert_openai_shape(response.json())
+
+
+def test_429_and_503_close_the_connection_and_retry_after_follows_the_queue():
+    with InProcess(max_queue=1, max_batch=1) as app:
+        app.engine.gate.clear()
+        results = []
+        threads = [
+            threading.Thread(target=lambda b=body: results.append(app.http.post("/v1/images/generations", json=b)))
+            for body in ({"prompt": "running", "size": "64x64", "n": 4}, {"prompt": "queued", "size": "64x64", "n": 4})
+        ]
+        threads[0].start()
+        app.engine.entered.acquire(timeout=10)
+        threads[1].start()
+        _wait(lambda: app.service.scheduler.depth == 1)
+        app.service.scheduler.seconds_per_image = 2.5
+        full = app.http.post("/v1/images/generations", json={"prompt": "one too many", "size": "64x64"})
+        app.engine.gate.set()
+        for t in threads:
+            t.join(10)
+    assert full.status_code == 429
+    assert full.headers["connection"] == "close"
+    assert int(full.headers["retry-after"]) == 20  # 8 images queued and running at 2.5 s each
+    assert [r.status_code for r in results] == [200, 200]
+
+
+def test_the_sdk_sees_stream_events_in_order(app):
+    events = list(app.client().images.generate(prompt="s", size="64x64", n=2, stream=True, extra_body={"seed": 8}))
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    assert [e.model_extra["seed"] for e in events] == [8, 9]
+
+
+def test_an_error_after_the_stream_began_is_an_error_event(app):
+    response = app.http.post("/v1/images/generations", json={"prompt": "EXPLODE", "size": "64x64", "stream": True})
+    assert response.status_code == 200
+    error = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    assert error[-1]["error"]["code"] == "engine_error"
+    with pytest.raises(openai.APIError):
+        list(app.client().images.generate(prompt="EXPLODE", size="64x64", stream=True))
+
+
+def test_openapi_has_the_response_schemas(app):
+    spec = app.http.get("/openapi.json").json()
+    responses = spec["paths"]["/v1/images/generations"]["post"]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ImagesResponse")
+    assert "text/event-stream" in responses["200"]["content"]
+    assert "429" in responses and "ImagesResponse" in spec["components"]["schemas"]
+
+
+def _wait(predicate, timeout: float = 10) -> None:
+    event = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        event.wait(0.01)
+    raise AssertionError("timed out waiting")

@@ -1,0 +1,54 @@
+"""server/config.py: every setting checked before anything starts, the plugins' own settings included."""
+
+import pytest
+
+from server.config import ConfigError, from_env, load
+from server.plugins import discover
+
+SECTIONS = {name: cls.Settings for name, cls in discover().items() if cls.Settings is not None}
+
+
+def problems(**environ) -> str:
+    with pytest.raises(ConfigError) as err:
+        load(SECTIONS, environ={k: str(v) for k, v in environ.items()})
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("MAX_BATCH", "abc", "an integer"),
+        ("MAX_BATCH", "0", "an integer >= 1"),
+        ("MAX_QUEUE", "-5", ">= 1"),
+        ("JPEG_QUALITY", "101", "from 0 to 100"),
+        ("REQUEST_TIMEOUT", "nan", "a number"),
+        ("LOG_JSON", "maybe", "true or false"),
+        ("ENGINE", "vllm", "one of diffusers, sglang"),
+        ("DEFAULT_SIZE", "1000x1000", "multiples of 16"),
+        ("DEFAULT_SIZE", "huge", "WIDTHxHEIGHT"),
+        ("QUALITY_STEPS", "ultra:50", "PRESET:STEPS"),
+        ("NSFW_ACTION", "Block", "one of flag, blur, block"),
+        ("NSFW_THRESHOLD", "1.5", "from 0 to 1"),
+        ("NSFW_CHECK", "sometimes", "always"),
+        ("UPLOAD_RETRIES", "99", "from 0 to 10"),
+        ("MAX_LORAS", "0", "from 1 to 16"),
+        ("NUNCHAKU_FALLBACK", "fp4", "one of none, fp8, bf16"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_variable_and_what_it_accepts(variable, value, expected):
+    message = problems(**{variable: value})
+    assert message.startswith(f"{variable}={value!r}: expected") and expected in message
+    assert "\n" not in message
+
+
+def test_every_problem_is_reported_at_once_and_sizes_are_checked_together():
+    assert problems(MAX_BATCH="x", PORT="70000").count("\n") == 1
+    assert "DEFAULT_SIZE" in problems(DEFAULT_SIZE="4096x4096")  # past MAX_PIXELS
+    assert "MIN_PIXELS" in problems(MIN_PIXELS="5000000")
+
+
+def test_plugins_declare_their_settings_and_overrides_find_their_section():
+    settings = from_env(max_loras=2, nsfw_action="block", max_batch=3)
+    assert settings.section("lora").max_loras == 2
+    assert settings.section("nsfw").nsfw_action == "block"
+    assert settings.max_batch == 3

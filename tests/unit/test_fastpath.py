@@ -1,0 +1,81 @@
+"""server/engines/fastpath.py: what may run where (fake GPUs), and each fast path applied to the demo model on
+the CPU: fused QKV, FP8 (torchao's weight-only FP8 stands in for the dynamic FP8 it refuses on a CPU), the
+LoRA slot on top, first-block cache, torch.compile."""
+
+import numpy as np
+import pytest
+import torch
+
+from plugins.lora.merge import LoRAMerger
+from server.engines.fastpath import GPU, FastOptions, accelerate, check_options, choose_attention, fp8_refusal, fuse_qkv
+from tests.support.demo import demo_pipeline, lora_sets, render, slot
+
+H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0))
+B200 = GPU("NVIDIA B200", (10, 0))
+RTX4090 = GPU("NVIDIA GeForce RTX 4090", (8, 9))
+A100 = GPU("NVIDIA A100-SXM4-80GB", (8, 0))
+
+
+def test_fp8_needs_compute_capability_8_9():
+    assert "no CUDA GPU" in fp8_refusal(None)
+    message = fp8_refusal(A100)
+    assert "A100" in message and "compute capability 8.0" in message and "NUNCHAKU_TRANSFORMER" in message
+    assert fp8_refusal(RTX4090) is None and fp8_refusal(H100) is None and fp8_refusal(B200) is None
+
+
+def test_options_that_cannot_run_are_all_named():
+    problems = check_options(FastOptions(fp8=True, compile=True, offload=True), None)
+    text = " ".join(problems)
+    assert len(problems) == 3
+    assert "FP8 needs" in text and "CPU_OFFLOAD moves" in text and "do not go together" in text
+    assert check_options(FastOptions(fp8=True, compile=True, cache_threshold=0.12), H100) == []
+
+
+def test_attention_kernel_choice():
+    assert choose_attention("auto", H100, fa3=True) == "_flash_3"
+    assert choose_attention("auto", H100, fa3=False) == "native"
+    assert choose_attention("auto", RTX4090, fa3=True) == "native"  # FA3 is Hopper-only
+    assert choose_attention("auto", None, fa3=False) == "native"
+    assert choose_attention("flash", H100, fa3=True) == "flash"
+
+
+def test_fused_qkv_gives_the_same_images_and_drops_the_unfused_copies():
+    plain, fused = demo_pipeline(), demo_pipeline()
+    assert fuse_qkv(fused.transformer) == 2  # the double block's and the single block's attention
+    attention = fused.transformer.transformer_blocks[0].attn
+    assert hasattr(attention, "to_qkv") and hasattr(attention, "to_added_qkv") and not hasattr(attention, "to_q")
+    assert np.abs(render(plain) - render(fused)).max() <= 1
+
+
+def test_fp8_path_with_lora_slot_on_cpu(lora_dir):
+    """Stand-in: torchao's Float8DynamicActivationFloat8WeightConfig refuses the CPU (it needs compute capability
+    8.9), so this runs the same code path (quantize_ on the transformer's linears, then the LoRA slot on top of the
+    FP8 layers, then switching sets) with Float8WeightOnlyConfig, the FP8 config torchao runs on a CPU. It checks
+    the path works and stays close to bf16; FP8 speed and the dynamic activation scaling are not tested here."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, quantize_
+
+    with pytest.raises(AssertionError, match="compute capability"):  # what the real config says on a CPU
+        quantize_(
+            torch.nn.Sequential(torch.nn.Linear(16, 16)).to(torch.bfloat16), Float8DynamicActivationFloat8WeightConfig()
+        )
+    reference, fast = demo_pipeline(torch.bfloat16), demo_pipeline(torch.bfloat16)
+    merger = LoRAMerger(reference)
+    info, applier = accelerate(fast, FastOptions(fp8=True), None, torch.bfloat16, slot(fast), Float8WeightOnlyConfig())
+    assert info["precision"].startswith("fp8 (Float8WeightOnlyConfig")
+    linears = [m for m in fast.transformer.modules() if hasattr(m, "base_layer")]
+    assert linears and all(type(m.base_layer.weight).__name__ == "Float8Tensor" for m in linears)
+    for entries in lora_sets(lora_dir)[:3]:
+        merger.apply(entries)
+        applier.apply(entries)
+        expected, got = render(reference), render(fast)
+        assert np.abs(expected - got).mean() < 6, entries  # FP8 weights: close, not equal
+
+
+def test_first_block_cache_on_the_diffusers_path():
+    """diffusers' FirstBlockCacheConfig: with a high threshold the later steps reuse the first step's residual."""
+    plain, cached = demo_pipeline(), demo_pipeline()
+    info, _ = accelerate(cached, FastOptions(cache_threshold=0.9), None, torch.float32)
+    assert info["cache"] == "first-block, threshold 0.9"
+    assert cached.transformer.is_cache_enabled
+    assert (render(plain, steps=4) != render(cached, steps=4)).any()
