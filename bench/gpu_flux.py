@@ -22,7 +22,7 @@ attention settings), as one row per variant:
 LoRA variants: the plugin enabled with no LoRA; 3 weighted LoRAs (random, rank
 16, FLUX attention and MLP layers); the set switching between requests. The
 server runs in the child process with the random pipeline handed to the
-engine in place of reading MODEL_PATH (`load_pipeline` is replaced); all the
+engine in place of reading MODEL_PATH (`DiffusersEngine(build=...)`); all the
 rest (fast paths, LoRA plugin, HTTP, encoding) is the real server.
 
 Figures: s/image = median wall time of a 1024x1024, 28-step request; ms/step =
@@ -381,12 +381,12 @@ class InProcessServer:
     def __init__(self, settings, build) -> None:
         import uvicorn
 
-        import server.engines.diffusers as engine_module
         from bench.harness import free_port
         from server.app import create_app
+        from server.engines.diffusers import DiffusersEngine
 
-        engine_module.load_pipeline = lambda path, dtype, **components: build(dtype, **components)
-        self.app = create_app(settings)
+        engine = DiffusersEngine(settings, build=lambda path, dtype, **components: build(dtype, **components))
+        self.app = create_app(settings, engine=engine)
         self.failed: list[str] = []
         self.app.state.on_fatal = lambda: self.failed.append("the model failed to load (see the log above)")
         port = free_port()
@@ -491,7 +491,7 @@ def skip_reason(path: str, args, device) -> str | None:
         if not args.nunchaku_transformer:
             return "no Nunchaku transformer file given (--nunchaku-transformer); none can be downloaded here"
         settings = from_env(nunchaku_transformer=args.nunchaku_transformer)
-        decision = decide(settings, gpu, detect(), torch.__version__, sys.version_info[:2])
+        decision = decide(settings, settings.section("nunchaku"), gpu, detect(), torch.__version__, sys.version_info[:2])
         return None if isinstance(decision, Plan) else getattr(decision, "message", None) or decision.reason
     return None
 

@@ -1,7 +1,8 @@
 """What the server costs over calling the engine yourself: the same request in-process and through HTTP.
 
-The in-process side does what a library user would do to get the same JPEG: apply the plugins' preparation,
-`engine.generate`, the plugins' post-processing and delivery, and the encode. The HTTP side is a real server
+The in-process side does what a library user would do to get the same JPEG, with the server's own functions:
+the request rules (`ImageService.plan`), `engine.run` (LoRA set, then generation), the plugins' post-processing,
+the encode, delivery and the response's b64_json (server/respond.py). The HTTP side is a real server
 child process with the same settings and the same torch threads. Calls alternate (in-process first in one pair,
 HTTP first in the next) so that a drift in machine load falls on both sides alike; the report is the ratio of the
 medians (the issue's target: within 5%) and the median of the per-pair ratios.
@@ -52,58 +53,45 @@ def configure(args) -> dict[str, str]:
 
 
 class InProcess:
-    """The engine and the plugins in this process, driven the way the server drives them, minus HTTP."""
+    """The engine, the plugins and the service's own rules and response assembly, in this process, minus HTTP
+    and the queue: the same functions the server calls (server/service.py `plan`, server/respond.py)."""
 
     def __init__(self) -> None:
         import torch
 
         from server.config import from_env
         from server.engines.diffusers import DiffusersEngine
+        from server.metrics import Metrics
         from server.plugins import PluginSet
-        from server.protocol import request_models
+        from server.service import ImageService
 
         settings = from_env()
         torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
         self.engine = DiffusersEngine(settings)
-        self.engine.load()
         self.plugins = PluginSet(settings, self.engine)
-        self.plugins.load()
-        self.request_model = request_models(self.plugins.fields)[0]
+        self.service = ImageService(settings, self.engine, self.plugins, Metrics())
+        self.service.load_now()
 
     def run(self, body: dict) -> dict:
-        from server.images import encode_image
+        import asyncio
 
-        spec = self._spec(body)
+        from server import respond
+        from server.engines.base import Progress
+        from server.service import validate
+
+        plan = self.service.plan(validate(self.service.generation_model, body), None, "http://in-process")
         started = time.perf_counter()
-        self.plugins.prepare(spec.prep)
-        images = self.engine.generate([spec], lambda: False)[0]
+        images = self.engine.run([plan.spec], Progress())[0]
         generated = time.perf_counter()
-        items: list[dict] = [{} for _ in images]
-        kept = self.plugins.postprocess(list(images), spec.options, items)
-        encoded = [None if image is None else encode_image(image, "jpeg", 65) for image in kept]
-        self.plugins.deliver(encoded, "jpeg", spec.options, items)
-        finished = time.perf_counter()
-        timing = {"total": finished - started, "gen": generated - started, "post": finished - generated}
-        return {**timing, "failed_uploads": failed_uploads(items)}
-
-    def _spec(self, body: dict):
-        from server.spec import GenerationSpec
-
-        request = self.request_model.model_validate(body)
-        options = self.plugins.options(request)
-        width, height = (int(v) for v in body["size"].split("x"))
-        n = body.get("n", 1)
-        return GenerationSpec(
-            prompt=body["prompt"],
-            n=n,
-            width=width,
-            height=height,
-            steps=body["num_inference_steps"],
-            guidance=body["guidance_scale"],
-            seeds=[body["seed"] + i for i in range(n)],
-            prep=self.plugins.prep(options),
-            options=options,
+        finished = respond.finish_images(self.plugins, images, plan.spec, plan.output)
+        deadline = time.monotonic() + 600
+        delivered = asyncio.run(
+            self.plugins.deliver(finished.encoded, plan.output.format, plan.spec.options, finished.items, deadline)
         )
+        respond.assemble(finished, delivered, plan.output, self.service.store)
+        finished_at = time.perf_counter()
+        timing = {"total": finished_at - started, "gen": generated - started, "post": finished_at - generated}
+        return {**timing, "failed_uploads": failed_uploads(finished.items)}
 
 
 # -- the HTTP side ---------------------------------------------------------------

@@ -76,20 +76,21 @@ def serial(args) -> dict:
     import torch
 
     from server.config import from_env
+    from server.engines.base import NoHooks, Progress
     from server.engines.diffusers import DiffusersEngine
     from server.images import encode_image
     from server.spec import GenerationSpec
 
     torch.set_num_threads(args.threads)
     engine = DiffusersEngine(from_env())
-    engine.load()
+    engine.load(NoHooks())
     width, height = (int(v) for v in args.size.split("x"))
 
     def one(index: int) -> float:
         body = request_body(args, index)
         spec = GenerationSpec(body["prompt"], 1, width, height, args.steps, 3.5, [index])
         started = time.perf_counter()
-        image = engine.generate([spec], lambda: False)[0][0]
+        image = engine.generate([spec], Progress())[0][0]
         generated = time.perf_counter()
         encode_image(image, "jpeg", 65)
         return generated - started

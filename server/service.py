@@ -108,10 +108,11 @@ class ImageService:
 
     async def load(self) -> None:
         """The engine and the plugins, on the engine thread, while /health already answers."""
-        await self.engine.call(self._load)
+        await self.engine.call(self.load_now)
         self.lifecycle.loaded = True
 
-    def _load(self) -> None:
+    def load_now(self) -> None:
+        """Blocking (the engine thread, or a benchmark that drives the engine itself)."""
         started = time.monotonic()
         self.engine.load(self.plugins)
         steps, guidance = self.engine.defaults()
@@ -151,7 +152,7 @@ class ImageService:
         deadline = time.monotonic() + self.settings.request_timeout
         request = await self._validate(call)
         inputs = await self._inputs(request, call) if call.edit else None
-        plan = await asyncio.to_thread(self._plan, request, inputs, call.base_url)
+        plan = await asyncio.to_thread(self.plan, request, inputs, call.base_url)
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -181,7 +182,7 @@ class ImageService:
             return await asyncio.to_thread(from_uploads, call.uploads, call.mask_upload, self.settings)
         return await from_refs(request, self.settings)
 
-    def _plan(self, request: ImageRequest, inputs: EditInputs | None, base_url: str) -> Plan:
+    def plan(self, request: ImageRequest, inputs: EditInputs | None, base_url: str) -> Plan:
         """Worker thread (plugins may look at files or resolve hosts): every rule and limit, before queueing."""
         s = self.settings
         rules.check_background(request.background)

@@ -247,10 +247,14 @@ class DiffusersEngine(Engine):
             kwargs["mask_image"] = [s.mask for s, _ in chunk]
         if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = [head.negative_prompt] * len(chunk)
+        watcher = StepWatcher(progress, rows, self.previews)
         if "callback_on_step_end" in self._params[mode]:
-            kwargs["callback_on_step_end"] = StepWatcher(progress, rows, self.previews)
+            kwargs["callback_on_step_end"] = watcher
         with torch.inference_mode():
-            return list(pipe(**kwargs).images)
+            images = list(pipe(**kwargs).images)
+        if watcher.stopped_after:
+            log.info("batch stopped after %d of %d steps: nobody waits for it", watcher.stopped_after, head.steps)
+        return images
 
 
 def _optional_arguments(spec: GenerationSpec, params: set[str]) -> dict:
@@ -300,10 +304,12 @@ class StepWatcher:
                 for step in preview_steps(row.spec.steps, row.spec.previews):
                     self.wanted.setdefault(step, []).append(index)
         self.before: torch.Tensor | None = None  # the latents before the next preview's step
+        self.stopped_after = 0
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         if self.progress.should_stop():
             pipe._interrupt = True
+            self.stopped_after = step + 1
             return {}
         if not self.wanted:
             return {}

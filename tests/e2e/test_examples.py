@@ -45,3 +45,14 @@ def test_sdk_edit(server, tmp_path):
     (tmp_path / "mask.png").write_bytes(mask_png((320, 256)))
     run(server, sys.executable, str(ROOT / "examples/edit.py"), "in.png", "mask.png", "out.png", cwd=tmp_path)
     assert Image.open(tmp_path / "out.png").size == (320, 256)
+
+
+def test_curl_stream(server, tmp_path):
+    out = run(server, "bash", str(ROOT / "examples/stream.sh"), "lighthouse", cwd=tmp_path)
+    assert out.splitlines() == [
+        "image_generation.partial_image lighthouse-partial-0.jpeg",
+        "image_generation.partial_image lighthouse-partial-1.jpeg",
+        "image_generation.completed lighthouse.jpeg",
+    ]
+    sizes = {Image.open(tmp_path / name).size for name in os.listdir(tmp_path)}
+    assert sizes == {(512, 512)}
