@@ -62,7 +62,12 @@ def test_dockerfile_policies():
     for cache in ("HF_HOME", "TORCH_HOME", "TRITON_CACHE_DIR"):  # all under the one writable path
         assert re.search(rf"\b{cache}=/app/state/", env), cache
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert "python3.12" in runs and "libnuma1" in runs
+    # One Python for the base's packages and every venv: Ubuntu 24.04's 3.12 by default (the CUDA lock's).
+    assert "PYTHON=python3.12" in args
+    assert '"${PYTHON}" "${PYTHON}-venv" "${PYTHON}-dev"' in runs and "libnuma1" in runs
+    assert runs.count('--python "${PYTHON}"') == 2  # the server's venv and SGLang's
+    # The default image is the mission's: the SGLang engine in, flash-attn a build argument away.
+    assert "WITH_SGLANG=1" in args and "WITH_FLASH_ATTN=0" in args
     assert "chown -R 1001:0 /app/state" in runs and "chmod -R g=u /app/state" in runs
     assert "docker/install.sh" in runs and "--lock" in runs and "pip install" not in runs  # wheelhouse only
     assert ("USER", "1001:0") in instructions
