@@ -14,13 +14,16 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # PYTHON is the base's own Python, named as its packages are: python3.12 on Ubuntu 24.04, python3.11 on Debian 12
 # (both ship python3.X, python3.X-venv and python3.X-dev). -dev because Triton compiles its launcher stubs against
 # Python.h at run time. libnuma1: SGLang's kernels link against it. ninja-build: torch extension builds (flash-attn).
-# curl: the HEALTHCHECK. Not pinned to versions: the base image's tag is the pin, and the archives drop superseded
-# versions, so exact pins would break the build at the next security update.
+# curl: the HEALTHCHECK. apt-get clean: a base made with mmdebstrap (docker/debian-base.sh) would keep the
+# downloaded packages (100 MB); the official images delete them by themselves. Not pinned to versions: the base
+# image's tag is the pin, and the archives drop superseded versions, so exact pins would break the build at the next
+# security update.
 ARG PYTHON=python3.12
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       "${PYTHON}" "${PYTHON}-venv" "${PYTHON}-dev" libnuma1 ninja-build curl ca-certificates \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 # UID 1001 in group 0: OpenShift runs the image under an arbitrary UID that is always in group 0, so every path the
