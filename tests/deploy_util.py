@@ -97,7 +97,9 @@ def make_wheel(folder: Path, name: str = "offindex_demo", version: str = "1.0+lo
     path = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
         for member, text in files.items():
-            wheel.writestr(member, text)
+            # A fixed date: the same bytes every run, so the shared wheelhouse (and the image built from it in
+            # test_container.py) does not change because a test made its wheel again.
+            wheel.writestr(zipfile.ZipInfo(member, date_time=(2020, 1, 1, 0, 0, 0)), text)
     return path
 
 
