@@ -209,9 +209,9 @@ class LineProgress:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(self.every)
-            self.print()
+            self.report()
 
-    def print(self) -> None:
+    def report(self) -> None:
         elapsed = time.monotonic() - self.started
         print(f"progress: {self.done}/{self.total} requests done after {elapsed:.0f}s", file=sys.stderr, flush=True)
 
