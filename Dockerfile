@@ -1,6 +1,9 @@
-# image-server for one NVIDIA GPU, installable offline. Build with ./build.sh once ./download-packages.sh has
-# filled wheelhouse/ (docs/DEPLOYMENT.md). One stage on purpose: the CUDA devel base keeps gcc, nvcc and ninja in
-# the image, which Triton's JIT (torch.compile) and flash-attn/Nunchaku source builds need at run or build time.
+# image-server, installable offline. Build with ./build.sh once ./download-packages.sh has filled the wheelhouse
+# (docs/DEPLOYMENT.md). One file, two variants:
+#   CUDA (the default): the NVIDIA devel base, Ubuntu 24.04's Python 3.12, the CUDA lock, and the SGLang engine;
+#   CPU (./build.sh --cpu): a Debian 12 base, its Python 3.11, the CPU lock (CI runs this one for real).
+# One stage on purpose: the CUDA devel base keeps gcc, nvcc and ninja in the image, which Triton's JIT (torch.compile)
+# and flash-attn/Nunchaku source builds need at run or build time.
 # CUDA_VERSION follows the CUDA of the locked torch (requirements/cuda.in: torch 2.13.0 is built for CUDA 13.0).
 ARG CUDA_VERSION=13.0.2
 ARG BASE_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04
@@ -8,14 +11,19 @@ FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Python 3.12 is Ubuntu 24.04's own; -dev because Triton compiles its launcher stubs against Python.h at run time.
-# libnuma1: SGLang's kernels link against it. ninja-build: torch extension builds. curl: the HEALTHCHECK.
-# Not pinned to versions: the base image's tag is the pin, and Ubuntu's archive drops superseded versions, so exact
-# pins would break the build at the next security update.
+# PYTHON is the base's own Python, named as its packages are: python3.12 on Ubuntu 24.04, python3.11 on Debian 12
+# (both ship python3.X, python3.X-venv and python3.X-dev). -dev because Triton compiles its launcher stubs against
+# Python.h at run time. libnuma1: SGLang's kernels link against it. ninja-build: torch extension builds (flash-attn).
+# curl: the HEALTHCHECK. apt-get clean: a base made with mmdebstrap (docker/debian-base.sh) would keep the
+# downloaded packages (100 MB); the official images delete them by themselves. Not pinned to versions: the base
+# image's tag is the pin, and the archives drop superseded versions, so exact pins would break the build at the next
+# security update.
+ARG PYTHON=python3.12
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3.12 python3.12-venv python3.12-dev libnuma1 ninja-build curl ca-certificates \
+      "${PYTHON}" "${PYTHON}-venv" "${PYTHON}-dev" libnuma1 ninja-build curl ca-certificates \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 # UID 1001 in group 0: OpenShift runs the image under an arbitrary UID that is always in group 0, so every path the
@@ -47,23 +55,38 @@ WORKDIR /app
 
 # Dependencies first, in their own layer: it changes only when a lock does. The wheelhouse is bind-mounted, not
 # copied, so its gigabytes never become a layer. MAX_JOBS bounds the compile jobs of any sdist in the wheel list.
+# WHEELS may be empty (the CPU variant has no off-index wheels).
 ARG MAX_JOBS=2
 ARG LOCK=requirements/cuda-py312.txt
 ARG WHEELS=requirements/wheels-cuda.txt
 COPY docker/install.sh docker/wheel-list.sh docker/entrypoint.sh /app/docker/
 COPY requirements/ /app/src/requirements/
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
-    MAX_JOBS=${MAX_JOBS} /app/docker/install.sh --python python3.12 --venv /opt/venv \
-      --wheelhouse /wheelhouse --lock "/app/src/${LOCK}" --wheels "/app/src/${WHEELS}"
+    MAX_JOBS=${MAX_JOBS} /app/docker/install.sh --python "${PYTHON}" --venv /opt/venv \
+      --wheelhouse /wheelhouse --lock "/app/src/${LOCK}" ${WHEELS:+--wheels "/app/src/${WHEELS}"}
 
-# The SGLang engine (ENGINE=sglang), optional: its own venv, so its exact torch/transformers/diffusers pins never meet
-# the server's. Build with --build-arg WITH_SGLANG=1 after ./download-packages.sh --lock
-# requirements/sglang-cuda-py312.txt --wheels '' has added its wheels (several GB) to the wheelhouse.
-ARG WITH_SGLANG=0
+# flash-attn (ATTENTION=flash), optional: built here from its PyPI sdist against the image's torch with nvcc, MAX_JOBS
+# jobs (hours at 2; each job may take 8-9 GB of memory). Its list (URL SHA256: einops, wheel, the sdist) is fetched
+# by ./download-packages.sh. FORCE_BUILD: never fetch a prebuilt wheel from GitHub, the wheelhouse is the only
+# source. FLASH_ATTN_CUDA_ARCHS: the GPU generations compiled for; fewer is faster (e.g. 90 for H100/H200 only).
+ARG WITH_FLASH_ATTN=0
+ARG FLASH_ATTN=requirements/flash-attn-cuda.txt
+ARG FLASH_ATTN_CUDA_ARCHS="80;90;100;120"
+RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
+    if [ "${WITH_FLASH_ATTN}" = 1 ]; then \
+      FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS="${FLASH_ATTN_CUDA_ARCHS}" MAX_JOBS=${MAX_JOBS} \
+        /app/docker/install.sh --venv /opt/venv --wheelhouse /wheelhouse --wheels "/app/src/${FLASH_ATTN}"; \
+    fi
+
+# The SGLang engine (ENGINE=sglang), in by default (./build.sh --lean leaves it out): its own venv, so its exact
+# torch/transformers/diffusers pins never meet the server's. Its wheels (several GB) come from SGLANG_LOCK, which
+# ./download-packages.sh fetches with the CUDA lock. CUDA and Python 3.12 only: the CPU variant builds without it.
+ARG WITH_SGLANG=1
+ARG SGLANG_LOCK=requirements/sglang-cuda-py312.txt
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     if [ "${WITH_SGLANG}" = 1 ]; then \
-      /app/docker/install.sh --python python3.12 --venv /opt/sglang --wheelhouse /wheelhouse \
-        --lock /app/src/requirements/sglang-cuda-py312.txt; \
+      /app/docker/install.sh --python "${PYTHON}" --venv /opt/sglang --wheelhouse /wheelhouse \
+        --lock "/app/src/${SGLANG_LOCK}"; \
     fi
 ENV SGLANG_BIN=/opt/sglang/bin/sglang
 

@@ -491,7 +491,9 @@ def skip_reason(path: str, args, device) -> str | None:
         if not args.nunchaku_transformer:
             return "no Nunchaku transformer file given (--nunchaku-transformer); none can be downloaded here"
         settings = from_env(nunchaku_transformer=args.nunchaku_transformer)
-        decision = decide(settings, settings.section("nunchaku"), gpu, detect(), torch.__version__, sys.version_info[:2])
+        decision = decide(
+            settings, settings.section("nunchaku"), gpu, detect(), torch.__version__, sys.version_info[:2]
+        )
         return None if isinstance(decision, Plan) else getattr(decision, "message", None) or decision.reason
     return None
 

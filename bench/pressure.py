@@ -9,8 +9,13 @@ is a request body plus three optional keys of the tool's own: `name`, `weight` (
 /v1/images/generations). Every other field (size, n, num_inference_steps, loras, nsfw_check, upload_urls, ...)
 is sent as it is.
 
+The default mix, `auto`, fits where the server runs (its /v1/models says): bench/mix-example.jsonl (mostly
+1024x1024 at 28 steps) on a GPU, bench/mix-cpu.jsonl (256-512 pixels, 4-8 steps) on a CPU, where the example's
+images take about 20 s each even with the demo model.
+
 Reports latency percentiles, images/s, errors by status (429 and 503 apart), and the server's own split of each
-request (queue wait, generation, post-processing) read from its Server-Timing header; writes JSON and a PNG.
+request (queue wait, generation, post-processing) read from its Server-Timing header; writes JSON and, with
+matplotlib (the bench extra), a PNG. Progress: tqdm's bar on a terminal, a line every few seconds in a log.
 
     python bench/pressure.py --url http://127.0.0.1:8000 --rps 2 --duration 60 --mix bench/mix-example.jsonl
 """
@@ -28,6 +33,8 @@ import harness
 import httpx
 
 DEFAULT_PATH = "/v1/images/generations"
+GPU_MIX = harness.ROOT / "bench" / "mix-example.jsonl"
+CPU_MIX = harness.ROOT / "bench" / "mix-cpu.jsonl"
 
 
 @dataclass
@@ -76,6 +83,19 @@ def _entry(item: dict, index: int) -> Entry:
     if weight < 0 or "prompt" not in body:
         raise SystemExit(f"mix entry {name!r}: needs a 'prompt' and a weight >= 0")
     return Entry(name, weight, path, body)
+
+
+def choose_mix(url: str, api_key: str) -> tuple[Path, str]:
+    """The mix for `--mix auto`, and why: the CPU mix when every model the server lists runs on the CPU."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+        devices = {str(model["engine"].get("device", "unknown")) for model in response.json()["data"]}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return GPU_MIX, "the server's /v1/models did not say where it runs"
+    if devices and all(device.startswith("cpu") for device in devices):
+        return CPU_MIX, "the server runs on the CPU"
+    return GPU_MIX, f"the server runs on {', '.join(sorted(devices)) or 'an unknown device'}"
 
 
 # -- the schedule -------------------------------------------------------------
@@ -133,7 +153,7 @@ async def run_load(args, entries: list[Entry], times: list[float], rng: random.R
     limits = httpx.Limits(max_connections=args.max_in_flight, max_keepalive_connections=args.max_in_flight)
     timeout = httpx.Timeout(args.timeout, connect=10)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    progress = _progress(len(times), args.no_progress)
+    progress = _progress(len(times), args.no_progress, args.progress_every)
     pending: set[asyncio.Task] = set()
 
     def done(task: asyncio.Task) -> None:
@@ -162,10 +182,41 @@ async def run_load(args, entries: list[Entry], times: list[float], rng: random.R
     return records, wall
 
 
-def _progress(total: int, disabled: bool):
+def _progress(total: int, disabled: bool, every: float):
+    """tqdm's bar where stderr is a terminal; in a log (CI, `> run.log 2>&1`) a bar that redraws itself in place
+    is noise, so a line every `every` seconds instead."""
+    if not disabled and not sys.stderr.isatty():
+        return LineProgress(total, every)
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="req", disable=disabled or None, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, unit="req", disable=disabled, file=sys.stderr, dynamic_ncols=True)
+
+
+class LineProgress:
+    """Progress for logs: `progress: 12/60 requests done after 25s` on stderr every few seconds. Created inside the
+    event loop, which runs its reporting task until close()."""
+
+    def __init__(self, total: int, every: float) -> None:
+        self.total = total
+        self.done = 0
+        self.every = every
+        self.started = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._report())
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            self.report()
+
+    def report(self) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"progress: {self.done}/{self.total} requests done after {elapsed:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 # -- the report ---------------------------------------------------------------
@@ -232,8 +283,12 @@ def print_summary(s: dict) -> None:
         print(f"warning: the client sent up to {lag['max']:.2f}s late; it, not the server, limited the rate")
 
 
-def plot(records: list[Record], summary: dict, title: str, path: Path) -> None:
-    import matplotlib
+def plot(records: list[Record], summary: dict, title: str, path: Path) -> bool:
+    """The PNG; False when matplotlib (the bench extra) is not installed: the JSON holds every figure anyway."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,6 +318,7 @@ def plot(records: list[Record], summary: dict, title: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return True
 
 
 # -- main -----------------------------------------------------------------------
@@ -275,14 +331,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds of sending (default 60 when --count is not given)")
     p.add_argument("--count", type=int, help="requests to send at most")
     p.add_argument("--arrivals", choices=("poisson", "constant"), default="poisson")
-    p.add_argument("--mix", type=Path, default=harness.ROOT / "bench" / "mix-example.jsonl", help="JSON or JSONL")
+    p.add_argument(
+        "--mix",
+        default="auto",
+        help="JSON or JSONL file, or auto: bench/mix-cpu.jsonl when the server runs on the CPU, else mix-example.jsonl",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the mix draw")
     p.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
     p.add_argument("--grace", type=float, default=120, help="seconds to wait for requests in flight at the end")
     p.add_argument("--max-in-flight", type=int, default=1000, help="the client's own bound on open requests")
     p.add_argument("--api-key", default="", help="sent as a Bearer token")
     p.add_argument("--out", type=Path, help="folder for pressure.json and pressure.png (default out/pressure/<time>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    p.add_argument("--progress-every", type=float, default=5.0, help="seconds between progress lines in a log")
     args = p.parse_args(argv)
     if args.rps <= 0:
         p.error("--rps must be positive")
@@ -293,6 +354,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.mix == "auto":
+        args.mix, why = choose_mix(args.url, args.api_key)
+        print(f"mix: {args.mix.relative_to(harness.ROOT)} ({why}; --mix or MIX=... chooses another)")
+    args.mix = Path(args.mix)
     entries = load_mix(args.mix)
     rng = random.Random(args.seed)
     times = arrival_times(args.rps, args.count, args.duration, args.arrivals, rng)
@@ -313,8 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     harness.write_json(out / "pressure.json", report)
     title = f"{args.rps:g} req/s {args.arrivals}, {len(times)} requests, {args.mix.name} -> {args.url}"
-    plot(records, summary, title, out / "pressure.png")
-    print(f"wrote {out / 'pressure.json'} and {out / 'pressure.png'}")
+    if plot(records, summary, title, out / "pressure.png"):
+        print(f"wrote {out / 'pressure.json'} and {out / 'pressure.png'}")
+    else:
+        print(f"wrote {out / 'pressure.json'}; no plot: matplotlib is not installed (scripts/setup.sh installs it,")
+        print("or pip install -e '.[bench]')")
     return 0
 
 

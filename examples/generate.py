@@ -7,7 +7,10 @@ import base64
 import os
 import sys
 
-from openai import OpenAI
+try:
+    from openai import OpenAI
+except ImportError:  # scripts/setup.sh installs the server, not the SDK its clients use
+    sys.exit("examples/generate.py needs the OpenAI SDK: .venv/bin/pip install openai (scripts/setup.sh --test has it)")
 
 client = OpenAI(
     base_url=os.environ.get("BASE_URL", "http://localhost:8000") + "/v1",

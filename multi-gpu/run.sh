@@ -22,6 +22,15 @@ image_server=${IMAGE_SERVER:-$(command -v image-server || echo "$here/../.venv/b
 nginx=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 restart_delay=${RESTART_DELAY:-5}
 n=${#gpu_list[@]}
+# Say what is missing before starting anything: scripts/setup.sh installs the server, but nginx only with --test.
+if ! command -v "$image_server" >/dev/null; then
+  echo "run.sh: $image_server not found: run scripts/setup.sh, or set IMAGE_SERVER" >&2
+  exit 1
+fi
+if ! command -v "$nginx" >/dev/null; then
+  echo "run.sh: nginx not found: install it (apt-get install nginx), or set NGINX" >&2
+  exit 1
+fi
 
 mkdir -p "$state_dir/nginx"
 # When this runs as root, nginx's workers run as nobody: they must be able to enter these folders.

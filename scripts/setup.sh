@@ -1,11 +1,27 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for image-server: system packages the tests use, and a virtual environment in .venv.
-# Idempotent: a second run only checks. Usage: scripts/setup.sh [--test]
+# Set up a fresh machine for image-server: system packages, and a virtual environment in .venv holding the server and
+# its bench tools (with --test: the test tools too, and Docker and mmdebstrap for tests/test_container.py).
+#
+#   scripts/setup.sh [--test]
+#
+# Idempotent: a second run only checks. .venv/.setup-stamp records what was installed (pyproject.toml's hash, the
+# extras, the torch wanted); while it matches, nothing is installed again.
+# torch is pinned (torch==2.13.0, or TORCH_SPEC). PyPI's Linux torch is the CUDA build with GBs of NVIDIA libraries,
+# so on a machine without an NVIDIA GPU it comes from PyTorch's CPU index (TORCH_CPU_INDEX); when that index cannot
+# be reached, from pip's default index, which is said. TORCH_INDEX_URL forces an index either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
+python=${PYTHON:-python3}
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+cpu_index=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+extras=bench
+[ $want_test -eq 1 ] && extras="test" # the test extra includes bench
+stamp=.venv/.setup-stamp
+
+step() { echo "setup: [$1/3] $2"; }
 
 apt_install() {
   local missing=()
@@ -20,22 +36,89 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+system_packages() {
+  local packages=(python3-venv curl)
+  if [ $want_test -eq 1 ]; then
+    # nginx: the multi-GPU host's balancer; docker.io, mmdebstrap and pigz: the container test (build, Debian base,
+    # build.sh --save). docker.io only where no Docker engine is installed (Docker CE's own packages would conflict).
+    packages+=(nginx shellcheck mmdebstrap pigz)
+    command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] || packages+=(docker.io)
+  fi
+  apt_install "${packages[@]}"
+}
+
+has_nvidia_gpu() {
+  [ -e /dev/nvidiactl ] || nvidia-smi -L >/dev/null 2>&1
+}
+
+# The pip options that choose where torch comes from (printed one per line), and why (on stderr).
+torch_index() {
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    printf '%s\n' --index-url "$TORCH_INDEX_URL"
+  elif has_nvidia_gpu; then
+    echo "setup: an NVIDIA GPU is here: torch from the default index (PyPI's is the CUDA build)" >&2
+  # One short try: a machine that cannot reach the index should not wait on retries before falling back.
+  elif curl --silent --fail --output /dev/null --connect-timeout 5 --max-time 15 --retry 0 "$cpu_index/torch/"; then
+    echo "setup: no NVIDIA GPU: torch's CPU build from $cpu_index" >&2
+    printf '%s\n' --index-url "$cpu_index"
+  else
+    echo "setup: no NVIDIA GPU, but PyTorch's CPU index ($cpu_index) cannot be reached: torch from the default" \
+      "index (on plain PyPI that is the CUDA build, GBs; set TORCH_INDEX_URL to a mirror of the CPU index)" >&2
+  fi
+}
+
+venv_has() { # venv_has REQUIREMENT: the venv holds a distribution that satisfies it
+  .venv/bin/python - "$1" <<'EOF' 2>/dev/null
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pip._vendor.packaging.requirements import Requirement
+
+requirement = Requirement(sys.argv[1])
+try:
+    sys.exit(not requirement.specifier.contains(version(requirement.name), prereleases=True))
+except PackageNotFoundError:
+    sys.exit(1)
+EOF
+}
+
+stamp_text() {
+  echo "pyproject $(sha256sum pyproject.toml | cut -d' ' -f1) torch $torch_spec extras $1"
+}
+
+project_up_to_date() {
+  [ -f "$stamp" ] && venv_has image-server || return 1
+  # What test installs includes bench, so a --test setup covers a plain one.
+  grep -qxF -e "$(stamp_text "$extras")" -e "$(stamp_text test)" "$stamp"
+}
+
+echo "setup: checking system packages"
 if command -v apt-get >/dev/null 2>&1; then
-  apt_install python3-venv curl
-  [ $want_test -eq 1 ] && apt_install nginx shellcheck
+  system_packages
 fi
 
-python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv with $($python --version)"
+  step 1 "creating .venv with $($python --version)"
   "$python" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install --quiet --upgrade pip
+else
+  step 1 ".venv exists"
 fi
 
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build where a CPU one will do.
-# On a GPU host set TORCH_SPEC to the build you want (e.g. "torch==2.13.0" from the CUDA index).
-.venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-extras=""
-[ $want_test -eq 1 ] && extras="[test]"
-.venv/bin/python -m pip install -q -e ".${extras}"
-echo "setup: ready ($(.venv/bin/python -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'))"
+if venv_has "$torch_spec"; then
+  step 2 "$torch_spec is installed"
+else
+  step 2 "installing $torch_spec"
+  mapfile -t index < <(torch_index)
+  .venv/bin/python -m pip install "$torch_spec" "${index[@]}"
+fi
+
+if project_up_to_date; then
+  step 3 "image-server[$extras] is installed and pyproject.toml has not changed since"
+else
+  step 3 "installing image-server[$extras] and its dependencies (editable)"
+  .venv/bin/python -m pip install -e ".[$extras]"
+  stamp_text "$extras" >"$stamp"
+fi
+
+versions=$(.venv/bin/python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "diffusers", v("diffusers"))')
+echo "setup: ready in ${SECONDS}s ($versions)"

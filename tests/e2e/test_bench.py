@@ -63,6 +63,30 @@ def test_run_pressure_test_wrapper_stops_by_itself(server, tmp_path):
     assert summary["requests"] >= 1 and summary["ok"] == summary["requests"]
 
 
+def test_wrapper_picks_the_cpu_mix_and_prints_progress_lines_in_a_log(server, tmp_path):
+    """A first run as the README has it: no MIX, output to a log (not a terminal)."""
+    out = tmp_path / "out"
+    env = {"URL": server.url, "DURATION": "3"}
+    proc = run_tool("./run_pressure_test.sh", "2", "--progress-every", "0.5", "--out", str(out), env=env)
+    assert proc.stdout.startswith("mix: bench/mix-cpu.jsonl (the server runs on the CPU;"), proc.stdout
+    assert json.loads((out / "pressure.json").read_text())["config"]["mix"].endswith("bench/mix-cpu.jsonl")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("progress: ")]
+    assert lines and lines[-1].split()[1].split("/")[1].isdigit(), proc.stderr
+    assert "\r" not in proc.stderr  # no tqdm bar redrawn in place
+
+
+def test_pressure_without_matplotlib_reports_and_says_how_to_get_the_plot(server, tmp_path):
+    stub = tmp_path / "stub/matplotlib"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    mix = write_mix(tmp_path / "mix.jsonl", TINY)
+    out = tmp_path / "out"
+    args = ("--url", server.url, "--rps", "2", "--count", "2", "--mix", str(mix), "--out", str(out), "--no-progress")
+    proc = run_tool(sys.executable, "bench/pressure.py", *args, env={"PYTHONPATH": str(tmp_path / "stub")})
+    assert "images/s" in proc.stdout and "no plot: matplotlib is not installed" in proc.stdout
+    assert (out / "pressure.json").exists() and not (out / "pressure.png").exists()
+
+
 def test_example_mixes_parse():
     spec = importlib.util.spec_from_file_location("pressure", BENCH / "pressure.py")
     sys.path.insert(0, str(BENCH))  # pressure.py imports its sibling harness.py

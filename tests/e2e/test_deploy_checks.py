@@ -63,7 +63,12 @@ def test_dockerfile_policies():
     for cache in ("HF_HOME", "TORCH_HOME", "TRITON_CACHE_DIR"):  # all under the one writable path
         assert re.search(rf"\b{cache}=/app/state/", env), cache
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert "python3.12" in runs and "libnuma1" in runs
+    # One Python for the base's packages and every venv: Ubuntu 24.04's 3.12 by default (the CUDA lock's).
+    assert "PYTHON=python3.12" in args
+    assert '"${PYTHON}" "${PYTHON}-venv" "${PYTHON}-dev"' in runs and "libnuma1" in runs
+    assert runs.count('--python "${PYTHON}"') == 2  # the server's venv and SGLang's
+    # The default image is the mission's: the SGLang engine in, flash-attn a build argument away.
+    assert "WITH_SGLANG=1" in args and "WITH_FLASH_ATTN=0" in args
     assert "chown -R 1001:0 /app/state" in runs and "chmod -R g=u /app/state" in runs
     assert "docker/install.sh" in runs and "--lock" in runs and "pip install" not in runs  # wheelhouse only
     assert ("USER", "1001:0") in instructions
@@ -103,3 +108,24 @@ def test_cuda_lock_matches_the_dockerfile_cuda():
     cuda = re.search(r"CUDA_VERSION=(\d+\.\d+)", (ROOT / "Dockerfile").read_text())[1]
     assert pins["cuda-toolkit"][0].startswith(cuda + "."), (pins["cuda-toolkit"], cuda)
     assert lock_entries(LOCKS["cpu"])["torch"][0].endswith("+cpu")
+
+
+def test_the_nunchaku_line_shown_in_the_wheel_list_is_well_formed(tmp_path):
+    """The example in requirements/wheels-cuda.txt (and docs/DEPLOYMENT.md) parses as an entry once uncommented, and
+    names a wheel for the image's torch, CUDA and Python."""
+    (example,) = [
+        line.removeprefix("#").strip()
+        for line in (ROOT / "requirements/wheels-cuda.txt").read_text().splitlines()
+        if "github.com/nunchaku-ai/nunchaku/releases/download/" in line
+    ]
+    url = example.split()[0]
+    assert url in (ROOT / "docs/DEPLOYMENT.md").read_text()
+    listed = tmp_path / "wheels.txt"
+    listed.write_text(example.replace("<sha256>", "0" * 64) + "\n")
+    result = run(["bash", "-c", f"source {ROOT}/docker/wheel-list.sh && wheel_list {listed}"])
+    assert result.returncode == 0, result.stdout
+    name = result.stdout.split()[2]
+    assert name.startswith("nunchaku-") and "+cu13.0torch2.13-cp312-cp312-linux_x86_64.whl" in name, name
+    cuda = re.search(r"CUDA_VERSION=(\d+\.\d+)", (ROOT / "Dockerfile").read_text())[1]
+    torch = lock_entries(LOCKS["cuda"])["torch"][0]
+    assert f"cu{cuda}torch{'.'.join(torch.split('.')[:2])}" in name

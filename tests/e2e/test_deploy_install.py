@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.support.deploy import ROOT, FileServer, make_wheel, run, sha256
+from tests.support.deploy import ROOT, WHEELHOUSE, FileServer, make_wheel, run, sha256
 from tests.support.images import decode_b64
 
-# Kept between runs like the demo model cache: download-packages.sh only adds what is missing.
 LOCK = ROOT / "requirements/cpu-py311.txt"
-WHEELHOUSE = Path(os.environ.get("IMAGE_SERVER_TEST_WHEELHOUSE", Path(tempfile.gettempdir()) / "image-server-wheels"))
+FLASH_ATTN = ROOT / "requirements/flash-attn-cuda.txt"
 
 
 @pytest.fixture
@@ -60,6 +59,15 @@ def test_offline_install_from_the_wheelhouse_then_serve_through_the_entrypoint(t
     assert "No broken requirements found" in project.stdout
     check = run([venv / "bin/python", "-c", "import offindex_demo, server, torch; print(torch.__version__)"])
     assert check.returncode == 0 and check.stdout.strip().endswith("+cpu"), check.stdout
+
+    # The image's flash-attn step (WITH_FLASH_ATTN=1) up to the compiler: its sources fetched from PyPI by their
+    # pinned URLs and hashes, then built against this venv's torch without build isolation, so every build
+    # dependency must be there. SKIP_CUDA_BUILD stands in for nvcc, which this machine lacks.
+    fetched = run([ROOT / "download-packages.sh", "--lock", "", "--wheels", FLASH_ATTN, "--dest", WHEELHOUSE])
+    assert fetched.returncode == 0, fetched.stdout
+    no_nvcc = {**os.environ, "FLASH_ATTENTION_FORCE_BUILD": "TRUE", "FLASH_ATTENTION_SKIP_CUDA_BUILD": "TRUE"}
+    flash = run([*install, "--wheelhouse", WHEELHOUSE, "--wheels", FLASH_ATTN], env=no_nvcc)
+    assert flash.returncode == 0 and "No broken requirements found" in flash.stdout, flash.stdout
 
     # The entrypoint as in the image: state folders that do not exist yet, configuration by environment only.
     state = tmp_path / "state"

@@ -9,29 +9,11 @@ import yaml
 from server import config
 from server.metrics import Metrics
 from server.plugins import discover
-from tests.support.deploy import ROOT, run, tool
+from tests.support.deploy import ROOT, objects, render, run, tool
 
 OVERLAYS = ["k8s/overlays/kubernetes", "k8s/overlays/openshift", "k8s/examples/queue-autoscaling"]
 # Oldest schema checked: OpenShift 4.14 is Kubernetes 1.27. The newest is kubernetes-validate's default.
 SCHEMA_VERSIONS = ["1.27.0", None]
-
-_rendered: dict[str, str] = {}
-
-
-def render(overlay: str) -> str:
-    if overlay not in _rendered:
-        result = run([tool("kubectl"), "kustomize", ROOT / overlay])
-        assert result.returncode == 0, result.stdout
-        _rendered[overlay] = result.stdout
-    return _rendered[overlay]
-
-
-def objects(overlay: str) -> dict[str, dict]:
-    """Rendered objects by kind (one of each kind here)."""
-    docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
-    by_kind = {d["kind"]: d for d in docs}
-    assert len(by_kind) == len(docs), "one object per kind expected"
-    return by_kind
 
 
 def settings(objs: dict) -> dict[str, str]:

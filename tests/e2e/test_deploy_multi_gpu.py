@@ -163,3 +163,14 @@ def test_nginx_spreads_requests_and_loses_none_when_an_instance_stops(host):
     host.proc.send_signal(signal.SIGTERM)
     assert host.proc.wait(90) == 0, host.output()
     assert not any(alive(pid) for pid in pids)
+
+
+MISSING = [("NGINX", "apt-get install nginx"), ("IMAGE_SERVER", "scripts/setup.sh")]
+
+
+@pytest.mark.parametrize(("variable", "hint"), MISSING)
+def test_run_says_what_is_missing_before_starting_anything(tmp_path, variable, hint):
+    env = {**os.environ, "GPUS": "0", "STATE_DIR": str(tmp_path), variable: str(tmp_path / "missing")}
+    result = run([ROOT / "multi-gpu/run.sh"], env=env, timeout=30)
+    assert result.returncode == 1 and hint in result.stdout, result.stdout
+    assert not (tmp_path / "nginx/nginx.conf").exists()

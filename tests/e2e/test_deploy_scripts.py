@@ -1,5 +1,6 @@
-"""build.sh (with a stand-in `docker`: this machine has no Docker engine), download-packages.sh (the package index
-part for a few pinned packages, the off-index part from a loopback server) and install.sh's own checks."""
+"""build.sh (with a stand-in `docker`; tests/test_container.py runs it with the real one), download-packages.sh (the
+package index part for a few pinned packages, the off-index part from a loopback server) and install.sh's own
+checks."""
 
 import gzip
 import os
@@ -12,27 +13,38 @@ import pytest
 
 from tests.support.deploy import ROOT, FileServer, lock_subset, make_wheel, run, sha256
 
-# Stands in for the docker CLI: records its arguments; `docker save` writes something to stdout.
+# Stands in for the docker CLI: records its arguments, and for a build the files of the context (its last argument)
+# with their inode numbers; `docker save` writes something to stdout.
 FAKE_DOCKER = """#!/usr/bin/env bash
 echo "$*" >>"$DOCKER_LOG"
+if [ "$1" = build ]; then (cd "${!#}" && find . -type f -printf '%P %i\\n' | sort) >"$DOCKER_LOG.context"; fi
 if [ "$1" = save ]; then echo "saved $2"; fi
 """
+CUDA_ARGS = "--build-arg WITH_SGLANG=1 --build-arg WITH_FLASH_ATTN=0"
 
 
 @pytest.fixture
 def build_repo(tmp_path):
-    """A git checkout holding build.sh and a wheelhouse, and the environment that runs it with the fake docker."""
+    """A git checkout holding build.sh, what .dockerignore lets into the context and a wheelhouse, and the environment
+    that runs build.sh with the fake docker."""
     repo = tmp_path / "repo"
     (repo / "wheelhouse").mkdir(parents=True)
     shutil.copy(ROOT / "build.sh", repo)
+    shutil.copy(ROOT / ".dockerignore", repo)
+    for folder in ("docker", "requirements", "server", "plugins"):
+        (repo / folder).mkdir()
+        (repo / folder / "file.txt").write_text(folder)
+    for file in ("pyproject.toml", "README.md", "Dockerfile", "notes.txt"):
+        (repo / file).write_text(file)
     (repo / "wheelhouse/x-1.0-py3-none-any.whl").write_bytes(b"wheel")
-    (repo / ".gitignore").write_text("wheelhouse/\nout/\n")
+    (repo / ".gitignore").write_text("wheelhouse/\nwheelhouse-cpu/\nout/\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "docker").write_text(FAKE_DOCKER)
     (bin_dir / "docker").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DOCKER_LOG": str(tmp_path / "docker.log")}
-    env.pop("IMAGE_TAG", None)
+    for name in ("IMAGE_TAG", "WHEELHOUSE", "DOCKER"):
+        env.pop(name, None)
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "init")
@@ -50,12 +62,78 @@ def docker_calls(env: dict) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def test_build_tags_the_short_hash_with_plain_progress_and_two_jobs(build_repo):
+def built_context(env: dict) -> dict[str, int]:
+    """The files of the last build's context, with their inode numbers."""
+    lines = Path(env["DOCKER_LOG"] + ".context").read_text().splitlines()
+    return {name: int(inode) for name, inode in (line.rsplit(" ", 1) for line in lines)}
+
+
+def build_call(repo: Path, args: str, tag: str, extra: str = "") -> str:
+    """The docker build that build.sh runs: its own arguments, the variant's, the tag, the caller's, the context."""
+    tagged = f"--file Dockerfile --tag image-server:{tag}"
+    return f"build --progress=plain --build-arg MAX_JOBS=2 {args} {tagged}{extra} {repo}/out/build-context"
+
+
+def test_build_is_the_cuda_image_with_sglang_tagged_with_the_short_hash(build_repo):
     repo, env = build_repo
     result = run([repo / "build.sh"], cwd=repo, env=env)
     assert result.returncode == 0, result.stdout
     short = git(repo, "rev-parse", "--short", "HEAD")
-    assert docker_calls(env) == [f"build --progress=plain --build-arg MAX_JOBS=2 --tag image-server:{short} ."]
+    assert docker_calls(env) == [build_call(repo, CUDA_ARGS, short)]
+    assert "(CUDA, with SGLang)" in result.stdout
+
+
+CPU_ARGS = (
+    "--build-arg BASE_IMAGE=debian:bookworm-slim --build-arg PYTHON=python3.11 "
+    "--build-arg LOCK=requirements/cpu-py311.txt --build-arg WHEELS= --build-arg WITH_SGLANG=0"
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "args", "suffix"),
+    [
+        (["--lean"], "--build-arg WITH_SGLANG=0 --build-arg WITH_FLASH_ATTN=0", "-lean"),
+        (["--flash-attn"], "--build-arg WITH_SGLANG=1 --build-arg WITH_FLASH_ATTN=1", "-flash-attn"),
+        (["--lean", "--flash-attn"], "--build-arg WITH_SGLANG=0 --build-arg WITH_FLASH_ATTN=1", "-lean-flash-attn"),
+        (["--cpu"], CPU_ARGS + " --build-arg WITH_FLASH_ATTN=0", "-cpu"),
+    ],
+)
+def test_each_variant_has_its_build_arguments_and_its_own_tag(build_repo, options, args, suffix):
+    repo, env = build_repo
+    if "--cpu" in options:
+        shutil.move(repo / "wheelhouse", repo / "wheelhouse-cpu")  # the CPU variant's own default wheelhouse
+    # Extra arguments go to docker build after the variant's, so that they win.
+    result = run([repo / "build.sh", *options, "--build-arg", "BASE_IMAGE=mine"], cwd=repo, env=env)
+    assert result.returncode == 0, result.stdout
+    short = git(repo, "rev-parse", "--short", "HEAD")
+    assert docker_calls(env) == [build_call(repo, args, short + suffix, " --build-arg BASE_IMAGE=mine")]
+
+
+def test_flash_attn_needs_the_cuda_image(build_repo):
+    repo, env = build_repo
+    result = run([repo / "build.sh", "--cpu", "--flash-attn"], cwd=repo, env=env)
+    assert result.returncode == 2 and "needs the CUDA image" in result.stdout
+    assert docker_calls(env) == []
+
+
+@pytest.mark.parametrize("how", ["--wheelhouse", "WHEELHOUSE"])
+def test_the_context_is_what_dockerignore_lets_in_with_a_wheelhouse_from_anywhere(build_repo, tmp_path, how):
+    repo, env = build_repo
+    elsewhere = tmp_path / "cache/wheels"
+    shutil.move(repo / "wheelhouse", elsewhere)
+    options = ["--wheelhouse", str(elsewhere)] if how == "--wheelhouse" else []
+    if how == "WHEELHOUSE":
+        env["WHEELHOUSE"] = str(elsewhere)
+    result = run([repo / "build.sh", *options], cwd=repo, env=env)
+    assert result.returncode == 0, result.stdout
+    context = built_context(env)
+    assert sorted(context) == [
+        ".dockerignore", "README.md", "docker/file.txt", "plugins/file.txt", "pyproject.toml",
+        "requirements/file.txt", "server/file.txt", "wheelhouse/x-1.0-py3-none-any.whl",
+    ]  # fmt: skip
+    # hard-linked, not copied: a wheelhouse of many GB costs nothing to stage
+    assert context["wheelhouse/x-1.0-py3-none-any.whl"] == (elsewhere / "x-1.0-py3-none-any.whl").stat().st_ino
+    assert not (repo / "out/build-context").exists()  # removed after the build
 
 
 def test_build_tags_the_git_tag_and_save_prints_the_matching_load(build_repo):
@@ -63,10 +141,7 @@ def test_build_tags_the_git_tag_and_save_prints_the_matching_load(build_repo):
     git(repo, "tag", "v1.2.3")
     result = run([repo / "build.sh", "--save"], cwd=repo, env=env)
     assert result.returncode == 0, result.stdout
-    assert docker_calls(env) == [
-        "build --progress=plain --build-arg MAX_JOBS=2 --tag image-server:v1.2.3 .",
-        "save image-server:v1.2.3",
-    ]
+    assert docker_calls(env) == [build_call(repo, CUDA_ARGS, "v1.2.3"), "save image-server:v1.2.3"]
     archive = repo / "out/image-server-v1.2.3.tar.gz"
     assert gzip.decompress(archive.read_bytes()) == b"saved image-server:v1.2.3\n"
     assert result.stdout.splitlines()[-1] == "docker load -i out/image-server-v1.2.3.tar.gz"
@@ -75,9 +150,9 @@ def test_build_tags_the_git_tag_and_save_prints_the_matching_load(build_repo):
 def test_build_marks_uncommitted_changes(build_repo):
     repo, env = build_repo
     (repo / "build.sh").write_text((repo / "build.sh").read_text() + "\n")
-    result = run([repo / "build.sh"], cwd=repo, env=env)
+    result = run([repo / "build.sh", "--cpu", "--wheelhouse", "wheelhouse"], cwd=repo, env=env)
     assert result.returncode == 0, result.stdout
-    assert docker_calls(env)[0].endswith(f"image-server:{git(repo, 'rev-parse', '--short', 'HEAD')}-dirty .")
+    assert f"image-server:{git(repo, 'rev-parse', '--short', 'HEAD')}-dirty-cpu " in docker_calls(env)[0]
 
 
 @pytest.mark.parametrize("how", ["git tag", "IMAGE_TAG"])
@@ -92,11 +167,13 @@ def test_build_refuses_latest(build_repo, how):
     assert docker_calls(env) == []
 
 
-def test_build_refuses_an_empty_wheelhouse(build_repo):
+@pytest.mark.parametrize("variant", [[], ["--cpu"]])
+def test_build_refuses_an_empty_wheelhouse_and_says_how_to_fill_it(build_repo, variant):
     repo, env = build_repo
     shutil.rmtree(repo / "wheelhouse")
-    result = run([repo / "build.sh"], cwd=repo, env=env)
-    assert result.returncode != 0 and "download-packages.sh" in result.stdout
+    result = run([repo / "build.sh", *variant], cwd=repo, env=env)
+    assert result.returncode != 0
+    assert f"run ./download-packages.sh{' --cpu' if variant else ''} first" in result.stdout
     assert docker_calls(env) == []
 
 
@@ -146,6 +223,28 @@ def test_download_fills_the_wheelhouse_for_the_target_and_is_idempotent(tmp_path
     third = download(tmp_path, wheels, dest)
     assert third.returncode == 0, third.stdout
     assert server.gets[f"/{wheel.name}"] == 2 and sha256(dest / wheel.name) == sha256(wheel)
+
+
+@pytest.mark.parametrize(
+    ("options", "locks", "python"),
+    [
+        ([], ["cuda-py312.txt", "sglang-cuda-py312.txt"], "3.12"),  # ./build.sh's default: CUDA with SGLang
+        (["--lean"], ["cuda-py312.txt"], "3.12"),
+        (["--cpu"], ["cpu-py311.txt"], "3.11"),
+    ],
+)
+def test_download_fetches_the_locks_of_each_variant(tmp_path, options, locks, python):
+    log = tmp_path / "pip.log"
+    fake_python = tmp_path / "python"  # records each `python -m pip download ...`
+    fake_python.write_text(f'#!/usr/bin/env bash\necho "$*" >>{log}\n')
+    fake_python.chmod(0o755)
+    dest = tmp_path / "wheelhouse"
+    command = [ROOT / "download-packages.sh", *options, "--wheels", "", "--dest", dest]
+    result = run(command, env={**os.environ, "PYTHON": str(fake_python)})
+    assert result.returncode == 0, result.stdout
+    calls = log.read_text().splitlines()
+    assert [call.split(" -r ")[1] for call in calls] == [str(ROOT / "requirements" / lock) for lock in locks]
+    assert all(f"--python-version {python} " in call for call in calls)
 
 
 def test_download_refuses_a_wheel_whose_sha256_differs(tmp_path, release_page):

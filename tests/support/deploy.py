@@ -3,18 +3,24 @@
 import collections
 import hashlib
 import http.server
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.parse
 import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+# The CPU wheelhouse, kept between runs like the demo model cache (download-packages.sh only adds what is missing):
+# test_deploy_install.py installs from it, test_container.py builds the image from it.
+WHEELHOUSE = Path(os.environ.get("IMAGE_SERVER_TEST_WHEELHOUSE", Path(tempfile.gettempdir()) / "image-server-wheels"))
 
 
 def tool(name: str) -> str:
@@ -30,6 +36,26 @@ def run(cmd: list, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(c) for c in cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
     )
+
+
+_rendered: dict[str, str] = {}
+
+
+def render(overlay: str) -> str:
+    """A kustomize overlay (path from the root) rendered with kubectl, once per test run."""
+    if overlay not in _rendered:
+        result = run([tool("kubectl"), "kustomize", ROOT / overlay])
+        assert result.returncode == 0, result.stdout
+        _rendered[overlay] = result.stdout
+    return _rendered[overlay]
+
+
+def objects(overlay: str) -> dict[str, dict]:
+    """Rendered objects by kind (one of each kind here)."""
+    docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one object per kind expected"
+    return by_kind
 
 
 def lock_entries(path: Path) -> dict[str, tuple[str, list[str]]]:
@@ -71,7 +97,9 @@ def make_wheel(folder: Path, name: str = "offindex_demo", version: str = "1.0+lo
     path = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
         for member, text in files.items():
-            wheel.writestr(member, text)
+            # A fixed date: the same bytes every run, so the shared wheelhouse (and the image built from it in
+            # test_container.py) does not change because a test made its wheel again.
+            wheel.writestr(zipfile.ZipInfo(member, date_time=(2020, 1, 1, 0, 0, 0)), text)
     return path
 
 
