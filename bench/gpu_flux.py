@@ -18,6 +18,7 @@ attention settings), as one row per variant:
   server-fp8-compile-model ... COMPILE_SCOPE=model (one graph of the whole transformer, not per block)
   server-nunchaku          NUNCHAKU_TRANSFORMER (Turing/Ampere/Ada/RTX 50xx, the real wheel, a real svdq file)
   server-nunchaku-lora     ... PLUGINS=lora (compose_lora)
+  server-bf16-concurrency  1 and 4 closed-loop clients, MAX_BATCH=4 and 1: images/s, p50, p95
 
 LoRA variants: the plugin enabled with no LoRA; 3 weighted LoRAs (random, rank
 16, FLUX attention and MLP layers); the set switching between requests. The
@@ -36,6 +37,7 @@ Usage, on a GPU machine (on an H100 the first command takes 6 minutes; each FP8 
   python bench/gpu_flux.py --paths server-fp8-compile-lora
   python bench/gpu_flux.py --paths server-fp8-compile-model
   python bench/gpu_flux.py --paths server-nunchaku,server-nunchaku-lora --nunchaku-transformer /models/svdq-...
+  python bench/gpu_flux.py --quick --compile-cache /tmp/cc   # the main paths in ~9 minutes (bench/gpu_carry.sh)
   python bench/gpu_flux.py --tiny --out /tmp/bench     # CPU smoke test at the demo model's size (CI runs it)
 Results accumulate in OUT/gpu_flux.json (per GPU and path); the section "GPU (bench/gpu_flux.py)" of
 OUT/BENCHMARKS.md is rewritten from it (OUT defaults to docs/). Each child's log and the LoRA files go to
@@ -68,7 +70,10 @@ PATHS = (
     "server-fp8-compile-model",
     "server-nunchaku",
     "server-nunchaku-lora",
+    "server-bf16-concurrency",
 )
+# --quick: the main paths in about 9 minutes on an H100/H200 (a 15-minute GPU window covers a rerun)
+QUICK_PATHS = ("server-bf16-lora", "server-fp8-compile-lora", "server-bf16-concurrency")
 LABELS = {
     "diffusers-bf16": "diffusers bf16",
     "server-bf16": "image-server bf16 (HTTP)",
@@ -78,6 +83,7 @@ LABELS = {
     "server-fp8-compile-model": "image-server FP8 + compile of the whole model (HTTP)",
     "server-nunchaku": "image-server Nunchaku 4-bit (HTTP)",
     "server-nunchaku-lora": "image-server Nunchaku 4-bit (HTTP)",
+    "server-bf16-concurrency": "image-server bf16, concurrent clients (HTTP)",
 }
 REFERENCES = [
     ("xDiT, torch.compile", "4.30 s"),
@@ -175,13 +181,14 @@ LORA_TARGETS = (
 class Scale:
     """The full benchmark, or the CPU smoke test at the demo model's size."""
 
-    def __init__(self, tiny: bool) -> None:
+    def __init__(self, tiny: bool, quick: bool = False) -> None:
         self.tiny = tiny
         self.size = 128 if tiny else 1024
         self.steps = 4 if tiny else 28
         self.short_steps = 2 if tiny else 8
-        self.repeats = 1 if tiny else 3
+        self.repeats = 1 if tiny else 2 if quick else 3
         self.lora_rank = 4 if tiny else 16
+        self.per_client = 2 if tiny or quick else 4  # requests each concurrent client sends
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -372,6 +379,8 @@ def server_settings(path: str, scale: Scale, model_dir: Path, lora_dir: Path, ar
         overrides.update(compile_scope="model")
     if "nunchaku" in path:
         overrides.update(nunchaku_transformer=args.nunchaku_transformer)
+    if args.compile_cache:
+        overrides.update(compile_cache_dir=Path(args.compile_cache))
     return overrides
 
 
@@ -472,6 +481,60 @@ def bench_server(path: str, scale: Scale, device, dtype, meter: Meter, lora_dir:
         srv.stop()
 
 
+def bench_concurrency(scale: Scale, device, dtype, meter: Meter, lora_dir: Path, args) -> list[dict]:
+    """images/s and latency percentiles with 1 and 4 closed-loop clients, batching on (MAX_BATCH=4) and off."""
+    from server.config import from_env
+
+    rows = []
+    for batch in (4, 1):
+        model_dir = Path(tempfile.mkdtemp(prefix="gpu-flux-model-"))
+        (model_dir / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+        overrides = {**server_settings("server-bf16", scale, model_dir, lora_dir, args), "max_batch": batch}
+        srv = InProcessServer(from_env(**overrides), lambda dt, **c: build_pipeline(scale.tiny, dt, device, **c))
+        srv.start()
+        try:
+            for clients in (1, 4):
+                rows.append(concurrent_row(srv.url, scale, clients, batch))
+        finally:
+            srv.stop()
+    return rows
+
+
+def concurrent_row(url: str, scale: Scale, clients: int, batch: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    body = {"prompt": PROMPT, "size": f"{scale.size}x{scale.size}", "num_inference_steps": scale.steps, "seed": 1}
+
+    def client_loop(_) -> list[float]:
+        with httpx.Client(base_url=url, timeout=3600) as client:
+            times = []
+            for _ in range(scale.per_client):
+                started = time.perf_counter()
+                client.post("/v1/images/generations", json=body).raise_for_status()
+                times.append(time.perf_counter() - started)
+            return times
+
+    client_loop(0)  # warm-up at this size
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = sorted(t for times in pool.map(client_loop, range(clients)) for t in times)
+    wall = time.perf_counter() - started
+    p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
+    return {
+        "path": "server-bf16-concurrency",
+        "label": LABELS["server-bf16-concurrency"],
+        "variant": f"{clients} client{'s' if clients > 1 else ''}, batching {'on' if batch > 1 else 'off'}",
+        "s_per_image": round(statistics.median(latencies), 3),
+        "ms_per_step": None,
+        "peak_gib": None,
+        "images_per_s": round(len(latencies) / wall, 3),
+        "p95_s": round(p95, 3),
+        "engine": {"MAX_BATCH": batch, "images/s": round(len(latencies) / wall, 3), "p95 s": round(p95, 3)},
+    }
+
+
 # -- which paths run here ------------------------------------------------------------------------------
 
 
@@ -508,7 +571,7 @@ def run_child(args) -> None:
     from server import logs
 
     logs.configure(False, "info")
-    scale = Scale(args.tiny)
+    scale = Scale(args.tiny, args.quick)
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -522,6 +585,8 @@ def run_child(args) -> None:
         rows = [{"path": path, "label": LABELS[path], "skipped": reason}]
     elif path == "diffusers-bf16":
         rows = bench_diffusers(scale, device, dtype, meter, lora_dir)
+    elif path == "server-bf16-concurrency":
+        rows = bench_concurrency(scale, device, dtype, meter, lora_dir, args)
     else:
         rows = bench_server(path, scale, device, dtype, meter, lora_dir, args)
     Path(args.result).write_text(json.dumps({"machine": machine(cuda, args.tiny), "rows": rows}))
@@ -566,7 +631,7 @@ def machine(cuda: bool, tiny: bool) -> dict:
 
 
 def run_paths(args) -> None:
-    scale = Scale(args.tiny)
+    scale = Scale(args.tiny, args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
@@ -574,7 +639,8 @@ def run_paths(args) -> None:
     lora_dir = work / ("loras-tiny" if args.tiny else "loras")
     prepare_loras(scale, lora_dir)
     where, _ = run_in_child("machine", args, lora_dir, work)
-    wanted = PATHS if args.paths == "auto" else tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    everything = QUICK_PATHS if args.quick else PATHS
+    wanted = everything if args.paths == "auto" else tuple(p.strip() for p in args.paths.split(",") if p.strip())
     unknown = [p for p in wanted if p not in PATHS]
     if unknown:
         raise SystemExit(f"unknown paths {unknown}; known: {', '.join(PATHS)}")
@@ -593,9 +659,11 @@ def run_in_child(path: str, args, lora_dir: Path, work: Path) -> tuple[dict, lis
     result = Path(tempfile.mkstemp(prefix="gpu-flux-", suffix=".json")[1])
     log = work / f"gpu_flux-{path}{'-tiny' if args.tiny else ''}.log"
     command = [sys.executable, __file__, "--child", path, "--result", str(result), "--lora-dir", str(lora_dir)]
-    command += ["--compile-mode", args.compile_mode]
+    command += ["--compile-mode", args.compile_mode, "--compile-cache", args.compile_cache]
     if args.tiny:
         command.append("--tiny")
+    if args.quick:
+        command.append("--quick")
     if args.nunchaku_transformer:
         command += ["--nunchaku-transformer", args.nunchaku_transformer]
     with log.open("w") as sink:
@@ -695,6 +763,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the demo-sized model on the CPU: a smoke test")
     parser.add_argument("--nunchaku-transformer", default="", help="a real svdq-{int4|fp4}_r32-flux.1-dev file")
     parser.add_argument("--compile-mode", default="default", help="COMPILE_MODE for the fp8-compile paths")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"the main paths in about 9 minutes: {', '.join(QUICK_PATHS)}"
+    )
+    parser.add_argument(
+        "--compile-cache", default="", help="COMPILE_CACHE_DIR for the compile paths (a rerun loads, not compiles)"
+    )
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--result", default="", help=argparse.SUPPRESS)
     parser.add_argument("--lora-dir", default="", help=argparse.SUPPRESS)

@@ -113,6 +113,11 @@ class Settings:
         "start) or model (the whole transformer as one graph)",
         choices=("blocks", "model"),
     )
+    compile_cache_dir: Path = option(
+        Path(""),
+        "with COMPILE: a folder (a volume that outlives the pod) where torch.compile's artefacts are kept, so a "
+        "restart loads them instead of compiling again",
+    )
     attention: str = option(
         "auto",
         "attention kernel: auto (FlashAttention 3 on Hopper where installed, else PyTorch SDPA) or a diffusers "

@@ -17,6 +17,7 @@ from PIL import Image
 
 from server.config import Settings
 from server.engines.base import Engine, EngineHooks, Fallback, LoRATarget, PipelineContext, Progress, ProvidedPipeline
+from server.engines.compile_cache import CompileCache
 from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu
 from server.engines.previews import PreviewDecoder, predicted_clean, preview_steps
 from server.errors import bad_request
@@ -100,6 +101,7 @@ class DiffusersEngine(Engine):
         self.name = settings.model_name or ("flux-demo" if settings.model == "demo" else Path(settings.model).name)
         self.info = {"engine": "diffusers", "device": str(self.device), "precision": str(self.dtype)[6:]}
         self.compiled = False
+        self.compile_cache: CompileCache | None = None
 
     # -- loading ---------------------------------------------------------
 
@@ -129,6 +131,10 @@ class DiffusersEngine(Engine):
         self.use_pipeline(pipe, offload="model" if options.offload else "")
         mergeable = not (options.fp8 or options.compile)  # FP8 weights and compiled graphs take a slot instead
         target = LoRATarget(pipe, mergeable, weight_shapes(pipe), self.dtype)
+        if options.compile and str(self.settings.compile_cache_dir) not in ("", "."):
+            identity = (str(gpu), repr(options), str(path), self.settings.default_size, str(self.dtype))
+            self.compile_cache = CompileCache(self.settings.compile_cache_dir, *identity)
+            self.compile_cache.load()
         info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype, lambda: hooks.lora_applier(target))
         self.compiled = options.compile
         self.info.update(info, offload="model CPU offload" if options.offload else None)
@@ -191,6 +197,8 @@ class DiffusersEngine(Engine):
             width, height = (int(side) for side in self.settings.default_size.lower().split("x"))
         spec = GenerationSpec(prompt="warm up", n=1, width=width, height=height, steps=2, guidance=0.0, seeds=[0])
         self.generate([spec], Progress())
+        if self.compile_cache is not None:  # everything the warm-up compiled, for the next start
+            self.info["compile_cache"] = self.compile_cache.save()
 
     # -- requests --------------------------------------------------------
 

@@ -180,3 +180,20 @@ def test_gpu_benchmark_script_runs_at_tiny_scale_on_cpu(tmp_path):
     assert "diffusers bf16" in report and "image-server bf16 (HTTP)" in report
     assert "LoRA set switching" in report
     assert (out / "gpu_flux.json").is_file()
+
+
+def test_gpu_carry_prepares_what_an_air_gapped_gpu_host_lacks(tmp_path):
+    """bench/gpu_carry.sh: the missing packages at the lock's versions and image-server with its entry points,
+    within the 64 MiB such a host takes; installed with --no-index --target as there, the plugins are found."""
+    import zipfile
+
+    done = subprocess.run(["bash", str(BENCH / "gpu_carry.sh"), str(tmp_path / "whl")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    wheels = {p.name.split("-")[0] for p in (tmp_path / "whl").glob("*.whl")}
+    assert {"diffusers", "fastapi", "pydantic_core", "uvicorn", "torchao", "image_server"} <= wheels
+    assert sum(p.stat().st_size for p in (tmp_path / "whl").iterdir()) < 64 * 2**20
+    (project,) = (tmp_path / "whl").glob("image_server-*.whl")
+    with zipfile.ZipFile(project) as wheel:
+        entry_points = next(wheel.read(n).decode() for n in wheel.namelist() if n.endswith("entry_points.txt"))
+    assert "[image_server.plugins]" in entry_points and "lora = plugins.lora:LoRAPlugin" in entry_points

@@ -11,7 +11,12 @@ from server.metrics import Metrics
 from server.plugins import discover
 from tests.support.deploy import ROOT, objects, render, run, tool
 
-OVERLAYS = ["k8s/overlays/kubernetes", "k8s/overlays/openshift", "k8s/examples/queue-autoscaling"]
+OVERLAYS = [
+    "k8s/overlays/kubernetes",
+    "k8s/overlays/openshift",
+    "k8s/examples/queue-autoscaling",
+    "k8s/examples/compile-cache",
+]
 # Oldest schema checked: OpenShift 4.14 is Kubernetes 1.27. The newest is kubernetes-validate's default.
 SCHEMA_VERSIONS = ["1.27.0", None]
 
@@ -135,7 +140,7 @@ def test_models_read_only_caches_on_emptydir_keys_from_secret_settings_from_conf
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     models = volumes[mounts["/app/models"]["name"]]
     assert mounts["/app/models"]["readOnly"] is True and models["persistentVolumeClaim"]["readOnly"] is True
-    assert models["persistentVolumeClaim"]["claimName"] == objs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert objs[f"PersistentVolumeClaim/{models['persistentVolumeClaim']['claimName']}"]
     assert settings(objs)["MODEL_PATH"].startswith("/app/models")
     # The image's one writable path (HF_HOME, torch, Triton caches, HOME) and /tmp: the root filesystem is read-only.
     assert "emptyDir" in volumes[mounts["/app/state"]["name"]]

@@ -44,8 +44,10 @@ def test_fp8_on_a_cpu_machine_refuses_to_start_with_the_reason():
     exits_with({"FP8": "1"}, "FP8 needs an NVIDIA GPU of compute capability 8.9 or newer", "no CUDA GPU")
 
 
-def test_an_attention_kernel_that_cannot_run_is_refused():
-    exits_with({"ATTENTION": "_flash_3"}, "ATTENTION=_flash_3 cannot run here")
+@pytest.mark.parametrize("backend", ["_flash_3", "flash"])
+def test_an_attention_kernel_that_cannot_run_is_refused(backend):
+    """FlashAttention 3, and flash-attn (the image's WITH_FLASH_ATTN=1), are not installed here: refused with why."""
+    exits_with({"ATTENTION": backend}, f"ATTENTION={backend} cannot run here")
 
 
 def test_nunchaku_on_a_cpu_machine_refuses_and_names_the_unrelated_package(tmp_path, int4_file):
@@ -160,3 +162,22 @@ def test_first_block_cache_under_per_block_compile_matches_eager():
         assert np.abs(got - render(plain, steps=4)).mean() > 0.2
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_restart_with_the_compile_cache_compiles_nothing(make_server, tmp_path):
+    """COMPILE_CACHE_DIR (a volume that outlives the pod): the first start compiles and saves the artefacts; the
+    next, in a new pod whose own caches are empty (a fresh TORCHINDUCTOR_CACHE_DIR), loads them and compiles
+    nothing: Inductor's own counters, shown in /v1/models."""
+
+    def start() -> dict:
+        env = {"COMPILE": "1", "COMPILE_CACHE_DIR": str(tmp_path / "volume"), "DEFAULT_SIZE": "64x64",
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"pod-{len(list(tmp_path.iterdir()))}")}  # fmt: skip
+        srv = make_server(env)
+        engine = httpx.get(srv.url + "/v1/models").json()["data"][0]["engine"]
+        srv.stop()
+        return engine["compile_cache"]
+
+    first, second = start(), start()
+    assert first["compiled"] > 0 and first["from_cache"] == 0
+    assert second["compiled"] == 0 and second["from_cache"] == first["compiled"]

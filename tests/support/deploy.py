@@ -51,10 +51,12 @@ def render(overlay: str) -> str:
 
 
 def objects(overlay: str) -> dict[str, dict]:
-    """Rendered objects by kind (one of each kind here)."""
+    """Rendered objects by kind, and by "kind/name" (a kind may have several: the compile-cache example adds a
+    second PersistentVolumeClaim)."""
     docs = [d for d in yaml.safe_load_all(render(overlay)) if d]
-    by_kind = {d["kind"]: d for d in docs}
-    assert len(by_kind) == len(docs), "one object per kind expected"
+    by_kind = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+    for d in docs:
+        by_kind.setdefault(d["kind"], d)
     return by_kind
 
 

@@ -51,6 +51,11 @@ def sglang_executable(settings: Settings) -> str:
     """SGLANG_BIN, else the venv scripts/setup-sglang.sh makes under CACHE_DIR, else `sglang` on PATH."""
     if settings.sglang_bin:
         path = Path(settings.sglang_bin).expanduser()
+        if not path.exists():
+            raise SystemExit(
+                f"SGLANG_BIN={settings.sglang_bin!r} does not exist: this installation has no SGLang (an image built "
+                "with `./build.sh --lean` leaves it out; the default image has it, or run scripts/setup-sglang.sh)."
+            )
         if not os.access(path, os.X_OK):
             raise SystemExit(f"SGLANG_BIN={settings.sglang_bin!r} is not an executable file.")
         return str(path)
