@@ -1,13 +1,13 @@
 """Behind a connection balancer (a Kubernetes Service balances connections, not requests), a full pod's 429
 closes the connection, so the SDK's retry reconnects and lands on another pod."""
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 
 from tests.support.balancer import RoundRobin
+from tests.support.waiting import until
 
 SLOW = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 28}
 
@@ -17,7 +17,7 @@ def test_a_full_pods_429_is_retried_on_another_pod(make_server):
     idle = make_server()
     with ThreadPoolExecutor(2) as pool:  # the first pod: one request running, one queued
         busy = [pool.submit(httpx.post, full.url + "/v1/images/generations", json=SLOW, timeout=300) for _ in range(2)]
-        _until(lambda: full.metric("image_server_queue_depth") == 1)
+        until(lambda: full.metric("image_server_queue_depth") == 1)
         with RoundRobin([full.port, idle.port]) as balancer:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{balancer.port}/v1", api_key="x", max_retries=2)
             result = client.images.generate(prompt="hello", size="64x64", extra_body={"num_inference_steps": 2})
@@ -26,12 +26,3 @@ def test_a_full_pods_429_is_retried_on_another_pod(make_server):
     assert balancer.connections == [full.port, idle.port]  # the retry opened a new connection, to the other pod
     assert full.metric("image_server_requests_total", 'status="429"') == 1
     assert idle.metric("image_server_requests_total", 'route="/v1/images/generations",status="200"') == 1
-
-
-def _until(predicate, timeout: float = 120) -> None:
-    event = threading.Event()
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        event.wait(0.05)
-    raise AssertionError("timed out waiting")

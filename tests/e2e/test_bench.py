@@ -197,3 +197,18 @@ def test_gpu_carry_prepares_what_an_air_gapped_gpu_host_lacks(tmp_path):
     with zipfile.ZipFile(project) as wheel:
         entry_points = next(wheel.read(n).decode() for n in wheel.namelist() if n.endswith("entry_points.txt"))
     assert "[image_server.plugins]" in entry_points and "lora = plugins.lora:LoRAPlugin" in entry_points
+
+
+def test_previews_cost_tool_runs_and_reports(tmp_path):
+    out = tmp_path / "previews"
+    run_tool(sys.executable, str(BENCH / "previews.py"), "--size", "128x128", "--steps", "6", "--pairs", "1",
+             "--threads", "1", "--out", str(out))  # fmt: skip
+    rows = json.loads((out / "previews.json").read_text())["rows"]
+    assert [r["decoder"] for r in rows] == ["vae", "linear"] and all(r["ratio"] > 0 for r in rows)
+
+
+def test_memory_tool_reports_the_bomb_and_the_largest_edit(tmp_path):
+    out = tmp_path / "memory"
+    run_tool(sys.executable, str(BENCH / "memory.py"), "--out", str(out), timeout=600)
+    rows = json.loads((out / "memory.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == [400, 200]

@@ -33,6 +33,7 @@ from PIL import Image
 from bench.harness import free_port, scrape
 from tests.support.deploy import ROOT, WHEELHOUSE, objects, run
 from tests.support.images import decode_b64, gradient, png_bytes
+from tests.support.waiting import until
 
 # A cold run (base image, wheelhouse, build) takes minutes; a warm one mostly saves, loads and serves.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -312,9 +313,9 @@ def test_docker_stop_drains_queued_work_then_exits_zero(served):
     slow = {"prompt": "queued", "size": "512x512", "num_inference_steps": 28}
     with ThreadPoolExecutor(6) as pool:
         accepted = [pool.submit(served.generate, {**slow, "seed": i}) for i in range(4)]
-        wait_for(lambda: scrape(served.url, "image_server_queue_depth") >= 2, "a queue")
+        until(lambda: scrape(served.url, "image_server_queue_depth") >= 2, 60, "a queue")
         stopping = pool.submit(run, [served.docker, "stop", "--time", "120", served.name])
-        wait_for(lambda: served.status("/ready") == 503, "readiness 503")
+        until(lambda: served.status("/ready") == 503, 60, "readiness 503")
         late = served.generate(slow)
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
         assert served.status("/health") == 200
@@ -322,10 +323,3 @@ def test_docker_stop_drains_queued_work_then_exits_zero(served):
         assert stopping.result().returncode == 0
     assert served.inspect("{{.State.ExitCode}}") == "0", served.logs()
     assert "draining" in served.logs()
-
-
-def wait_for(predicate, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)

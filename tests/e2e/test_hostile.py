@@ -6,7 +6,6 @@ or get a 500; a rejected request changes nothing.
 
 import base64
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from tests.support.images import assert_openai_shape, decode_b64, pixels
 from tests.support.loras import ODD_KINDS, half_broken_lora, odd_lora, peft_lora
 from tests.support.s3 import Verifier, presigned_put
+from tests.support.waiting import until
 from tests.unit.test_images import bomb_png
 
 FAST = {"num_inference_steps": 2, "seed": 3}
@@ -138,7 +138,7 @@ def test_a_trickling_upload_target_stalls_no_one_and_its_image_comes_back(make_s
                 )
                 for i in range(2)
             ]
-            _until(lambda: target.trickling == 2)
+            until(lambda: target.trickling == 2)
             plain = client.images.generate(prompt="plain", size="64x64", extra_body=FAST)
             assert plain.data[0].b64_json and target.trickling == 2  # answered while both uploads still trickle
             for future in slow:
@@ -148,15 +148,6 @@ def test_a_trickling_upload_target_stalls_no_one_and_its_image_comes_back(make_s
                 assert "UPLOAD_TIMEOUT" in item.model_extra["upload"]["error"]
     finally:
         target.shutdown()
-
-
-def _until(predicate, timeout: float = 60) -> None:
-    event = threading.Event()
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        event.wait(0.05)
-    raise AssertionError("timed out waiting")
 
 
 # -- 6. limits hold --------------------------------------------------------------------------------------
@@ -235,7 +226,7 @@ def test_a_client_that_leaves_mid_body_is_a_499_not_an_error(make_server):
             b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000\r\n\r\n" + b'{"prompt": "' + b"x" * 1000
         )
-    _until(lambda: "status=499" in server.logs())
+    until(lambda: "status=499" in server.logs())
     assert "Traceback" not in server.logs() and "ERROR" not in server.logs()
 
 
@@ -244,9 +235,9 @@ def test_a_429_leaves_nothing_unawaited_and_says_how_long_the_queue_is(make_serv
     slow = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 28}
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(httpx.post, srv.url + "/v1/images/generations", json=slow, timeout=300)
-        _until(lambda: srv.metric("image_server_in_flight") == 1 and srv.metric("image_server_queue_depth") == 0)
+        until(lambda: srv.metric("image_server_in_flight") == 1 and srv.metric("image_server_queue_depth") == 0)
         queued = pool.submit(httpx.post, srv.url + "/v1/images/generations", json=slow, timeout=300)
-        _until(lambda: srv.metric("image_server_queue_depth") == 1)
+        until(lambda: srv.metric("image_server_queue_depth") == 1)
         full = httpx.post(srv.url + "/v1/images/generations", json=slow, timeout=60)
         assert full.status_code == 429 and full.headers["connection"] == "close"
         assert 1 <= int(full.headers["retry-after"]) <= 120
@@ -261,7 +252,7 @@ def test_drain_gives_up_on_the_running_batch_at_drain_timeout(make_server):
         answers = [
             pool.submit(httpx.post, srv.url + "/v1/images/generations", json=slow, timeout=300) for _ in range(2)
         ]
-        _until(lambda: srv.metric("image_server_in_flight") == 2)
+        until(lambda: srv.metric("image_server_in_flight") == 2)
         srv.signal()
         statuses = [a.result().status_code for a in answers]
     assert statuses == [503, 503]

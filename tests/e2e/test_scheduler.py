@@ -3,7 +3,6 @@
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,17 +10,9 @@ import openai
 import pytest
 
 from tests.support.images import assert_same_image, decode_b64, pixels
+from tests.support.waiting import until
 
 SLOW = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 28}
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def post(srv, body, timeout=120.0):
@@ -59,12 +50,12 @@ def test_full_queue_answers_429_with_retry_after(make_server):
     srv = make_server({"MAX_QUEUE": "1", "MAX_BATCH": "1"})
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(post, srv, SLOW)
-        wait_for(
+        until(
             lambda: srv.metric("image_server_in_flight") == 1 and srv.metric("image_server_queue_depth") == 0,
             what="first request running",
         )
         queued = pool.submit(post, srv, {**SLOW, "size": "256x256"})
-        wait_for(lambda: srv.metric("image_server_queue_depth") == 1, what="second request queued")
+        until(lambda: srv.metric("image_server_queue_depth") == 1, what="second request queued")
         with pytest.raises(openai.RateLimitError) as err:
             srv.client(max_retries=0).images.generate(prompt="one too many", size="256x256")
         assert int(err.value.response.headers["retry-after"]) >= 1
@@ -82,7 +73,7 @@ def test_timeout_ends_waiting_and_the_server_goes_on(make_server):
         for response in (first.result(), second.result()):
             assert response.status_code == 504
             assert response.json()["error"]["code"] == "timeout"
-    wait_for(lambda: srv.metric("image_server_in_flight") == 0, what="idle")
+    until(lambda: srv.metric("image_server_in_flight") == 0, what="idle")
     with pytest.raises(openai.InternalServerError) as err:
         client.images.generate(prompt="slow", size="1024x1024", extra_body={"num_inference_steps": 28})
     assert err.value.status_code == 504
@@ -93,11 +84,11 @@ def test_request_whose_client_left_before_it_started_is_dropped(make_server):
     srv = make_server({"MAX_BATCH": "1"})
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(post, srv, SLOW)
-        wait_for(lambda: srv.metric("image_server_in_flight") == 1, what="first request running")
+        until(lambda: srv.metric("image_server_in_flight") == 1, what="first request running")
         with pytest.raises(httpx.ReadTimeout):
             post(srv, {**SLOW, "prompt": "impatient"}, timeout=0.5)
         assert running.result().status_code == 200
-    wait_for(lambda: srv.metric("image_server_in_flight") == 0, what="idle")
+    until(lambda: srv.metric("image_server_in_flight") == 0, what="idle")
     assert srv.metric("image_server_images_total") == 1  # the impatient request never ran
     assert "status=499" in srv.logs()
 
@@ -108,9 +99,9 @@ def test_sigterm_drains_queued_work_then_exits_zero(make_server):
     body = {**SLOW, "prompt": "queued"}
     with ThreadPoolExecutor(4) as pool:
         accepted = [pool.submit(post, srv, {**body, "seed": i}) for i in range(4)]
-        wait_for(lambda: srv.metric("image_server_queue_depth") >= 2, what="a queue")
+        until(lambda: srv.metric("image_server_queue_depth") >= 2, what="a queue")
         srv.signal(signal.SIGTERM)
-        wait_for(lambda: httpx.get(srv.url + "/ready").status_code == 503, timeout=5, what="readiness 503")
+        until(lambda: httpx.get(srv.url + "/ready").status_code == 503, timeout=5, what="readiness 503")
         late = post(srv, body)
         assert late.status_code == 503
         assert late.headers["retry-after"]

@@ -3,7 +3,6 @@ ones, per image and in order; edits the same; a client that leaves mid-stream fr
 
 import itertools
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from tests.support.images import decode_b64, gradient, pixels, png_bytes
+from tests.support.waiting import until
 
 STEPS = {"num_inference_steps": 8}
 
@@ -98,7 +98,7 @@ def test_curl_sees_events_as_they_happen_and_keep_alives_while_queued(streamer):
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(httpx.post, streamer.url + "/v1/images/generations", json={**body, "stream": False},
                            timeout=300)  # fmt: skip
-        _until(lambda: streamer.metric("image_server_in_flight") == 1)
+        until(lambda: streamer.metric("image_server_in_flight") == 1)
         with httpx.stream("POST", streamer.url + "/v1/images/generations", json=body, timeout=300) as response:
             assert "content-length" not in response.headers
             assert response.headers["content-type"].startswith("text/event-stream")
@@ -116,16 +116,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_batch(streamer):
         for line in response.iter_lines():
             if line.startswith("event: image_generation.partial_image"):
                 break  # the first preview, after 25 of 100 steps: now leave
-    _until(lambda: "batch stopped after" in streamer.logs())
+    until(lambda: "batch stopped after" in streamer.logs())
     stopped = re.search(r"batch stopped after (\d+) of 100 steps", streamer.logs())
     assert stopped and int(stopped[1]) < 100
     assert streamer.client(max_retries=0).images.generate(prompt="next", size="64x64", extra_body=STEPS).data
-
-
-def _until(predicate, timeout: float = 120) -> None:
-    event = threading.Event()
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        event.wait(0.05)
-    raise AssertionError("timed out waiting")

@@ -8,6 +8,7 @@ import pytest
 
 from tests.support.fakes import InProcess
 from tests.support.images import assert_openai_shape, decode_b64, gradient, png_bytes
+from tests.support.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def test_429_and_503_close_the_connection_and_retry_after_follows_the_queue():
         threads[0].start()
         app.engine.entered.acquire(timeout=10)
         threads[1].start()
-        _wait(lambda: app.service.scheduler.depth == 1)
+        until(lambda: app.service.scheduler.depth == 1)
         app.service.scheduler.seconds_per_image = 2.5
         full = app.http.post("/v1/images/generations", json={"prompt": "one too many", "size": "64x64"})
         app.engine.gate.set()
@@ -145,12 +146,3 @@ def test_openapi_has_the_response_schemas(app):
     assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ImagesResponse")
     assert "text/event-stream" in responses["200"]["content"]
     assert "429" in responses and "ImagesResponse" in spec["components"]["schemas"]
-
-
-def _wait(predicate, timeout: float = 10) -> None:
-    event = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        event.wait(0.01)
-    raise AssertionError("timed out waiting")
