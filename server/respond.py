@@ -67,9 +67,12 @@ def assemble(finished: Finished, delivered: list[bool], output: Output, store: I
 
 
 def _inline(encoded: bytes, output: Output, store: ImageStore) -> dict:
-    if output.response_format == "url":
+    if output.response_format != "url":
+        return {"b64_json": b64(encoded)}
+    try:
         return {"url": f"{output.base_url}/v1/images/{store.save(encoded, output.format)}"}
-    return {"b64_json": b64(encoded)}
+    except ValueError as exc:  # larger than the whole IMAGE_DIR_MAX_MB: the image is not lost
+        return {"b64_json": b64(encoded), "url_error": str(exc)}
 
 
 def b64(data: bytes) -> str:
