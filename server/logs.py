@@ -16,6 +16,7 @@ _IRRELEVANT = (
     "requires torchvision (not installed)",  # transformers' image processors fall back to PIL, which we use
     "Detected no triton",  # torchao on a machine without a GPU
     "register_constant() on Enum subclasses is deprecated",  # torchao's, at import
+    "Unable to import `torchao` Tensor objects",  # diffusers': for torchao-serialized checkpoints, never loaded here
 )
 
 
@@ -57,12 +58,14 @@ def configure(json_lines: bool, level: str) -> None:
         library.handlers.clear()  # transformers and torch print through handlers of their own
         library.propagate = True
         library.setLevel(max(logging.WARNING, root.level))
-    _route_transformers()
+    _route_hugging_face()
 
 
-def _route_transformers() -> None:
-    """transformers re-creates its handler on first use unless told not to."""
+def _route_hugging_face() -> None:
+    """transformers and diffusers re-create their handlers on first use unless told not to."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_default_handler()
-    transformers_logging.enable_propagation()
+    for library in (transformers_logging, diffusers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()

@@ -168,7 +168,17 @@ def test_gpu_benchmark_script_runs_at_tiny_scale_on_cpu(tmp_path):
     """bench/gpu_flux.py --tiny: the demo-sized FLUX on the CPU, through the same code as the GPU run."""
     out = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "bench/gpu_flux.py", "--tiny", "--out", str(out), "--work", str(tmp_path / "work")],
+        [
+            sys.executable,
+            "bench/gpu_flux.py",
+            "--tiny",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--paths",
+            "diffusers-bf16,server-bf16-lora,server-bf16-concurrency",
+        ],  # fmt: skip
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -178,7 +188,7 @@ def test_gpu_benchmark_script_runs_at_tiny_scale_on_cpu(tmp_path):
     report = (out / "BENCHMARKS.md").read_text()
     assert "## GPU (bench/gpu_flux.py)" in report
     assert "diffusers bf16" in report and "image-server bf16 (HTTP)" in report
-    assert "LoRA set switching" in report
+    assert "LoRA set switching" in report and "4 clients, batching on" in report
     assert (out / "gpu_flux.json").is_file()
 
 

@@ -8,7 +8,7 @@ Needs root, docker and mmdebstrap (scripts/setup.sh --test installs them). A doc
 and only that one is stopped afterwards; a daemon that cannot start fails the test with its log.
 IMAGE_SERVER_SKIP_CONTAINER=1 skips this module, leaving the image untested.
 Kept between runs on one machine: the Debian base image (tagged by a hash of its mmdebstrap command), the wheelhouse
-(shared with test_deploy_install.py) and Docker's build cache. On 2 cores: 5.5 minutes with nothing cached (the base
+and Docker's build cache. On 2 cores: 5.5 minutes with nothing cached (the base
 image 1, the build 2, the save 1), 2 minutes warm (mostly build.sh --save's compression, the drain, the model load);
 up to 7 and 3 beside another test run.
 """

@@ -117,14 +117,15 @@ def test_n_above_max_batch_runs_in_chunks_with_the_same_images(client):
     assert_same_image(pixels(decode_b64(many.data[5].b64_json)), pixels(decode_b64(alone.data[0].b64_json)))
 
 
-def test_stream_yields_completed_events(client):
+def test_stream_yields_partial_then_completed_events_per_image(client):
     events = list(
         client.images.generate(
             prompt="s", size="256x256", n=2, stream=True, partial_images=2, extra_body={**FAST, "seed": 8}
         )
     )
-    assert [e.type for e in events] == ["image_generation.completed"] * 2
-    assert [e.model_extra["seed"] for e in events] == [8, 9]
+    for seed in (8, 9):
+        mine = [e for e in events if e.model_extra["seed"] == seed]
+        assert [e.type for e in mine] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert all(decode_b64(e.b64_json).size == (256, 256) and e.output_format == "jpeg" for e in events)
 
 

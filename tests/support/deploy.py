@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # The CPU wheelhouse, kept between runs like the demo model cache (download-packages.sh only adds what is missing):
-# test_deploy_install.py installs from it, test_container.py builds the image from it.
+# test_container.py builds the image from it (the same install path the image uses, docker/install.sh).
 WHEELHOUSE = Path(os.environ.get("IMAGE_SERVER_TEST_WHEELHOUSE", Path(tempfile.gettempdir()) / "image-server-wheels"))
 
 
