@@ -178,7 +178,7 @@ def test_gpu_benchmark_script_runs_at_tiny_scale_on_cpu(tmp_path):
             str(tmp_path / "work"),
             "--paths",
             "diffusers-bf16,server-bf16-lora,server-bf16-concurrency",
-        ],  # fmt: skip
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
