@@ -68,7 +68,6 @@ class EventStream:
     """stream=true: the request is admitted; `events` yields keep-alive comments (None) and events."""
 
     events: AsyncIterator[StreamEvent | None]
-    timings: dict[str, float]
 
 
 class ImageService:
@@ -161,7 +160,7 @@ class ImageService:
             self._done()
             raise
         if request.stream:
-            return EventStream(self._events(job, plan, call, deadline), {})
+            return EventStream(self._events(job, plan, call, deadline))
         try:
             return await self._answer(job, plan, call, deadline)
         finally:
@@ -320,13 +319,20 @@ class Previews:
     async def rest(self) -> AsyncIterator[StreamEvent]:
         """Previews queued before the job finished (the engine hands them over before its result)."""
         while self.queue is not None and not self.queue.empty():
-            yield await self._event(*self.queue.get_nowait())
+            event = await self._event(*self.queue.get_nowait())
+            if event is not None:
+                yield event
 
-    async def _event(self, index: int, render: Callable) -> StreamEvent:
+    async def _event(self, index: int, render: Callable) -> StreamEvent | None:
+        """The preview as an event; None when it could not be made (a preview is never worth failing a request)."""
         fmt, compression = self.output.format, self.output.compression
-        encoded = await asyncio.get_running_loop().run_in_executor(
-            self.pool, lambda: encode_image(render(), fmt, compression)
-        )
+        try:
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                self.pool, lambda: encode_image(render(), fmt, compression)
+            )
+        except Exception:
+            log.exception("a preview could not be made; the stream goes on without it")
+            return None
         self.count[index] += 1
         return StreamEvent(
             type=self.kind,

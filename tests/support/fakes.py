@@ -9,6 +9,7 @@ queueing, batching, errors, streaming) is tested in milliseconds and without tim
 import threading
 import zlib
 from dataclasses import dataclass
+from functools import partial
 
 import openai
 from fastapi.testclient import TestClient
@@ -56,9 +57,25 @@ class FakeEngine(Engine):
         self.calls.append(Call(specs, progress))
         self.entered.release()
         self.gate.wait(30)
+        self._previews(specs, progress)
         if any("EXPLODE" in s.prompt for s in specs):
             raise RuntimeError("injected engine failure")
         return [[_painted(s, seed) for seed in s.seeds] for s in specs]
+
+    @staticmethod
+    def _previews(specs: list[GenerationSpec], progress: Progress) -> None:
+        """spec.previews previews per image, as the diffusers engine hands them over; BADPREVIEW's cannot render."""
+        for step in range(max((s.previews for s in specs), default=0)):
+            for i, spec in enumerate(specs):
+                for j, seed in enumerate(spec.seeds):
+                    if step < spec.previews and progress.preview is not None:
+                        progress.preview(i, j, partial(_preview, spec, seed, step))
+
+
+def _preview(spec: GenerationSpec, seed: int, step: int) -> Image.Image:
+    if "BADPREVIEW" in spec.prompt:
+        raise RuntimeError("the decoder failed")
+    return _painted(spec, seed + 1000 * (step + 1))
 
 
 def _painted(spec: GenerationSpec, seed: int) -> Image.Image:

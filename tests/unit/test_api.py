@@ -146,3 +146,27 @@ def test_openapi_has_the_response_schemas(app):
     assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ImagesResponse")
     assert "text/event-stream" in responses["200"]["content"]
     assert "429" in responses and "ImagesResponse" in spec["components"]["schemas"]
+
+
+def test_each_image_streams_its_partial_images_in_order_then_its_completed_one(app):
+    events = list(
+        app.client().images.generate(
+            prompt="p", size="64x64", n=2, stream=True, partial_images=3, extra_body={"seed": 1}
+        )
+    )
+    for seed in (1, 2):
+        mine = [e for e in events if e.model_extra["seed"] == seed]
+        assert [e.type for e in mine] == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+        assert [e.partial_image_index for e in mine[:3]] == [0, 1, 2]
+        assert len({e.b64_json for e in mine}) == 4
+
+
+def test_a_preview_that_fails_is_left_out_and_the_image_still_comes(app):
+    events = list(app.client().images.generate(prompt="BADPREVIEW", size="64x64", stream=True, partial_images=2))
+    assert [e.type for e in events] == ["image_generation.completed"]
+
+
+def test_partial_images_without_stream_changes_nothing(app):
+    before = len(app.engine.calls)
+    result = app.client().images.generate(prompt="p", size="64x64", partial_images=2)
+    assert result.data[0].b64_json and app.engine.calls[before].specs[0].previews == 0
