@@ -28,8 +28,8 @@ for line in sys.stdin:
     event = json.loads(line[6:])
     if event.get("type") == "error" or "error" in event:
         sys.exit(f"error: {event}")
-    partial = event["type"].endswith("partial_image")
-    name = f"{prefix}-partial-{event[\"partial_image_index\"]}.jpeg" if partial else f"{prefix}.jpeg"
+    index = event.get("partial_image_index")
+    name = f"{prefix}.jpeg" if index is None else f"{prefix}-partial-{index}.jpeg"
     open(name, "wb").write(base64.b64decode(event["b64_json"]))
     print(event["type"], name, flush=True)
 ' "$prefix"
