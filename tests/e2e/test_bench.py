@@ -222,3 +222,12 @@ def test_memory_tool_reports_the_bomb_and_the_largest_edit(tmp_path):
     run_tool(sys.executable, str(BENCH / "memory.py"), "--out", str(out), timeout=600)
     rows = json.loads((out / "memory.json").read_text())["rows"]
     assert [r["status"] for r in rows] == [400, 200]
+
+
+def test_lora_switch_tool_times_both_appliers(tmp_path):
+    out = tmp_path / "lora_switch"
+    args = ["--heads", "1", "--double", "1", "--single", "1", "--cycles", "1", "--slot-rank", "8", "--out", str(out)]
+    run_tool(sys.executable, str(BENCH / "lora_switch.py"), *args)
+    rows = json.loads((out / "lora_switch.json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["merged", "slot"]
+    assert all(r["switches"] == 3 and r["median_ms"] > 0 for r in rows)

@@ -13,11 +13,10 @@ import httpx
 import openai
 import pytest
 
-from tests.support.images import assert_openai_shape, decode_b64, pixels
+from tests.support.images import assert_openai_shape, bomb_png, decode_b64, pixels
 from tests.support.loras import ODD_KINDS, half_broken_lora, odd_lora, peft_lora
 from tests.support.s3 import Verifier, presigned_put
 from tests.support.waiting import until
-from tests.unit.test_images import bomb_png
 
 FAST = {"num_inference_steps": 2, "seed": 3}
 

@@ -2,27 +2,13 @@
 
 import io
 import resource
-import struct
-import zlib
 
 import pytest
 from PIL import Image
 
 from server.errors import APIError
 from server.images import check_pixels, decode, probe
-from tests.support.images import gradient, png_bytes
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A valid PNG header over a tiny IDAT: decoding would allocate width*height*4 bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
+from tests.support.images import bomb_png, gradient, png_bytes
 
 
 def test_probe_reads_the_header_without_decoding():

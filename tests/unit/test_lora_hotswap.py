@@ -62,3 +62,32 @@ def test_a_lora_bias_is_refused_by_the_slot(tmp_path):
     )
     with pytest.raises(LoRAError, match="bias"):
         slot.check(path)
+
+
+def test_a_switch_writes_only_the_layers_that_change_and_a_failed_one_leaves_the_base(lora_dir, monkeypatch):
+    """A switch copies the new set's layers and zeroes the ones only the previous set touched, nothing else.
+    A write that fails halfway (a device error, injected) leaves every slot tensor zero: the base model."""
+    pipe = demo_pipeline()
+    slot = HotswapLoRA(pipe, 16, weight_shapes(pipe), torch.float32)
+    slot.install()
+    base = render(pipe)
+    detail, style = lora_sets(lora_dir)[2:4]
+    slot.apply(detail)
+    detail_layers = set(slot.written)
+    copied: list[int] = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: copied.append(len(dst)) or real_copy(dst, src))
+    slot.apply(style)
+    assert copied == [2 * len(slot.written)] and slot.written != detail_layers
+    assert not any(slot.slot[name][0].any() for name in detail_layers - slot.written)
+
+    def fail_halfway(dst, src):
+        real_copy(dst[: len(dst) // 2], src[: len(src) // 2])
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch, "_foreach_copy_", fail_halfway)
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        slot.apply(lora_sets(lora_dir)[1])
+    assert slot.applied == () and not slot.broken
+    assert not any(tensor.any() for pair in slot.slot.values() for tensor in pair)
+    assert np.array_equal(render(pipe), base)
