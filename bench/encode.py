@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     print(harness.table(rows, ["content", "encoder", "median_ms", "p95_ms", "bytes"]))
     out = args.out or harness.default_out("encode")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = harness.config(args)
     harness.write_json(
         out / "encode.json",
         {

@@ -281,6 +281,11 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def config(args, leave_out: tuple[str, ...] = ()) -> dict:
+    """A tool's arguments as JSON can hold them (paths as strings), for the report."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in leave_out}
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                      "switches": len(times), "times_s": times})  # fmt: skip
         print(f"{path}: {ms:.1f} ms per switch (median of {len(times)}; target {TARGET_MS[path]:g} ms, full model)")
     out = args.out or harness.default_out("lora_switch")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = harness.config(args)
     harness.write_json(out / "lora_switch.json", {"config": config, "machine": machine, "rows": rows})
     print(f"wrote {out / 'lora_switch.json'}")
     print(json.dumps([{k: v for k, v in r.items() if k != "times_s"} for r in rows]))

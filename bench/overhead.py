@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["failed_uploads"]:
         print(f"warning: {summary['failed_uploads']} uploads failed; see the pairs in the JSON")
     out = args.out or harness.default_out("overhead")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = harness.config(args)
     harness.write_json(
         out / "overhead.json",
         {

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     records, wall = asyncio.run(run_load(args, entries, times, rng))
     summary = summarize(records, wall, args)
     print_summary(summary)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "api_key"}
+    config = harness.config(args, leave_out=("api_key",))
     report = {
         "config": config,
         "mix": [asdict(e) for e in entries],

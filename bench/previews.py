@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             f"3: x{row['ratio']:.3f} (target <= 1.05: {'met' if row['meets_target'] else 'NOT met'})"
         )
     out = args.out or harness.default_out("previews")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = harness.config(args)
     harness.write_json(out / "previews.json", {"config": config, "machine": machine, "rows": rows})
     print(f"wrote {out / 'previews.json'}")
     print(json.dumps([{k: v for k, v in r.items() if k != "times"} for r in rows]))

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     result["verdicts"] = verdicts(result)
     print(f"targets: {result['verdicts']}")
     out = args.out or harness.default_out("throughput")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    config = harness.config(args)
     harness.write_json(
         out / "throughput.json",
         {"config": config, "env": env, "machine": machine, "load_average_after": harness.load_average(), **result},
