@@ -33,7 +33,7 @@ from PIL import Image
 from bench.harness import free_port, scrape
 from tests.support.deploy import ROOT, WHEELHOUSE, objects, run
 from tests.support.images import decode_b64, gradient, png_bytes
-from tests.support.waiting import until
+from tests.support.waiting import submit_accepted, until
 
 # A cold run (base image, wheelhouse, build) takes minutes; a warm one mostly saves, loads and serves.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -312,7 +312,7 @@ def test_docker_stop_drains_queued_work_then_exits_zero(served):
     503, and the container exits 0. Last in this module: it stops the container."""
     slow = {"prompt": "queued", "size": "512x512", "num_inference_steps": 28}
     with ThreadPoolExecutor(6) as pool:
-        accepted = [pool.submit(served.generate, {**slow, "seed": i}) for i in range(4)]
+        accepted = submit_accepted(pool, served.url, served.generate, [{**slow, "seed": i} for i in range(4)])
         until(lambda: scrape(served.url, "image_server_queue_depth") >= 2, 60, "a queue")
         stopping = pool.submit(run, [served.docker, "stop", "--time", "120", served.name])
         until(lambda: served.status("/ready") == 503, 60, "readiness 503")

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.support.images import assert_same_image, decode_b64, pixels
-from tests.support.waiting import until
+from tests.support.waiting import submit_accepted, until
 
 SLOW = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 28}
 
@@ -98,7 +98,7 @@ def test_sigterm_drains_queued_work_then_exits_zero(make_server):
     # work enough that the drain outlasts the checks below: four 1024x1024 images at 28 steps, one at a time
     body = {**SLOW, "prompt": "queued"}
     with ThreadPoolExecutor(4) as pool:
-        accepted = [pool.submit(post, srv, {**body, "seed": i}) for i in range(4)]
+        accepted = submit_accepted(pool, srv.url, lambda b: post(srv, b), [{**body, "seed": i} for i in range(4)])
         until(lambda: srv.metric("image_server_queue_depth") >= 2, what="a queue")
         srv.signal(signal.SIGTERM)
         until(lambda: httpx.get(srv.url + "/ready").status_code == 503, timeout=5, what="readiness 503")
