@@ -94,9 +94,13 @@ stage_context
 trap 'rm -rf "$context"' EXIT
 
 image=image-server:$tag
+# The labels say which build this is, and make every tag its own image: two tags of equal content would otherwise
+# share one image ID, and removing one would not remove the image.
+revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+labels=(--label "org.opencontainers.image.version=$tag" --label "org.opencontainers.image.revision=$revision")
 echo "build.sh: building $image ($description) from $wheelhouse"
 DOCKER_BUILDKIT=1 "$docker" build --progress=plain --build-arg "MAX_JOBS=${MAX_JOBS:-2}" "${variant[@]}" \
-  --file Dockerfile --tag "$image" "$@" "$context"
+  "${labels[@]}" --file Dockerfile --tag "$image" "$@" "$context"
 
 if [ $save -eq 1 ]; then
   mkdir -p out

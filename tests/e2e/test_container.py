@@ -141,6 +141,8 @@ def image(docker):
 def test_saved_image_loads_back_as_the_same_image(docker, image):
     """What an offline cluster gets: the archive alone makes the same image (the tests below then run that one)."""
     image_id = inspect(docker, image.tag, "{{.Id}}")
+    version = inspect(docker, image.tag, '{{index .Config.Labels "org.opencontainers.image.version"}}')
+    assert version == image.tag.removeprefix("image-server:")  # so an equal build under another tag is another image
     removed = run([docker, "rmi", image.tag])
     assert removed.returncode == 0, removed.stdout
     assert run([docker, "image", "inspect", image_id]).returncode != 0, "another tag keeps the image: not a real load"

@@ -70,7 +70,9 @@ def built_context(env: dict) -> dict[str, int]:
 
 def build_call(repo: Path, args: str, tag: str, extra: str = "") -> str:
     """The docker build that build.sh runs: its own arguments, the variant's, the tag, the caller's, the context."""
-    tagged = f"--file Dockerfile --tag image-server:{tag}"
+    labels = f"--label org.opencontainers.image.version={tag} --label org.opencontainers.image.revision="
+    labels += git(repo, "rev-parse", "HEAD")
+    tagged = f"{labels} --file Dockerfile --tag image-server:{tag}"
     return f"build --progress=plain --build-arg MAX_JOBS=2 {args} {tagged}{extra} {repo}/out/build-context"
 
 
