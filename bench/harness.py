@@ -291,6 +291,15 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def save_rows(tool: str, args, machine: dict, rows: list[dict], samples: str) -> None:
+    """Writes <args.out or out/<tool>/<time>>/<tool>.json (config, machine, rows) and prints where, then the rows
+    without their raw `samples`."""
+    out = args.out or default_out(tool)
+    write_json(out / f"{tool}.json", {"config": config(args), "machine": machine, "rows": rows})
+    print(f"wrote {out / f'{tool}.json'}")
+    print(json.dumps([{k: v for k, v in row.items() if k != samples} for row in rows]))
+
+
 def default_out(tool: str) -> Path:
     """out/<tool>/<UTC time>: /out/ is ignored by git, and one run never overwrites another."""
     return ROOT / "out" / tool / time.strftime("%Y%m%d-%H%M%S", time.gmtime())

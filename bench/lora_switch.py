@@ -12,7 +12,6 @@ device synchronised), the first cycle (base copies taken, caches filled) left ou
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -102,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"path": path, "median_ms": ms, "max_ms": max(times) * 1000, "target_ms": TARGET_MS[path],
                      "switches": len(times), "times_s": times})  # fmt: skip
         print(f"{path}: {ms:.1f} ms per switch (median of {len(times)}; target {TARGET_MS[path]:g} ms, full model)")
-    out = args.out or harness.default_out("lora_switch")
-    config = harness.config(args)
-    harness.write_json(out / "lora_switch.json", {"config": config, "machine": machine, "rows": rows})
-    print(f"wrote {out / 'lora_switch.json'}")
-    print(json.dumps([{k: v for k, v in r.items() if k != "times_s"} for r in rows]))
+    harness.save_rows("lora_switch", args, machine, rows, samples="times_s")
     return 0
 
 

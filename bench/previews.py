@@ -6,7 +6,6 @@ event (the completed image); the target is at most 1.05 for a 1024x1024, 28-step
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -64,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['decoder']}: {row['plain_median_s']:.3f}s without previews, {row['previews_median_s']:.3f}s with "
             f"3: x{row['ratio']:.3f} (target <= 1.05: {'met' if row['meets_target'] else 'NOT met'})"
         )
-    out = args.out or harness.default_out("previews")
-    config = harness.config(args)
-    harness.write_json(out / "previews.json", {"config": config, "machine": machine, "rows": rows})
-    print(f"wrote {out / 'previews.json'}")
-    print(json.dumps([{k: v for k, v in r.items() if k != "times"} for r in rows]))
+    harness.save_rows("previews", args, machine, rows, samples="times")
     return 0
 
 
