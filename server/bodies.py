@@ -6,9 +6,15 @@ sees it (a 64 MiB list of numbers would otherwise cost seconds and gigabytes). B
 strings, which cost little to parse. Nesting deeper than Python's recursion limit is a 400 too.
 """
 
+import dataclasses
 import json
 import re
+from dataclasses import dataclass
 
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from server.decoders import Job
 from server.errors import bad_request
 
 MAX_JSON_VALUES = 50_000
@@ -106,3 +112,163 @@ def parse_json_value(text: str) -> object:
         return json.loads(text, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+# -- large bodies, parsed in a decode process (server/decoders.py) --------------------------------------------
+
+LARGE_BODY = 64 * 1024  # bytes of JSON above which the body is parsed in a decode process, not on the event loop
+LONG_STRING = 4096  # characters: longer strings (data URLs) travel back as bytes, outside the JSON
+MAX_REST = 1 << 20  # bytes of a body's JSON once its long strings are out: no image request needs more
+
+
+@dataclass(frozen=True)
+class FormLimits:
+    max_files: int
+    max_fields: int
+    max_field_bytes: int
+    max_file_bytes: int
+    file_too_large: str = "file_too_large"  # the error code for a file over max_file_bytes
+
+
+@dataclass(frozen=True)
+class FormPart:
+    name: str
+    filename: str | None  # None: a text field
+    content_type: str | None
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        try:
+            return self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.data.decode("latin-1")
+
+
+def json_job(body: bytes) -> Job:
+    """A JSON body to parse in a decode process: a long C call (json.loads of 64 MB holds the GIL for most of
+    a second) stays off the event loop, and its long strings come back as bytes, outside any JSON."""
+    return Job({"op": "json"}, [body], len(body), _joined_json)
+
+
+def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
+    """Decode process: the body parsed, its long strings taken out and sent as blobs, where they were kept."""
+    data = parse_json(blobs[0])
+    paths, strings, stack = [], [], [(data, [])]
+    while stack:
+        node, path = stack.pop()
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(value, str) and len(value) > LONG_STRING:
+                paths.append([*path, key])
+                strings.append(value.encode("utf-8", "surrogatepass"))
+                node[key] = ""
+            elif isinstance(value, dict | list):
+                stack.append((value, [*path, key]))
+    if len(json.dumps(data)) > MAX_REST:
+        raise invalid_json(f"it holds more than {MAX_REST // 1024} KiB besides its long strings")
+    return {"data": data, "paths": paths}, strings
+
+
+def _joined_json(reply: dict, strings: list[bytearray]) -> dict:
+    data = reply["data"]
+    for path, value in zip(reply["paths"], strings, strict=True):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value.decode("utf-8", "surrogatepass")
+    return data
+
+
+def form_job(body: bytes, content_type: str, limits: FormLimits) -> Job:
+    """A multipart body to parse in a decode process."""
+    header = {"op": "form", "content_type": content_type, "limits": dataclasses.asdict(limits)}
+    return Job(header, [body], len(body), _form_parts)
+
+
+def split_form(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
+    """Decode process: the parts of a multipart body, each bounded."""
+    parts = parse_form(bytes(blobs[0]), header["content_type"], FormLimits(**header["limits"]))
+    return {"parts": [[p.name, p.filename, p.content_type] for p in parts]}, [p.data for p in parts]
+
+
+def _form_parts(reply: dict, blobs: list[bytearray]) -> list[FormPart]:
+    return [FormPart(*fields, bytes(data)) for fields, data in zip(reply["parts"], blobs, strict=True)]
+
+
+def invalid_form(why: str):
+    return bad_request(f"We could not parse the multipart body of your request: {why}", None, "invalid_multipart")
+
+
+def parse_form(body: bytes, content_type: str, limits: FormLimits) -> list[FormPart]:
+    """The parts of a multipart/form-data body; a 400 for a malformed one or one past `limits`."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise invalid_form("its Content-Type has no boundary.")
+    reader = _FormReader(limits)
+    try:
+        parser = MultipartParser(boundary, reader.callbacks())
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as exc:
+        raise invalid_form(str(exc)) from None
+    return reader.parts
+
+
+class _FormReader:
+    """python-multipart's callbacks: each part's name, file name, type and bytes, within the limits."""
+
+    def __init__(self, limits: FormLimits) -> None:
+        self.limits = limits
+        self.parts: list[FormPart] = []
+        self.files = self.fields = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._field, self._value = b"", b""
+        self._data = bytearray()
+        self._part: tuple[str, str | None, str | None] = ("", None, None)
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda data, start, end: setattr(self, "_field", self._field + data[start:end]),
+            "on_header_value": lambda data, start, end: setattr(self, "_value", self._value + data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data_in,
+            "on_part_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        self._headers, self._data = {}, bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        options = parse_options_header(self._headers.get(b"content-disposition"))[1]
+        if b"name" not in options:
+            raise invalid_form("a part has no name in its Content-Disposition.")
+        name = options[b"name"].decode("utf-8", "replace")
+        filename = options[b"filename"].decode("utf-8", "replace") if b"filename" in options else None
+        content_type = self._headers.get(b"content-type", b"").decode("latin-1") or None
+        self._part = (name, filename, content_type)
+        if filename is None:
+            self.fields += 1
+            if self.fields > self.limits.max_fields:
+                raise invalid_form(f"it has more than {self.limits.max_fields} fields.")
+        else:
+            self.files += 1
+            if self.files > self.limits.max_files:
+                raise bad_request(f"At most {self.limits.max_files} files may be sent.", name)
+
+    def _data_in(self, data: bytes, start: int, end: int) -> None:
+        name, filename, _ = self._part
+        if filename is None and len(self._data) + end - start > self.limits.max_field_bytes:
+            raise invalid_form(f"the field '{name}' is larger than {self.limits.max_field_bytes // 1024} KiB.")
+        if filename is not None and len(self._data) + end - start > self.limits.max_file_bytes:
+            limit = self.limits.max_file_bytes / 2**20
+            raise bad_request(f"'{name}' is larger than {limit:g} MiB.", name, self.limits.file_too_large)
+        self._data += data[start:end]
+
+    def _end(self) -> None:
+        self.parts.append(FormPart(*self._part, bytes(self._data)))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from server.engines.base import Progress
-from server.errors import APIError, shutting_down, timed_out
+from server.errors import APIError, shutting_down
 from server.lora import LoRASet
 from server.metrics import Metrics
 from server.spec import GenerationSpec
@@ -33,14 +33,9 @@ MAX_RETRY_AFTER = 120  # seconds; the OpenAI SDK ignores longer hints
 Execute = Callable[[list[GenerationSpec], Progress], Awaitable[list[list[Image.Image]]]]
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request finished; nobody is left to answer."""
-
-
 @dataclass(eq=False)
 class Job:
     spec: GenerationSpec
-    deadline: float  # monotonic time by which the request must be answered
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     started: float = 0.0
@@ -65,9 +60,9 @@ class Admission:
         self._scheduler = scheduler
         self._open = True
 
-    def submit(self, spec: GenerationSpec, deadline: float, previews: asyncio.Queue | None = None) -> Job:
+    def submit(self, spec: GenerationSpec, previews: asyncio.Queue | None = None) -> Job:
         self.release()
-        return self._scheduler._enqueue(spec, deadline, previews)
+        return self._scheduler._enqueue(spec, previews)
 
     def release(self) -> None:
         if self._open:
@@ -85,7 +80,6 @@ class Scheduler:
         max_batch: int,
         batch_window: float,
         max_bypass: int,
-        timeout: float,
         can_batch: bool = True,
         expect_company: Callable[[], bool] = lambda: True,
     ) -> None:
@@ -95,7 +89,6 @@ class Scheduler:
         self.max_batch = max_batch
         self.batch_window = batch_window
         self.max_bypass = max_bypass
-        self.timeout = timeout  # REQUEST_TIMEOUT, for the 504's message (each job carries its deadline)
         self.can_batch = can_batch
         self._expect_company = expect_company
         self._queue: list[Job] = []
@@ -141,22 +134,15 @@ class Scheduler:
         images = sum(j.spec.n for j in self._queue) + sum(j.spec.n for j in self._running)
         return max(1, min(MAX_RETRY_AFTER, math.ceil(images * self.seconds_per_image)))
 
-    async def wait(self, job: Job, disconnected: Callable[[], Awaitable[None]] | None = None) -> list[Image.Image]:
-        """The job's images; APIError (504 past the deadline, 503, 500, 400) or ClientGone."""
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
-        waiting = {job.future} | ({watcher} if watcher else set())
+    async def wait(self, job: Job) -> list[Image.Image]:
+        """The job's images, or its error (APIError: 503, 500, 400). Cancelled (its request's deadline passed or
+        its client left: see RequestLife), the job is dropped from the queue, or its batch stops when every
+        request in it has gone."""
         try:
-            timeout = max(0.0, job.deadline - time.monotonic())
-            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if watcher:
-                watcher.cancel()
-        if job.future.done():
-            return job.future.result()  # raises the job's error, if any
-        self.cancel(job)
-        if watcher in done:
-            raise ClientGone()
-        raise timed_out(self.timeout)
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            self.cancel(job)
+            raise
 
     def cancel(self, job: Job) -> None:
         """Nobody waits for this job any more: dropped from the queue, or its batch stops when all have left."""
@@ -183,10 +169,10 @@ class Scheduler:
 
     # -- queueing --------------------------------------------------------
 
-    def _enqueue(self, spec: GenerationSpec, deadline: float, previews: asyncio.Queue | None) -> Job:
+    def _enqueue(self, spec: GenerationSpec, previews: asyncio.Queue | None) -> Job:
         if not self.accepting:
             raise shutting_down()
-        job = Job(spec, deadline, asyncio.get_running_loop().create_future(), previews=previews)
+        job = Job(spec, asyncio.get_running_loop().create_future(), previews=previews)
         self._queue.append(job)
         self._metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()
