@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
-from server.errors import APIError, bad_request, timed_out
+from server.errors import APIError, bad_request
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,8 @@ def too_slow(what: str, seconds: float, param: str | None) -> APIError:
 
 
 def timed_out_while(what: str) -> APIError:
-    error = timed_out(0)
-    error.message = f"The request's deadline (REQUEST_TIMEOUT) passed while {what}."
-    return error
+    message = f"The request's deadline (REQUEST_TIMEOUT) passed while {what}."
+    return APIError(504, message, type="timeout_error", code="timeout")
 
 
 # -- the worker (child side) ------------------------------------------------------------------------------

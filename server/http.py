@@ -17,8 +17,10 @@ Each connection dropped for a deadline is counted, by which (`image_server_conne
 """
 
 import asyncio
+import fcntl
 import socket
 import struct
+import termios
 
 from prometheus_client import Counter
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -138,7 +140,7 @@ class ServerProtocol(H11Protocol):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._watch_writes(self.transport.get_write_buffer_size())
+        self._watch_writes(self._unsent())
 
     def resume_writing(self) -> None:
         if self._write_deadline is not None:
@@ -149,12 +151,24 @@ class ServerProtocol(H11Protocol):
     def _watch_writes(self, buffered: int) -> None:
         self._write_deadline = self.loop.call_later(self.write_timeout, self._writes_stalled, buffered)
 
-    def _writes_stalled(self, buffered: int) -> None:
+    def _writes_stalled(self, unsent: int) -> None:
         """WRITE_TIMEOUT after a pause: a client that read something since gets another WRITE_TIMEOUT (a large
         answer drains slowly over a slow link); one that read nothing is dropped."""
-        now = self.transport.get_write_buffer_size()
-        if now < buffered:
+        now = self._unsent()
+        if now < unsent:
             self._watch_writes(now)
         else:
             self._write_deadline = None
             self._drop("write_timeout")
+
+    def _unsent(self) -> int:
+        """Bytes written and not yet taken by the client: in the transport's buffer, and in the kernel's send
+        queue (which the client empties as it reads; the transport's moves only in large steps)."""
+        queued = 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return self.transport.get_write_buffer_size() + queued

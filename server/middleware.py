@@ -132,28 +132,30 @@ class RequestLife:
 
         task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
         try:
-            ended = await self._run(task, connection, life.deadline + self.grace, answer)
+            end = await self._run(task, connection, life.deadline + self.grace, answer)
         finally:
             life.end()
-        if not ended and not answer["started"]:
+        if end == "deadline" and not answer["started"]:
             await timed_out(self.timeout).response()(scope, receive, send)
-        elif not ended and connection is not None:
+        elif end == "deadline" and connection is not None:
             connection.abort()
 
-    async def _run(self, task: asyncio.Task, connection, cutoff: float, answer: dict) -> bool:
-        """Whether the app ended by itself; if not, it is cancelled and has finished its cleanup."""
+    async def _run(self, task: asyncio.Task, connection, cutoff: float, answer: dict) -> str:
+        """How the request ended: "answered" by the app (its exception, if any, raised here for RequestLog),
+        or cancelled when its client was "gone" or its "deadline" passed, its cleanup done."""
         gone = asyncio.ensure_future(connection.gone.wait()) if connection is not None else asyncio.Future()
         try:
-            await asyncio.wait({task, gone}, timeout=max(0.0, cutoff - time.monotonic()), return_when="FIRST_COMPLETED")
+            timeout = max(0.0, cutoff - time.monotonic())
+            await asyncio.wait({task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             if not task.done() and not answer["complete"]:
                 task.cancel()
             await asyncio.wait({task})  # its cleanup runs now, and an outer cancellation waits for it
         if not task.cancelled():
-            task.result()  # the app's own end, or its exception for RequestLog
-            return True
-        return False
+            task.result()
+            return "answered"
+        return "gone" if connection is not None and connection.gone.is_set() else "deadline"
 
 
 class BodyLimit:
