@@ -71,15 +71,17 @@ def many_scan_jpeg(side: int = 2048, scans: int = 5000) -> bytes:
 
 
 class HostileServer(ThreadingHTTPServer):
-    """A loopback HTTP server that answers every GET with a trickle (a byte every `interval` seconds, never
-    finishing) and every PUT with `error_bytes` of a 400 error body; it counts what it was asked."""
+    """A loopback HTTP server that answers every GET with `image` at full speed or, without one, with a trickle
+    (a byte every `interval` seconds, never finishing), and every PUT with `error_bytes` of a 400 error body;
+    it counts what it was asked."""
 
     daemon_threads = True
 
-    def __init__(self, interval: float = 1.0, error_bytes: int = 0) -> None:
+    def __init__(self, interval: float = 1.0, error_bytes: int = 0, image: bytes = b"") -> None:
         super().__init__(("127.0.0.1", 0), _Hostile)
         self.interval = interval
         self.error_bytes = error_bytes
+        self.image = image
         self.requests = 0
         self.sent = 0  # body bytes written, all answers together
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -104,8 +106,11 @@ class _Hostile(BaseHTTPRequestHandler):
         self.server.requests += 1
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(10**9))
+        self.send_header("Content-Length", str(len(self.server.image) or 10**9))
         self.end_headers()
+        if self.server.image:
+            self.wfile.write(self.server.image)
+            return
         try:
             while True:
                 self.wfile.write(b"\0")

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.auth import require_api_key
-from server.bodies import FILE_FIELDS, LARGE_BODY, FormLimits, FormPart, form_fields, form_job, json_job, parse_json
+from server.bodies import FILE_FIELDS, FormLimits, form_fields, read_form, read_json
 from server.errors import APIError, bad_request
 from server.middleware import Life
 from server.protocol import ErrorResponse, ImagesResponse, StreamEvent
@@ -47,8 +47,8 @@ router = APIRouter(dependencies=[Depends(require_api_key), Depends(accepting)])
 @router.post("/v1/images/generations", responses=_RESPONSES)
 async def create_image(request: Request) -> Response:
     body = await request.body()
-    payload = await read_json(request, body)
-    return await _answer(request, ImageCall(False, payload, _base_url(request), _life(request).deadline, len(body)))
+    payload = await _json_body(request, body)
+    return await _answer(request, ImageCall(False, payload, _base_url(request), _deadline(request), len(body)))
 
 
 @router.post("/v1/images/edits", responses=_RESPONSES)
@@ -58,8 +58,8 @@ async def edit_image(request: Request) -> Response:
         call = await _multipart_edit(request)
     elif content_type.startswith("application/json"):
         body = await request.body()
-        payload = await read_json(request, body)
-        call = ImageCall(True, payload, _base_url(request), _life(request).deadline, len(body))
+        payload = await _json_body(request, body)
+        call = ImageCall(True, payload, _base_url(request), _deadline(request), len(body))
     else:
         raise bad_request("Send the edit as multipart/form-data or application/json.", None, "unsupported_media_type")
     return await _answer(request, call)
@@ -123,24 +123,19 @@ def _life(request: Request) -> Life:
     return request.state.life
 
 
-async def read_json(request: Request, body: bytes) -> dict:
-    """A JSON body: small ones here, larger ones in a decode process within the request's deadline."""
-    if len(body) <= LARGE_BODY:
-        return parse_json(body)
-    return await _service(request).decoders.run(json_job(body), _life(request).deadline, "the JSON body", None)
+def _deadline(request: Request) -> float:
+    return _life(request).deadline
 
 
-async def read_form(request: Request, limits: FormLimits) -> list[FormPart]:
-    """A multipart body's parts, parsed in a decode process within the request's deadline."""
-    body, content_type = await request.body(), request.headers.get("content-type", "")
-    job = form_job(body, content_type, limits)
-    return await _service(request).decoders.run(job, _life(request).deadline, "the multipart body", None)
+async def _json_body(request: Request, body: bytes) -> dict:
+    return await read_json(body, _service(request).decoders, _deadline(request))
 
 
 async def _multipart_edit(request: Request) -> ImageCall:
     settings = _service(request).settings
     limits = FormLimits(MAX_INPUT_IMAGES + 1, 200, 2**20, int(settings.max_image_mb * 2**20), "image_too_large")
-    parts = await read_form(request, limits)
+    content_type = request.headers.get("content-type", "")
+    parts = await read_form(await request.body(), content_type, limits, _service(request).decoders, _deadline(request))
     files = [p.data for p in parts if p.name in ("image", "image[]") and p.filename is not None]
     if len(files) > MAX_INPUT_IMAGES:
         raise bad_request(f"At most {MAX_INPUT_IMAGES} images may be sent.", "image")
@@ -152,7 +147,7 @@ async def _multipart_edit(request: Request) -> ImageCall:
         True,
         payload,
         _base_url(request),
-        _life(request).deadline,
+        _deadline(request),
         multipart=True,
         uploads=files,
         mask_upload=masks[0].data if masks else None,

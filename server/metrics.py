@@ -45,6 +45,15 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("image_server_images", "images produced", registry=r)
+        self.engine_errors = Counter("image_server_engine_errors", "pipeline calls that failed", registry=r)
+        self.prep_switches = Counter(
+            "image_server_prep_switches", "times the pipeline was re-prepared for another LoRA set", registry=r
+        )
+        self._isolation_counters()
+
+    def _isolation_counters(self) -> None:
+        """What the isolation limits did (docs/SECURITY.md): connections dropped, decode processes killed."""
+        r = self.registry
         self.dropped = Counter(
             "image_server_connections_dropped",
             "connections closed by the server for a deadline: header_timeout, body_timeout, write_timeout",
@@ -55,10 +64,6 @@ class Metrics:
             "image_server_decodes_killed",
             "decode processes killed and replaced: a body or image outlived DECODE_TIMEOUT or its request",
             registry=r,
-        )
-        self.engine_errors = Counter("image_server_engine_errors", "pipeline calls that failed", registry=r)
-        self.prep_switches = Counter(
-            "image_server_prep_switches", "times the pipeline was re-prepared for another LoRA set", registry=r
         )
 
     def render(self) -> bytes:

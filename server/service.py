@@ -9,6 +9,7 @@ the events to send as they come.
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -300,9 +301,14 @@ class ImageService:
         return Result(response, {"queue": job.queue_wait, "gen": job.generation_time, "post": post})
 
     async def _finish(self, images, plan: Plan, deadline: float) -> ImagesResponse:
-        finished = await self._in_pool(
-            respond.finish_images, self.plugins, images, plan.spec, plan.output, self.metrics
-        )
+        abandoned = threading.Event()  # set when the request is cancelled: its pool work stops at the next step
+        try:
+            finished = await self._in_pool(
+                respond.finish_images, self.plugins, images, plan.spec, plan.output, self.metrics, abandoned.is_set
+            )
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
         delivered = await self._deliver(finished, plan, deadline - self._answer_reserve)
         return await self._in_pool(respond.assemble, finished, delivered, plan.output, self.store)
 

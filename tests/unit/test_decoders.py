@@ -5,7 +5,6 @@ import io
 import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -62,14 +61,17 @@ def test_a_bad_body_is_the_400_its_parser_gives():
 def test_a_multipart_body_is_parsed_within_its_limits():
     boundary = "b0undary"
     parts = [("prompt", None, b"a fox"), ("image", "a.png", png_bytes(gradient(8, 8))), ("image", "b.png", b"x" * 10)]
-    body = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
-        + (f'; filename="{filename}"\r\nContent-Type: image/png'.encode() if filename else b"")
-        + b"\r\n\r\n"
-        + data
-        + b"\r\n"
-        for name, filename, data in parts
-    ) + f"--{boundary}--\r\n".encode()
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+            + (f'; filename="{filename}"\r\nContent-Type: image/png'.encode() if filename else b"")
+            + b"\r\n\r\n"
+            + data
+            + b"\r\n"
+            for name, filename, data in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
     content_type = f"multipart/form-data; boundary={boundary}"
 
     async def jobs(pool, deadline):
@@ -134,9 +136,10 @@ def test_a_request_cancelled_mid_decode_kills_its_worker_at_once():
 
 def test_a_worker_that_dies_mid_job_is_a_400_and_is_replaced():
     async def jobs(pool, deadline):
+        (worker,) = pool._idle._queue  # the pool's one worker, about to take the job
         task = asyncio.ensure_future(pool.run(decode_job(RUNAWAY, False), deadline, "'image'", "image"))
         await asyncio.sleep(1.0)
-        os.kill(_busy_pid(), 9)  # as the kernel's OOM killer would
+        os.kill(worker.proc.pid, 9)  # as the kernel's OOM killer would
         with pytest.raises(APIError) as err:
             await task
         image = InputImage(png_bytes(gradient(8, 8)), "image", "PNG", 8, 8, False)
@@ -144,21 +147,6 @@ def test_a_worker_that_dies_mid_job_is_a_400_and_is_replaced():
 
     (error, size), _ = pool_run(jobs)
     assert error.status == 400 and "decoder failed" in error.message and size == (8, 8)
-
-
-def _busy_pid() -> int:
-    """The decode process of this test: its pool has one."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text().split()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_text()
-        except OSError:
-            continue
-        if int(stat[3]) == os.getpid() and "server.decoders" in cmdline:
-            return int(pid)
-    raise AssertionError("no decode process")
 
 
 def test_the_server_reads_frames_within_their_bounds():

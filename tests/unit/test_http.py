@@ -25,7 +25,7 @@ async def app(scope, receive, send):
     if scope["path"] == "/big":
         body = BIG
     elif scope["path"] == "/body":
-        while (message := await receive())["more_body"]:
+        while (await receive())["more_body"]:
             pass
     elif scope["path"] == "/gone":  # answers once the client has left (the owner's signal)
         await scope["extensions"][CONNECTION].gone.wait()

@@ -16,11 +16,10 @@ import httpx
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
-from starlette.datastructures import UploadFile
 
 from server.auth import require_api_key
-from server.bodies import parse_json
-from server.engines.sglang.errors import error_text
+from server.bodies import FormLimits, read_form, read_json
+from server.engines.sglang.errors import aread_bounded, error_text
 from server.errors import APIError, bad_request, unavailable
 
 FIELDS = {
@@ -70,12 +69,19 @@ class VideoRoutes:
         return f"{self.base_url(request)}/{video_id}"
 
     async def send(self, method: str, url: str, stream: bool = False, **kwargs) -> httpx.Response:
-        """A dead or unreachable child is a 503 with Retry-After, as for images."""
+        """SGLang's answer, read up to MAX_ANSWER bytes unless `stream` (the caller reads and closes it); a dead
+        or unreachable child is a 503 with Retry-After, as for images."""
         try:
-            return await self.client.send(self.client.build_request(method, url, **kwargs), stream=stream)
+            response = await self.client.send(self.client.build_request(method, url, **kwargs), stream=True)
         except httpx.TransportError as exc:
             message = f"The generation engine is restarting (lost the connection: {type(exc).__name__}); retry shortly."
             raise unavailable(message, "engine_restarting", self.engine.retry_after) from None
+        if stream:
+            return response
+        try:
+            return await aread_bounded(response)
+        finally:
+            await response.aclose()
 
     async def check_capacity(self, url: str, limit: int) -> None:
         response = await self.send("GET", url, params={"limit": 100})
@@ -96,7 +102,8 @@ class VideoRoutes:
         await self.check_capacity(url, request.app.state.settings.max_queue)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             return await self._create_multipart(request, url)
-        body = parse_json(await request.body())
+        service = request.app.state.service
+        body = await read_json(await request.body(), service.decoders, request.state.life.deadline)
         reference = body.get("input_reference")
         if reference is not None and not str(reference).startswith("data:"):
             raise bad_request(
@@ -105,21 +112,28 @@ class VideoRoutes:
         return relay(await self.send("POST", url, json={k: v for k, v in body.items() if k in FIELDS}))
 
     async def _create_multipart(self, request: Request, url: str) -> Response:
-        form = await request.form(max_files=1, max_fields=50)
-        data = {k: v for k, v in form.items() if k in FIELDS and isinstance(v, str)}
-        upload = form.get("input_reference")
-        files = None
-        if isinstance(upload, UploadFile):
-            files = {"input_reference": (upload.filename or "reference", await upload.read(), upload.content_type)}
-        return relay(await self.send("POST", url, data=data, files=files))
+        """The form parsed in a decode process (server/decoders.py), as the image edits' forms are."""
+        service, content_type = request.app.state.service, request.headers.get("content-type", "")
+        limits = FormLimits(1, 50, 2**20, int(service.settings.max_body_mb * 2**20))
+        parts = await read_form(
+            await request.body(), content_type, limits, service.decoders, request.state.life.deadline
+        )
+        data = {p.name: p.text for p in parts if p.name in FIELDS and p.filename is None}
+        files = {
+            p.name: (p.filename or "reference", p.data, p.content_type)
+            for p in parts
+            if p.name == "input_reference" and p.filename is not None
+        }
+        return relay(await self.send("POST", url, data=data, files=files or None))
 
     async def content(self, request: Request, video_id: str) -> Response:
         params = {"variant": request.query_params["variant"]} if "variant" in request.query_params else {}
         upstream = await self.send("GET", self.video_url(request, video_id) + "/content", stream=True, params=params)
         if upstream.status_code != 200:
-            await upstream.aread()
-            await upstream.aclose()
-            return relay(upstream)
+            try:
+                return relay(await aread_bounded(upstream))
+            finally:
+                await upstream.aclose()
         return StreamingResponse(
             upstream.aiter_bytes(),
             media_type=upstream.headers.get("content-type", "video/mp4"),
