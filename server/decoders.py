@@ -148,7 +148,7 @@ class DecoderPool:
 
     def _started(self, starting: asyncio.Future) -> None:
         if starting.exception() is not None:
-            log.error("a decode process failed to start; %d fewer decode workers", 1)
+            log.error("a decode process failed to start: one decode worker fewer until the server restarts")
             return
         self._idle.put_nowait(starting.result())
 
@@ -190,9 +190,7 @@ class DecoderPool:
         if self._idle is None:
             return
         while not self._idle.empty():
-            worker = self._idle.get_nowait()
-            worker.proc.stdin.close()  # the worker's loop ends at EOF
-            worker.reap()
+            self._idle.get_nowait().reap()  # a busy one (none after the drain) ends at its stdin's EOF
         self._threads.shutdown(wait=False, cancel_futures=True)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from server import respond, rules
+from server.bodies import LARGE_BODY
 from server.config import Settings, parse_quality_steps
 from server.decoders import DecoderPool
 from server.engines.base import Engine
@@ -36,7 +37,6 @@ from server.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
-LARGE_PAYLOAD = 64 * 1024  # bytes of body above which validation leaves the event loop
 ANSWER_RESERVE = 0.1  # of REQUEST_TIMEOUT, at most 2 s: delivery ends this early, so that the answer is on time
 
 
@@ -54,7 +54,7 @@ class ImageCall:
     mask_upload: bytes | None = None
 
     def has_mask(self, request: ImageRequest) -> bool:
-        return self.mask_upload is not None if self.multipart else getattr(request, "mask", None) is not None
+        return self.mask_upload is not None if self.multipart else request.mask is not None  # an edit request
 
 
 @dataclass
@@ -200,7 +200,7 @@ class ImageService:
 
     async def _validate(self, call: ImageCall) -> ImageRequest:
         model = self.edit_model if call.edit else self.generation_model
-        if call.body_bytes > LARGE_PAYLOAD:
+        if call.body_bytes > LARGE_BODY:  # validation of a large body leaves the event loop too
             return await self._off_loop(validate, model, call.payload)
         return validate(model, call.payload)
 
@@ -210,7 +210,8 @@ class ImageService:
 
     def plan(self, request: ImageRequest, mode: str, base_url: str) -> Plan:
         """Worker thread (plugins may look at files or resolve hosts): every rule and limit, before queueing.
-        An edit with size=auto is planned at the largest size it may get, then sized by `resized`."""
+        An edit with size=auto is sized by `resized` once its image's header is read; until then its cost
+        counts the largest size it may get."""
         s = self.settings
         rules.check_background(request.background)
         sized_by_input = mode != "text2img" and request.size in (None, "auto")
