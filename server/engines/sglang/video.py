@@ -10,6 +10,7 @@ weights.
 """
 
 import json
+import logging
 import re
 
 import httpx
@@ -20,8 +21,10 @@ from starlette.datastructures import UploadFile
 
 from server.auth import require_api_key
 from server.bodies import parse_json
-from server.engines.sglang.errors import error_text
+from server.engines.sglang.errors import refused
 from server.errors import APIError, bad_request, unavailable
+
+log = logging.getLogger("server.engines.sglang")
 
 FIELDS = {
     "prompt", "model", "n", "seconds", "size", "fps", "num_frames", "seed", "width", "height",
@@ -38,16 +41,17 @@ def _job(body: dict) -> dict:
 
 
 def relay(response: httpx.Response) -> Response:
-    """SGLang's answer in our shapes: the job without server paths, or an OpenAI-shaped error."""
+    """SGLang's answer in our shapes: the job without server paths, or an OpenAI-shaped error (SGLang's reason
+    goes to the log: it may name its paths)."""
     if response.status_code == 200:
         body = response.json()
         if isinstance(body.get("data"), list):
             body["data"] = [_job(job) for job in body["data"]]
         return Response(json.dumps(_job(body)), media_type="application/json")
-    detail = error_text(response)
+    message = refused("the video request", response)
     if response.status_code in (400, 404, 422):
-        raise APIError(400 if response.status_code == 422 else response.status_code, detail, code="sglang_refused")
-    raise APIError(502, f"SGLang answered {response.status_code}: {detail[:300]}", code="engine_error")
+        raise APIError(400 if response.status_code == 422 else response.status_code, message, code="sglang_refused")
+    raise APIError(502, message, code="engine_error")
 
 
 class VideoRoutes:
@@ -74,7 +78,8 @@ class VideoRoutes:
         try:
             return await self.client.send(self.client.build_request(method, url, **kwargs), stream=stream)
         except httpx.TransportError as exc:
-            message = f"The generation engine is restarting (lost the connection: {type(exc).__name__}); retry shortly."
+            log.warning("lost the connection to SGLang: %r", exc)
+            message = "The generation engine is restarting (lost the connection to it); retry shortly."
             raise unavailable(message, "engine_restarting", self.engine.retry_after) from None
 
     async def check_capacity(self, url: str, limit: int) -> None:
