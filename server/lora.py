@@ -47,7 +47,9 @@ MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 MAX_HEADER_BYTES = 2 * 2**20
 MAX_TENSORS = 8192
 MAX_ADAPTER_METADATA = 64 * 2**10  # diffusers' lora_adapter_metadata: a PEFT config of about 1 KB
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # read as float32; everything else refused
+# Read as float32; every other dtype a safetensors file may name (integers, BOOL, complex, F4/F6, the exponent-only
+# F8_E8M0 of scales) is refused by name.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ")
 PARSING = threading.BoundedSemaphore(1)  # LoRA files parsed at once (each costs a core and its size in memory)
 
 LoRASet = tuple[tuple[Path, float], ...]

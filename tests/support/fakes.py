@@ -21,6 +21,8 @@ from server.engines.base import Engine, EngineHooks, Progress
 from server.errors import bad_request
 from server.spec import GenerationSpec
 
+FAILED_FILE = "/srv/models/flux/transformer/diffusion_pytorch_model.safetensors"  # in an EXPLODE's error
+
 
 @dataclass
 class Call:
@@ -30,7 +32,8 @@ class Call:
 
 class FakeEngine(Engine):
     """Images of one colour per (prompt, seed). `gate`: cleared, every call waits until the test sets it;
-    `entered` is released as each call starts. Prompts containing EXPLODE fail, as a CUDA error would."""
+    `entered` is released as each call starts. Prompts containing EXPLODE fail, as a CUDA error or a lost file
+    would, with an exception that names a server path (FAILED_FILE)."""
 
     name = "fake-model"
 
@@ -59,7 +62,7 @@ class FakeEngine(Engine):
         self.gate.wait(30)
         self._previews(specs, progress)
         if any("EXPLODE" in s.prompt for s in specs):
-            raise RuntimeError("injected engine failure")
+            raise FileNotFoundError(2, "No such file or directory", FAILED_FILE)
         return [[_painted(s, seed) for seed in s.seeds] for s in specs]
 
     @staticmethod
