@@ -21,6 +21,7 @@ class BatchKey(NamedTuple):
     strength: float | None
     negative_prompt: str | None
     loras: LoRASet = ()
+    frames: int = 0
 
 
 @dataclass(eq=False)
@@ -41,6 +42,7 @@ class GenerationSpec:
     loras: LoRASet = ()
     previews: int = 0  # partial images per image, when streamed
     options: dict[str, Any] = field(default_factory=dict)  # validated plugin fields, by plugin name
+    frames: int = 0  # 0: images; N > 0: one video of N frames
 
     @property
     def key(self) -> BatchKey:
@@ -54,4 +56,19 @@ class GenerationSpec:
             self.strength,
             self.negative_prompt,
             self.loras,
+            self.frames,
         )
+
+
+@dataclass(frozen=True)
+class VideoRules:
+    """How a video family maps a request to frames and sizes (/v1/videos reads them; the engine makes the video)."""
+
+    fps: int  # frames per second the family was trained at
+    frame_step: int  # frames = 1 + frame_step * k (Wan: 4, its VAE's temporal compression)
+    size_multiple: int  # width and height are multiples of it
+    default_size: tuple[int, int]  # (width, height) when a request names none
+    default_frames: int  # when a request names no `seconds`
+    max_frames: int
+    text_to_video: bool = True
+    image_to_video: bool = False  # takes spec.image (the first frame)

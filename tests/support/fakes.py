@@ -19,7 +19,7 @@ from server.app import create_app
 from server.config import from_env
 from server.engines.base import Engine, EngineHooks, Progress
 from server.errors import bad_request
-from server.spec import GenerationSpec
+from server.spec import GenerationSpec, VideoRules
 
 
 @dataclass
@@ -28,15 +28,24 @@ class Call:
     progress: Progress
 
 
+# A video family at 8 frames per second, 1 + 4k frames (as Wan), sides multiples of 16: "0.5" seconds is 5 frames.
+FAKE_VIDEO = VideoRules(
+    fps=8, frame_step=4, size_multiple=16, default_size=(64, 64), default_frames=9, max_frames=17, image_to_video=True
+)
+
+
 class FakeEngine(Engine):
-    """Images of one colour per (prompt, seed). `gate`: cleared, every call waits until the test sets it;
-    `entered` is released as each call starts. Prompts containing EXPLODE fail, as a CUDA error would."""
+    """Images of one colour per (prompt, seed); video frames too, one colour per (prompt, seed, frame), the
+    first frame being the reference image when there is one. `gate`: cleared, every call waits until the test
+    sets it, having reported one denoising step; `entered` is released as each call starts. Prompts containing
+    EXPLODE fail, as a CUDA error would."""
 
     name = "fake-model"
 
-    def __init__(self, can_batch: bool = True) -> None:
+    def __init__(self, can_batch: bool = True, video: VideoRules | None = FAKE_VIDEO) -> None:
         super().__init__()
         self.can_batch = can_batch
+        self.video = video
         self.info = {"engine": "fake"}
         self.calls: list[Call] = []
         self.gate = threading.Event()
@@ -56,11 +65,13 @@ class FakeEngine(Engine):
     def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
         self.calls.append(Call(specs, progress))
         self.entered.release()
+        if progress.step is not None:
+            progress.step(1, specs[0].steps)
         self.gate.wait(30)
         self._previews(specs, progress)
         if any("EXPLODE" in s.prompt for s in specs):
             raise RuntimeError("injected engine failure")
-        return [[_painted(s, seed) for seed in s.seeds] for s in specs]
+        return [_frames(s) if s.frames else [_painted(s, seed) for seed in s.seeds] for s in specs]
 
     @staticmethod
     def _previews(specs: list[GenerationSpec], progress: Progress) -> None:
@@ -76,6 +87,13 @@ def _preview(spec: GenerationSpec, seed: int, step: int) -> Image.Image:
     if "BADPREVIEW" in spec.prompt:
         raise RuntimeError("the decoder failed")
     return _painted(spec, seed + 1000 * (step + 1))
+
+
+def _frames(spec: GenerationSpec) -> list[Image.Image]:
+    frames = [_painted(spec, spec.seeds[0] + 7919 * i) for i in range(spec.frames)]
+    if spec.image is not None:
+        frames[0] = spec.image.resize((spec.width, spec.height))
+    return frames
 
 
 def _painted(spec: GenerationSpec, seed: int) -> Image.Image:
