@@ -12,7 +12,7 @@ from server.config import Settings, parse_size
 from server.errors import bad_request
 from server.spec import VideoRules
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # fullmatch: ASCII digits, no trailing newline
 _RANDOM_SEED_LIMIT = 2**31  # random seeds stay small enough for every tool to reproduce them
 
 # The encoders' largest side: WebP's format holds 14 bits, JPEG's 16 (PNG's 31 never binds here).
@@ -63,7 +63,7 @@ def requested_size(size: str | None, image_size: tuple[int, int] | None, s: Sett
 
 def checked_size(size: str, multiple: int, s: Settings) -> tuple[int, int]:
     """WIDTHxHEIGHT, sides multiples of `multiple`, within MIN_PIXELS, MAX_PIXELS and MAX_SIDE."""
-    match = _SIZE.match(size)
+    match = _SIZE.fullmatch(size)
     if not match:
         raise bad_request(f"Invalid value for 'size': {size!r}; use WIDTHxHEIGHT, e.g. 1024x1024, or auto.", "size")
     width, height = int(match[1]), int(match[2])
@@ -148,7 +148,7 @@ def check_background(background: str | None) -> None:
 
 # -- videos ---------------------------------------------------------------------------
 
-_SECONDS = re.compile(r"^[0-9]{1,4}(?:\.[0-9]{1,6})?$")  # ASCII digits only
+_SECONDS = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,6})?")  # fullmatch: ASCII digits only
 
 
 def video_size(size: str | None, video: VideoRules, s: Settings) -> tuple[int, int]:
@@ -162,7 +162,7 @@ def video_frames(seconds: str | None, video: VideoRules) -> int:
         return video.default_frames
     step = Fraction(video.frame_step, video.fps)  # the finest duration this family can make
     longest = Fraction(video.max_frames - 1, video.fps)
-    value = Fraction(seconds) if _SECONDS.match(seconds) else None
+    value = Fraction(seconds) if _SECONDS.fullmatch(seconds) else None
     if value is None or value <= 0 or value % step:
         raise bad_request(
             f"Invalid value for 'seconds': {seconds!r}; this model makes {video.fps} frames per second in steps of "

@@ -140,11 +140,14 @@ class VideoStore:
             self.fail(video_id, "video_too_large", f"The video's {size} bytes are more than VIDEO_DIR_MAX_MB.")
             return False
         folder = self.root / video_id
-        for variant, data in files.items():
-            _write_atomically(folder / ASSETS[variant][0], data)
+        try:
+            for variant, data in files.items():
+                _write_atomically(folder / ASSETS[variant][0], data)
+        except FileNotFoundError:  # the folder went with the job, deleted while it was encoded
+            return False
         with self._lock:
             job = self._jobs.get(video_id)
-            if job is None:  # deleted while it was encoded
+            if job is None:  # deleted while its files were written
                 shutil.rmtree(folder, ignore_errors=True)
                 return False
             self._make_room(size, keep=video_id)

@@ -37,6 +37,7 @@ from server.engines.sglang.models import (
     version_tuple,
 )
 from server.engines.sglang.process import Ports, SGLangProcess
+from server.engines.sglang.video import SGLangVideos
 from server.errors import APIError, bad_request, unavailable
 from server.spec import GenerationSpec
 
@@ -118,6 +119,7 @@ class SGLangEngine(Engine):
         self.process: SGLangProcess | None = None
         self.version = ""
         self.tasks: set[str] = set()
+        self.videos: SGLangVideos | None = None
         self.extra_args = shlex.split(settings.sglang_args)
         self._http = httpx.Client(
             trust_env=False,  # loopback: never through a proxy
@@ -148,12 +150,8 @@ class SGLangEngine(Engine):
         self.process.wait_ready()
         self._describe()
         self.lora_applier = SGLangLoRAApplier(self._post, self.process, LoRAChecker(self.folder), scratch)
-
-    def routers(self) -> list:
-        """/v1/videos, answered for video models (a 400 for the others)."""
-        from server.engines.sglang.video import VideoRoutes
-
-        return [VideoRoutes(self).router()]
+        if self.family.video:
+            self.videos = SGLangVideos(self._request, self._raise_for, Path(self._output_path()))
 
     def close(self) -> None:
         """Stops the child (after the service has drained)."""
@@ -280,11 +278,14 @@ class SGLangEngine(Engine):
         )
 
     def _post(self, path: str, **kwargs) -> httpx.Response:
-        """POST to the child; a dead or unreachable child is a 503 with Retry-After, never a hang."""
+        return self._request("POST", path, **kwargs)
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """A call to the child; a dead or unreachable child is a 503 with Retry-After, never a hang."""
         if not self.healthy:
             raise self._unavailable("SGLang is not running")
         try:
-            return self._http.post(self.process.base_url + path, **kwargs)
+            return self._http.request(method, self.process.base_url + path, **kwargs)
         except httpx.TimeoutException:
             raise APIError(
                 504,
@@ -303,6 +304,9 @@ class SGLangEngine(Engine):
     # -- generation (engine thread) --------------------------------------
 
     def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
+        if specs[0].frames:
+            guidance = self.family.guidance_mode not in (EMBEDDED, NONE)
+            return [self.videos.make(spec, self.video.fps, guidance, progress) for spec in specs]
         return [self._images(spec, progress) for spec in specs]
 
     def _images(self, spec: GenerationSpec, progress: Progress) -> list[Image.Image]:
