@@ -2,9 +2,9 @@
 
 import pytest
 
+from server import rules
 from server.config import from_env
 from server.errors import APIError
-from server import rules
 from server.rules import check_output, fit, preset_steps, quality_preset, requested_size, seeds, steps
 from server.spec import VideoRules
 
@@ -69,8 +69,8 @@ def test_seeds():
     assert refused(seeds, [1, 2], 3).param == "seed"
 
 
-WAN_A14B = VideoRules(fps=16, frame_step=4, size_multiple=16, default_size=(1280, 720), default_frames=81, max_frames=81)
-WAN_TI2V = VideoRules(fps=24, frame_step=4, size_multiple=32, default_size=(1280, 704), default_frames=121, max_frames=121)
+WAN_A14B = VideoRules(16, 4, 16, default_size=(1280, 720), default_frames=81, max_frames=81)
+WAN_TI2V = VideoRules(24, 4, 32, default_size=(1280, 704), default_frames=121, max_frames=121)
 
 
 @pytest.mark.parametrize(

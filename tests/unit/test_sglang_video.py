@@ -123,4 +123,3 @@ def test_files_outside_sglangs_output_folder_are_never_deleted(tmp_path):
     output.mkdir()
     video.SGLangVideos(sglang, _raise_for, output).make(spec(), 16, True, Progress())
     assert len(list(elsewhere.iterdir())) == 1
-

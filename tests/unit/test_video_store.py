@@ -14,9 +14,8 @@ FILES = {"video": b"v" * 600, "thumbnail": b"t" * 100, "spritesheet": b"s" * 300
 
 def job(owner: str = "alice", created: float | None = None, reference: bool = False) -> VideoJob:
     now = created or time.time()
-    video = Video(
-        id=new_id(), model="m", status="queued", progress=0, created_at=int(now), prompt="p", seconds="0.5", size="64x64"
-    )
+    fields = dict(model="m", status="queued", progress=0, prompt="p", seconds="0.5", size="64x64")
+    video = Video(id=new_id(), created_at=int(now), **fields)
     return VideoJob(video=video, owner=owner, params=PARAMS.model_copy(update={"reference": reference}), created=now)
 
 
