@@ -157,26 +157,28 @@ def video_size(size: str | None, video: VideoRules, s: Settings) -> tuple[int, i
 
 
 def video_frames(seconds: str | None, video: VideoRules) -> int:
-    """`seconds` at the family's frame rate, plus the first frame: it must come out as 1 + frame_step * k frames."""
+    """`seconds` at the family's frame rate, plus the first frame: it must come out as 1 + frame_step * k frames.
+    A decimal within a tenth of a frame counts (at 24 fps, "0.167" is 4 frames past the first)."""
     if seconds is None:
         return video.default_frames
     step = Fraction(video.frame_step, video.fps)  # the finest duration this family can make
     longest = Fraction(video.max_frames - 1, video.fps)
-    value = Fraction(seconds) if _SECONDS.fullmatch(seconds) else None
-    if value is None or value <= 0 or value % step:
+    after_first = Fraction(seconds) * video.fps if _SECONDS.fullmatch(seconds) else Fraction(-1)
+    frames = round(after_first)
+    if frames <= 0 or abs(after_first - frames) > Fraction(1, 10) or frames % video.frame_step:
         raise bad_request(
             f"Invalid value for 'seconds': {seconds!r}; this model makes {video.fps} frames per second in steps of "
             f"{video.frame_step} frames, so 'seconds' must be a positive multiple of {seconds_text(step)}, "
             f"up to {seconds_text(longest)}.",
             "seconds",
         )
-    if value > longest:
+    if frames + 1 > video.max_frames:
         raise bad_request(
             f"Invalid value for 'seconds': {seconds!r}; this model makes at most {seconds_text(longest)} seconds "
             f"({video.max_frames} frames).",
             "seconds",
         )
-    return int(value * video.fps) + 1
+    return frames + 1
 
 
 def seconds_text(value: Fraction) -> str:

@@ -75,13 +75,21 @@ WAN_TI2V = VideoRules(24, 4, 32, default_size=(1280, 704), default_frames=121, m
 
 @pytest.mark.parametrize(
     ("seconds", "rules_", "frames"),
-    [(None, WAN_A14B, 81), ("5", WAN_A14B, 81), ("0.25", WAN_A14B, 5), ("1", WAN_TI2V, 25), ("5", WAN_TI2V, 121)],
+    [
+        (None, WAN_A14B, 81),
+        ("5", WAN_A14B, 81),
+        ("0.25", WAN_A14B, 5),
+        ("1", WAN_TI2V, 25),
+        ("5", WAN_TI2V, 121),
+        ("0.167", WAN_TI2V, 5),  # 1/6 s has no exact decimal: a tenth of a frame off counts
+        ("0.1667", WAN_TI2V, 5),
+    ],
 )
 def test_seconds_map_to_1_plus_4k_frames(seconds, rules_, frames):
     assert rules.video_frames(seconds, rules_) == frames
 
 
-@pytest.mark.parametrize("seconds", ["0", "0.3", "5.25", "6", "1/2", "1e1", " 1", "1.", "٣", "99999"])
+@pytest.mark.parametrize("seconds", ["0", "0.3", "0.2", "0.16", "5.25", "6", "1/2", "1e1", " 1", "1.", "٣", "99999"])
 def test_seconds_that_do_not_fit_are_a_400_naming_seconds(seconds):
     assert refused(rules.video_frames, seconds, WAN_A14B).param == "seconds"
 
