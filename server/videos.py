@@ -14,8 +14,12 @@ the reason.
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from pathlib import Path
+
+from PIL import Image
 
 from server import rules
 from server.errors import APIError, bad_request
@@ -66,7 +70,7 @@ class VideoService:
         first, last = (videos[0].id, videos[-1].id) if videos else (None, None)
         return VideoList(data=videos, first_id=first, last_id=last, has_more=more)
 
-    def content(self, owner: str, video_id: str, variant: str):
+    def content(self, owner: str, video_id: str, variant: str) -> Path:
         job = self._job(owner, video_id)
         if job.video.status != "completed":
             raise bad_request(
@@ -147,7 +151,15 @@ class VideoService:
             )
         return video
 
-    async def _start(self, owner, prompt, params: VideoParams, seconds, reference, remixed_from=None) -> Video:
+    async def _start(
+        self,
+        owner: str,
+        prompt: str,
+        params: VideoParams,
+        seconds: str,
+        reference: Callable[[], Awaitable[bytes | None]],
+        remixed_from: str | None = None,
+    ) -> Video:
         """A place in the queue first (429 fetches and decodes nothing), then the reference, the job, the task."""
         spec = _spec(prompt, params)
         self.images.engine.check(spec)
@@ -168,7 +180,7 @@ class VideoService:
         self.running[job.video.id] = Running(queued, task)
         return job.video
 
-    def _decode(self, data: bytes):
+    def _decode(self, data: bytes) -> Image.Image:
         """Worker thread: the reference image's header checked against the limits, then its pixels."""
         image = probe(data, "input_reference")
         check_pixels([image], self.settings.max_input_pixels)
@@ -227,7 +239,9 @@ def _spec(prompt: str, params: VideoParams) -> GenerationSpec:
     )
 
 
-def _new_job(owner: str, prompt: str, params: VideoParams, seconds: str, model: str, remixed_from) -> VideoJob:
+def _new_job(
+    owner: str, prompt: str, params: VideoParams, seconds: str, model: str, remixed_from: str | None
+) -> VideoJob:
     now = time.time()
     video = Video(
         id=new_id(),
