@@ -8,6 +8,8 @@ import json
 import numpy as np
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests.support.fakes import FakeEngine, InProcess
@@ -270,3 +272,30 @@ def test_multipart_fields_and_json_bodies_say_what_is_wrong(app):
     assert response.status_code == 400 and response.json()["error"]["param"] == "input_reference"
     response = app.http.post("/v1/videos", files={"input_reference": ("r.png", b"junk")}, data=form, headers=auth())
     assert response.status_code == 400, json.dumps(response.json())
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=6,
+)
+FIELDS = ["prompt", "model", "seconds", "size", "seed", "num_inference_steps", "guidance_scale", "input_reference"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=5), multipart=st.booleans())
+def test_no_body_makes_a_5xx(fuzz_app, body, multipart):
+    if multipart:
+        form = {k: v if isinstance(v, str) else json.dumps(v) for k, v in body.items()}
+        response = fuzz_app.http.post("/v1/videos", data=form, files={"x": ("x", b"")})
+    else:
+        response = fuzz_app.http.post("/v1/videos", json=body)
+    assert response.status_code in (200, 400), response.text
+    if response.status_code == 400:
+        assert_openai_shape(response.json())
+
+
+@pytest.fixture(scope="module")
+def fuzz_app(tmp_path_factory):
+    with InProcess(video_dir=tmp_path_factory.mktemp("fuzz"), max_queue=1000) as running:
+        yield running
