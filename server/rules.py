@@ -10,7 +10,7 @@ from fractions import Fraction
 
 from server.config import Settings, parse_size
 from server.errors import bad_request
-from server.spec import VideoRules
+from server.families import Family, Video
 
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # fullmatch: ASCII digits, no trailing newline
 _RANDOM_SEED_LIMIT = 2**31  # random seeds stay small enough for every tool to reproduce them
@@ -151,12 +151,12 @@ def check_background(background: str | None) -> None:
 _SECONDS = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,6})?")  # fullmatch: ASCII digits only
 
 
-def video_size(size: str | None, video: VideoRules, s: Settings) -> tuple[int, int]:
-    """The request's WIDTHxHEIGHT in the family's multiples, or the family's default size."""
-    return video.default_size if size is None else checked_size(size, video.size_multiple, s)
+def video_size(size: str | None, family: Family, s: Settings) -> tuple[int, int]:
+    """The request's WIDTHxHEIGHT in the family's multiples, or its video's default size."""
+    return family.video.default_size if size is None else checked_size(size, family.size_multiple, s)
 
 
-def video_frames(seconds: str | None, video: VideoRules) -> int:
+def video_frames(seconds: str | None, video: Video) -> int:
     """`seconds` at the family's frame rate, plus the first frame: it must come out as 1 + frame_step * k frames.
     A decimal within a tenth of a frame counts (at 24 fps, "0.167" is 4 frames past the first)."""
     if seconds is None:

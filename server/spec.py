@@ -20,8 +20,8 @@ class BatchKey(NamedTuple):
     true_cfg: float | None
     strength: float | None
     negative_prompt: str | None
-    loras: LoRASet = ()
     frames: int = 0
+    loras: LoRASet = ()
 
 
 @dataclass(eq=False)
@@ -36,13 +36,13 @@ class GenerationSpec:
     negative_prompt: str | None = None
     true_cfg: float | None = None
     strength: float | None = None
-    mode: str = "text2img"  # "img2img" with an input image, "inpaint" with a mask too
+    mode: str = "text2img"  # "img2img" with an input image (for a video: its first frame), "inpaint" with a mask too
+    frames: int = 0  # 0: n images; N > 0: one video of N frames (the spec's images are its frames)
     image: Image.Image | None = None
     mask: Image.Image | None = None
     loras: LoRASet = ()
     previews: int = 0  # partial images per image, when streamed
     options: dict[str, Any] = field(default_factory=dict)  # validated plugin fields, by plugin name
-    frames: int = 0  # 0: images; N > 0: one video of N frames
 
     @property
     def key(self) -> BatchKey:
@@ -55,20 +55,6 @@ class GenerationSpec:
             self.true_cfg,
             self.strength,
             self.negative_prompt,
-            self.loras,
             self.frames,
+            self.loras,
         )
-
-
-@dataclass(frozen=True)
-class VideoRules:
-    """How a video family maps a request to frames and sizes (/v1/videos reads them; the engine makes the video)."""
-
-    fps: int  # frames per second the family was trained at
-    frame_step: int  # frames = 1 + frame_step * k (Wan: 4, its VAE's temporal compression)
-    size_multiple: int  # width and height are multiples of it
-    default_size: tuple[int, int]  # (width, height) when a request names none
-    default_frames: int  # when a request names no `seconds`
-    max_frames: int
-    text_to_video: bool = True
-    image_to_video: bool = False  # takes spec.image (the first frame)

@@ -23,12 +23,13 @@ from PIL import Image
 
 from server import rules
 from server.errors import APIError, bad_request
+from server.families import Family
 from server.images import as_rgb, check_pixels, decode, probe
 from server.inputs import ref_bytes
 from server.protocol import Video, VideoDeleted, VideoList, VideoRemixRequest, VideoRequest
 from server.scheduler import Job
 from server.service import ImageService, validate
-from server.spec import GenerationSpec, VideoRules
+from server.spec import GenerationSpec
 from server.video_encode import video_files
 from server.video_store import FINISHED, VideoJob, VideoParams, VideoStore, new_id
 
@@ -98,9 +99,9 @@ class VideoService:
 
     async def create(self, call: VideoCall) -> Video:
         request = validate(VideoRequest, call.payload)
-        video = self._rules(request.input_reference is not None or call.upload is not None)
-        s = self.settings
-        width, height = rules.video_size(request.size, video, s)
+        family = self._rules(request.input_reference is not None or call.upload is not None)
+        video, s = family.video, self.settings
+        width, height = rules.video_size(request.size, family, s)
         frames = rules.video_frames(request.seconds, video)
         params = VideoParams(
             width=width,
@@ -137,19 +138,19 @@ class VideoService:
 
         return await self._start(owner, request.prompt, source.params, source.video.seconds, reference, video_id)
 
-    def _rules(self, image_to_video: bool) -> VideoRules:
-        video = self.images.engine.video
-        if video is None:
+    def _rules(self, image_to_video: bool) -> Family:
+        family = self.images.engine.family
+        if family.video is None:
             raise bad_request(f"This model ({self.images.engine.name}) makes no video.", "model", "unsupported")
-        if image_to_video and not video.image_to_video:
+        if image_to_video and not family.edits:
             raise bad_request("This model makes video from text only.", "input_reference", "unsupported")
-        if not image_to_video and not video.text_to_video:
+        if not image_to_video and not family.text2img:
             raise bad_request(
                 "This model makes video from an image: send 'input_reference'.",
                 "input_reference",
                 "missing_required_parameter",
             )
-        return video
+        return family
 
     async def _start(
         self,

@@ -21,8 +21,9 @@ from PIL import Image
 
 from server.config import Settings
 from server.errors import bad_request
+from server.families import GENERIC, Family
 from server.lora import LoRAApplier, LoRAError, LoRASet, Shapes, describe
-from server.spec import GenerationSpec, VideoRules
+from server.spec import GenerationSpec
 
 T = TypeVar("T")
 
@@ -47,13 +48,15 @@ class Progress:
 
 @dataclass(frozen=True)
 class PipelineContext:
-    """What a pipeline provider gets: the model folder, where it runs, and the engine's own loader."""
+    """What a pipeline provider gets: the model folder and its family, where it runs, and the engine's own
+    loader."""
 
     path: Path
     device: torch.device
     gpu: Any  # server.engines.fastpath.GPU or None
     settings: Settings
     load_pipeline: Callable[..., Any]  # (path, dtype, **components) -> pipeline
+    family: Family = GENERIC
 
 
 @dataclass
@@ -112,7 +115,9 @@ class Engine(ABC):
     info: dict
     can_batch: bool = True  # whether several requests may share one call
     lora_applier: LoRAApplier | None = None
-    video: VideoRules | None = None  # None: this model makes no video (known once loaded)
+    # The model's family (server/families.py), known once loaded: its defaults, what it accepts, and for a video
+    # family (`family.video`) its frame rate, frame counts and sizes.
+    family: Family = GENERIC
 
     def __init__(self) -> None:
         self.info = {}

@@ -19,7 +19,8 @@ from server.app import create_app
 from server.config import from_env
 from server.engines.base import Engine, EngineHooks, Progress
 from server.errors import bad_request
-from server.spec import GenerationSpec, VideoRules
+from server.families import CFG, Family, Video
+from server.spec import GenerationSpec
 
 
 @dataclass
@@ -28,10 +29,10 @@ class Call:
     progress: Progress
 
 
-# A video family at 8 frames per second, 1 + 4k frames (as Wan), sides multiples of 16: "0.5" seconds is 5 frames.
-FAKE_VIDEO = VideoRules(
-    fps=8, frame_step=4, size_multiple=16, default_size=(64, 64), default_frames=9, max_frames=17, image_to_video=True
-)
+# A family that makes images and videos, from text or a first image: 8 frames per second in 1 + 4k frames (as
+# Wan), sides multiples of 16: "0.5" seconds is 5 frames.
+FAKE_VIDEO = Video(fps=8, frame_step=4, default_frames=9, max_frames=17, default_size=(64, 64))
+FAKE_FAMILY = Family("fake", (), 8, 3.5, CFG, edits=True, video=FAKE_VIDEO)
 
 
 class FakeEngine(Engine):
@@ -42,10 +43,10 @@ class FakeEngine(Engine):
 
     name = "fake-model"
 
-    def __init__(self, can_batch: bool = True, video: VideoRules | None = FAKE_VIDEO) -> None:
+    def __init__(self, can_batch: bool = True, family: Family = FAKE_FAMILY) -> None:
         super().__init__()
         self.can_batch = can_batch
-        self.video = video
+        self.family = family
         self.info = {"engine": "fake"}
         self.calls: list[Call] = []
         self.gate = threading.Event()

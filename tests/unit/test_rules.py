@@ -5,8 +5,8 @@ import pytest
 from server import rules
 from server.config import from_env
 from server.errors import APIError
+from server.families import FAMILIES
 from server.rules import check_output, fit, preset_steps, quality_preset, requested_size, seeds, steps
-from server.spec import VideoRules
 
 S = from_env()
 
@@ -69,8 +69,13 @@ def test_seeds():
     assert refused(seeds, [1, 2], 3).param == "seed"
 
 
-WAN_A14B = VideoRules(16, 4, 16, default_size=(1280, 720), default_frames=81, max_frames=81)
-WAN_TI2V = VideoRules(24, 4, 32, default_size=(1280, 704), default_frames=121, max_frames=121)
+def family_named(name: str):
+    return next(family for family in FAMILIES if family.name == name)
+
+
+WAN_A14B = family_named("Wan2.2-T2V").video
+WAN_TI2V_FAMILY = family_named("Wan2.2-TI2V")
+WAN_TI2V = WAN_TI2V_FAMILY.video
 
 
 @pytest.mark.parametrize(
@@ -95,7 +100,7 @@ def test_seconds_that_do_not_fit_are_a_400_naming_seconds(seconds):
 
 
 def test_a_video_size_keeps_the_family_multiple():
-    assert rules.video_size(None, WAN_TI2V, S) == (1280, 704)
-    assert rules.video_size("640x352", WAN_TI2V, S) == (640, 352)
-    error = refused(rules.video_size, "640x368", WAN_TI2V, S)  # 368 is a multiple of 16, not of 32
+    assert rules.video_size(None, WAN_TI2V_FAMILY, S) == (1280, 704)
+    assert rules.video_size("640x352", WAN_TI2V_FAMILY, S) == (640, 352)
+    error = refused(rules.video_size, "640x368", WAN_TI2V_FAMILY, S)  # 368 is a multiple of 16, not of 32
     assert error.param == "size" and "multiples of 32" in error.message

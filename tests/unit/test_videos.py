@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from server.families import GENERIC
 from tests.support.fakes import FakeEngine, InProcess
 from tests.support.images import assert_openai_shape, png_bytes
 from tests.support.videos import decode_mp4, image_of
@@ -247,7 +248,7 @@ def test_unknown_ids_are_404(app):
 
 
 def test_a_model_without_video_says_so(tmp_path):
-    with InProcess(FakeEngine(video=None), video_dir=tmp_path) as app:
+    with InProcess(FakeEngine(family=GENERIC), video_dir=tmp_path) as app:
         response = app.http.post("/v1/videos", json={"prompt": "p"})
         assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported"
 
