@@ -133,7 +133,8 @@ def test_a_restart_keeps_completed_jobs_and_a_job_past_the_drain_fails(make_serv
     assert len(decode_mp4(client.videos.download_content(kept[0].id).content).frames) == 49  # "2" seconds
 
     job = client.videos.create(prompt="too long", seconds="5", size="64x64", extra_body={"num_inference_steps": 100})
-    until(lambda: client.videos.retrieve(job.id).status == "in_progress", 60, "the job to start")
+    until(lambda: 0 < client.videos.retrieve(job.id).progress < 100, 60, "progress from the denoising steps")
+    assert client.videos.retrieve(job.id).status == "in_progress"
     server.signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0
     failed = stored(video_dir, job.id)
