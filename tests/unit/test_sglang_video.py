@@ -9,9 +9,12 @@ import httpx
 import pytest
 from PIL import Image
 
+from server.config import from_env
 from server.engines.base import Progress
 from server.engines.sglang import video
+from server.engines.sglang.engine import SGLangEngine
 from server.errors import APIError
+from server.families import FAMILIES
 from server.spec import GenerationSpec
 from server.video_encode import mp4
 
@@ -123,3 +126,24 @@ def test_files_outside_sglangs_output_folder_are_never_deleted(tmp_path):
     output.mkdir()
     video.SGLangVideos(sglang, _raise_for, output).make(spec(), 16, True, Progress())
     assert len(list(elsewhere.iterdir())) == 1
+
+
+def test_the_engine_sends_video_specs_to_its_child_only_where_sglang_serves_video():
+    engine = SGLangEngine(from_env(engine="sglang"))
+    engine.family = next(family for family in FAMILIES if family.name == "Wan2.2-T2V")
+    engine.tasks = {"T2I"}  # a server whose reported tasks have no video
+    with pytest.raises(APIError) as err:
+        engine.check(spec())
+    assert (err.value.param, err.value.code) == ("model", "unsupported")
+    engine.tasks = {"T2V"}
+    engine.check(spec())
+    made = []
+
+    class Videos:
+        def make(self, *args):
+            made.append(args)
+            return ["frame"]
+
+    engine.videos = Videos()
+    assert engine.generate([spec()], Progress()) == [["frame"]]
+    assert made[0][1:3] == (16, True)  # Wan 2.2 A14B's frame rate; its guidance is a CFG weight
