@@ -6,10 +6,12 @@ queueing, batching, errors, streaming) is tested in milliseconds and without tim
 (tests/e2e) runs the same behaviour through real server processes and the real pipeline.
 """
 
+import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import openai
 from fastapi.testclient import TestClient
@@ -108,6 +110,7 @@ class InProcess:
 
     def __init__(self, engine: FakeEngine | None = None, **settings) -> None:
         self.engine = engine or FakeEngine()
+        settings.setdefault("video_dir", Path(tempfile.mkdtemp(prefix="image-server-videos-")))  # not the user's cache
         self.settings = from_env(warmup=False, **settings)
         self.app = create_app(self.settings, engine=self.engine)
         self.http = TestClient(self.app, raise_server_exceptions=False)
