@@ -48,9 +48,9 @@ def parse_json(body: bytes) -> dict:
 
 
 def form_fields(items: list[tuple[str, object]]) -> dict:
-    """Multipart fields as JSON: `a[]` lists, `a[][k]` lists of objects, `a[k]` objects, and JSON text for
-    list or object fields sent by hand (curl -F 'loras=[...]'). One name sent in two shapes (`prompt` and
-    `prompt[]`) is a 400 naming it."""
+    """Multipart fields in their shapes, values still text: `a[]` lists, `a[][k]` lists of objects, `a[k]`
+    objects (the SDK's and curl's ways). `protocol.form_payload` then converts the text by each field's type.
+    One name sent in two shapes (`prompt` and `prompt[]`) is a 400 naming it."""
     out: dict = {}
     seen: dict[tuple[str, str], int] = {}
     for key, value in items:
@@ -63,7 +63,7 @@ def form_fields(items: list[tuple[str, object]]) -> dict:
         elif key in out:
             raise bad_request(f"'{key}' is sent more than once.", key)
         else:
-            out[key] = _maybe_json(value)
+            out[key] = value
     return out
 
 
@@ -78,7 +78,7 @@ def _container(out: dict, name: str, kind: type) -> list | dict:
 def _add_list_item(out: dict, seen: dict, name: str, sub: str | None, value: str) -> None:
     values = _container(out, name, list)
     if sub is None:
-        values.append(_maybe_json(value))
+        values.append(value)
         return
     # the i-th `a[][k]` belongs to element i: right for curl's interleaved order and for the SDK's, which
     # sends every a[][name] before every a[][weight]
@@ -88,15 +88,6 @@ def _add_list_item(out: dict, seen: dict, name: str, sub: str | None, value: str
     if not isinstance(values[index], dict):
         raise bad_request(f"'{name}' mixes values and objects.", name)
     values[index][sub] = value
-
-
-def _maybe_json(value: str) -> object:
-    if value[:1] in ("[", "{"):
-        try:
-            return parse_json_value(value)
-        except ValueError:
-            return value
-    return value
 
 
 def parse_json_value(text: str) -> object:

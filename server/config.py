@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# ASCII digits only (`\d` and `$` would take "６４x６４" and a trailing newline), no leading zeros, 5 digits at most
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
 
 
 class ConfigError(ValueError):
@@ -40,12 +41,18 @@ def option(
     return field(default=default, metadata=metadata)
 
 
+def parse_size(value: str) -> tuple[int, int] | None:
+    """'1024x768' -> (1024, 768); None for anything else. The one size parser: settings, requests, engines."""
+    match = _SIZE.fullmatch(value)
+    return (int(match[1]), int(match[2])) if match else None
+
+
 def size_problem(value: str) -> str | None:
     """Why `value` is not a WIDTHxHEIGHT of multiples of 16, or None."""
-    match = _SIZE.match(value)
-    if not match:
+    size = parse_size(value)
+    if size is None:
         return "a size WIDTHxHEIGHT, e.g. 1024x1024"
-    if int(match[1]) % 16 or int(match[2]) % 16 or not int(match[1]) or not int(match[2]):
+    if size[0] % 16 or size[1] % 16:
         return "a size whose width and height are positive multiples of 16"
     return None
 
@@ -67,11 +74,6 @@ def quality_steps_problem(value: str) -> str | None:
     except ValueError:
         return "PRESET:STEPS pairs, e.g. 'low:12,medium:20,high:28'"
     return None
-
-
-def parse_size(value: str) -> tuple[int, int]:
-    width, _, height = value.partition("x")
-    return int(width), int(height)
 
 
 def _default_cache() -> Path:
@@ -230,6 +232,11 @@ class Settings:
         return split(self.api_key)
 
     @property
+    def default_dimensions(self) -> tuple[int, int]:
+        """DEFAULT_SIZE as (width, height); it is checked when the settings load."""
+        return parse_size(self.default_size)
+
+    @property
     def remote_hosts(self) -> tuple[str, ...]:
         return split(self.remote_image_hosts)
 
@@ -352,7 +359,7 @@ def _cross_problems(s: Settings) -> list[str]:
     problems = []
     if s.min_pixels > s.max_pixels:
         problems.append(f"MIN_PIXELS={s.min_pixels} is above MAX_PIXELS={s.max_pixels}")
-    width, height = parse_size(s.default_size)
+    width, height = s.default_dimensions
     if not s.min_pixels <= width * height <= s.max_pixels or max(width, height) > s.max_side:
         problems.append(
             f"DEFAULT_SIZE={s.default_size!r}: expected a size within MIN_PIXELS, MAX_PIXELS and MAX_SIDE "

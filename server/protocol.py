@@ -4,11 +4,21 @@ OpenAI fields keep their OpenAI meaning and their enums: a value outside one is 
 OpenAI answers. Unknown fields are ignored (OpenAI clients send newer fields), except those of a disabled
 plugin, which the service refuses by name. Extensions are top-level fields; SDK users send them with
 `extra_body`. Every list is bounded by what it describes.
+
+Requests are validated strictly (`strict=True`), the plugins' fields too: `true` or `"2"` where an integer
+belongs is a 400, as OpenAI answers. A multipart form is text, so `form_payload` first converts each field
+once by its declared type (JSON text for numbers, booleans, lists and objects); then the same strict rules
+apply to both.
 """
 
-from typing import Literal
+import types
+import typing
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic.fields import FieldInfo
+
+from server.bodies import parse_json_value
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 10  # n
@@ -82,6 +92,66 @@ def request_models(plugin_fields: list[type[BaseModel]]) -> tuple[type[ImageRequ
     generation = create_model("ImageGenerationRequest", __base__=(ImageRequest, *bases))
     edit = create_model("ImageEditRequest", __base__=(EditFields, ImageRequest, *bases))
     return generation, edit
+
+
+def field_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """Every key a model's fields may be sent under: their names and validation aliases."""
+    keys = {}
+    for name, info in model.model_fields.items():
+        keys[name] = info
+        alias = info.validation_alias
+        choices = [alias] if isinstance(alias, str) else alias.choices if alias is not None else []
+        keys.update({choice: info for choice in choices if isinstance(choice, str)})
+    return keys
+
+
+def form_payload(model: type[BaseModel], fields: dict) -> dict:
+    """A multipart form's fields (text, and lists and objects of text from `a[]` and `a[k]` keys) as the JSON
+    they stand for, converted by each field's declared type. Unknown fields stay as sent."""
+    known = field_keys(model)
+    return {key: _typed(known[key].annotation if key in known else None, value) for key, value in fields.items()}
+
+
+def _typed(annotation: Any, value: Any) -> Any:
+    if annotation is None:
+        return value
+    if isinstance(value, list):
+        return [_typed(_list_item(annotation), item) for item in value]
+    if isinstance(value, dict):
+        model = _model(annotation)
+        return form_payload(model, value) if model is not None else value
+    if not isinstance(value, str) or _takes_text(annotation):
+        return value
+    if value == "":
+        return None  # a form's null: the SDK sends None as an empty field
+    try:
+        return parse_json_value(value)
+    except ValueError:
+        return value  # not JSON: left as text, which strict validation refuses, naming the field
+
+
+def _members(annotation: Any) -> tuple:
+    """The types a field admits: a union's members, Annotated and Optional unwrapped."""
+    if typing.get_origin(annotation) is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return tuple(m for arg in typing.get_args(annotation) for m in _members(arg))
+    return (annotation,)
+
+
+def _takes_text(annotation: Any) -> bool:
+    return any(
+        m is str or (typing.get_origin(m) is Literal and any(isinstance(v, str) for v in typing.get_args(m)))
+        for m in _members(annotation)
+    )
+
+
+def _list_item(annotation: Any) -> Any:
+    return next((typing.get_args(m)[0] for m in _members(annotation) if typing.get_origin(m) is list), None)
+
+
+def _model(annotation: Any) -> type[BaseModel] | None:
+    return next((m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)), None)
 
 
 # -- responses ----------------------------------------------------------------------

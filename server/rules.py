@@ -3,14 +3,12 @@
 Everything here runs before a request is queued, so that every limit is checked before any generation.
 """
 
-import re
 import secrets
 from dataclasses import dataclass
 
 from server.config import Settings, parse_size
 from server.errors import bad_request
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 _RANDOM_SEED_LIMIT = 2**31  # random seeds stay small enough for every tool to reproduce them
 
 # The encoders' largest side: WebP's format holds 14 bits, JPEG's 16 (PNG's 31 never binds here).
@@ -55,11 +53,11 @@ def steps(requested: int | None, preset: str, model_steps: int, configured: dict
 def requested_size(size: str | None, image_size: tuple[int, int] | None, s: Settings) -> tuple[int, int]:
     """The size to generate: the request's, or for `auto` the input image's (fitted) or DEFAULT_SIZE."""
     if size in (None, "auto"):
-        return fit(*image_size, s) if image_size is not None else parse_size(s.default_size)
-    match = _SIZE.match(size)
-    if not match:
+        return fit(*image_size, s) if image_size is not None else s.default_dimensions
+    parsed = parse_size(size)
+    if parsed is None:
         raise bad_request(f"Invalid value for 'size': {size!r}; use WIDTHxHEIGHT, e.g. 1024x1024, or auto.", "size")
-    width, height = int(match[1]), int(match[2])
+    width, height = parsed
     if width % 16 or height % 16:
         raise bad_request(f"Invalid value for 'size': {size}; width and height must be multiples of 16.", "size")
     if not size_allowed(width, height, s):
