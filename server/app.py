@@ -6,6 +6,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, JSONResponse
 
 from server import api, errors
@@ -18,11 +19,13 @@ from server.images import CONTENT_TYPES
 from server.metrics import Metrics
 from server.middleware import BodyLimit, RequestLog
 from server.plugins import PluginSet
+from server.protocol import openapi_bodies
 from server.service import ImageService
 
 log = logging.getLogger("server")
 
 _STARTED = int(time.time())
+PROBES = ("/health", "/ready", "/metrics")  # also answer HEAD, as GET without the body: load balancers probe so
 
 
 def create_app(settings: Settings, engine: Engine | None = None, plugins: PluginSet | None = None) -> FastAPI:
@@ -50,9 +53,26 @@ def create_app(settings: Settings, engine: Engine | None = None, plugins: Plugin
     errors.install(app)
     for router in (api.router, _ops_router(), _models_router(), *plugins.routers(), *engine.routers()):
         app.include_router(router)
+    _publish_request_bodies(app, service)
     app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20), routes=plugins.route_limits())
     app.add_middleware(RequestLog, metrics=metrics)  # added last: outermost
     return app
+
+
+def _publish_request_bodies(app: FastAPI, service: ImageService) -> None:
+    """/openapi.json with the image routes' request bodies, the enabled plugins' fields included."""
+    bodies, schemas = openapi_bodies(service.generation_model, service.edit_model)
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = generate()  # cached by FastAPI: what is added here is added once
+            document["components"]["schemas"].update(schemas)
+            for path, body in bodies.items():
+                document["paths"][path]["post"].update(body)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _load(app: FastAPI, service: ImageService) -> None:
@@ -103,6 +123,8 @@ def _ops_router() -> APIRouter:
             raise APIError(404, f"No image named {name!r} (it may have expired).", code="not_found")
         return FileResponse(path, media_type=CONTENT_TYPES[path.suffix[1:]])
 
+    for route in [r for r in router.routes if isinstance(r, APIRoute) and r.path in PROBES]:
+        router.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
     return router
 
 

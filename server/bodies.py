@@ -9,6 +9,8 @@ strings, which cost little to parse. Nesting deeper than Python's recursion limi
 import json
 import re
 
+from python_multipart.multipart import parse_options_header
+
 from server.errors import bad_request
 
 MAX_JSON_VALUES = 50_000
@@ -20,6 +22,12 @@ FILE_FIELDS = ("image", "image[]", "mask")
 
 def invalid_json(why: str):
     return bad_request(f"We could not parse the JSON body of your request: {why}", None, "invalid_json")
+
+
+def media_type_of(content_type: str | None) -> str:
+    """A Content-Type's media type: lower case, parameters dropped (RFC 9110 8.3.1), parsed as Starlette parses
+    forms, so that what is routed to the form parser is what it reads as a form."""
+    return parse_options_header(content_type)[0].decode("latin-1")
 
 
 def _check_shape(body: bytes) -> None:

@@ -76,6 +76,33 @@ def quality_steps_problem(value: str) -> str | None:
     return None
 
 
+# An allow-list entry (UPLOAD_ALLOWED_HOSTS, REMOTE_IMAGE_HOSTS): a name, *.domain, IPv4 or [IPv6] address, with
+# an optional :port or :* (any port). Without one, only the scheme's default port (443, 80) is allowed: trusting
+# a host's object store must not open its other services to requests that callers shape.
+_HOST_ENTRY = re.compile(r"(?P<host>\[[0-9a-f:.]+\]|(?:\*\.)?[a-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}|\*))?", re.ASCII)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def hosts_problem(value: str) -> str | None:
+    bad = [entry for entry in split(value) if not _HOST_ENTRY.fullmatch(entry.lower())]
+    return f"hosts as host, *.domain, [IPv6], each with an optional :port or :* ({bad[0]!r} is none)" if bad else None
+
+
+def host_allowed(entries: tuple[str, ...], scheme: str, host: str, port: int | None) -> bool:
+    """Whether a URL's host and port are on an allow-list (entries as `_HOST_ENTRY` describes)."""
+    host, port = host.lower().rstrip("."), port or DEFAULT_PORTS.get(scheme)
+    for entry in entries:
+        match = _HOST_ENTRY.fullmatch(entry.lower())
+        if match is None:
+            continue
+        name = match["host"].strip("[]")
+        if host != name and not (name.startswith("*.") and host.endswith(name[1:])):
+            continue
+        if match["port"] == "*" or (int(match["port"]) if match["port"] else DEFAULT_PORTS.get(scheme)) == port:
+            return True
+    return False
+
+
 def _default_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return Path(base) / "image-server"
@@ -158,7 +185,12 @@ class Settings:
         50_000_000, "most pixels of all input images of one edit together, read from their headers before decoding",
         low=1,
     )  # fmt: skip
-    remote_image_hosts: str = option("", "comma-separated hosts that edits may fetch http(s) image URLs from")
+    remote_image_hosts: str = option(
+        "",
+        "comma-separated hosts that edits may fetch http(s) image URLs from: host (the scheme's default port), "
+        "host:port, host:* (any port), *.domain, [IPv6]",
+        check=hosts_problem,
+    )
     keep_alive: float = option(
         75.0, "seconds an idle connection stays open (longer than nginx's and most balancers' idle timeouts)", low=1
     )

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import models_json_schema
 
 from server.bodies import parse_json_value
 
@@ -94,6 +95,37 @@ def request_models(plugin_fields: list[type[BaseModel]]) -> tuple[type[ImageRequ
     return generation, edit
 
 
+_REF = "#/components/schemas/{model}"
+EDIT_FORM = "ImageEditForm"
+
+
+def openapi_bodies(generation: type[BaseModel], edit: type[BaseModel]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The image routes' request bodies for /openapi.json, by path, and the component schemas they refer to.
+    The handlers read the raw request (bounded parsing), so FastAPI cannot see these on its own."""
+    _, schemas = models_json_schema([(generation, "validation"), (edit, "validation")], ref_template=_REF)
+    components = schemas["$defs"]
+    components[EDIT_FORM] = _edit_form(components[edit.__name__])
+    bodies = {
+        "/v1/images/generations": _body({"application/json": generation.__name__}),
+        "/v1/images/edits": _body({"multipart/form-data": EDIT_FORM, "application/json": edit.__name__}),
+    }
+    return bodies, components
+
+
+def _body(contents: dict[str, str]) -> dict:
+    content = {media: {"schema": {"$ref": _REF.format(model=name)}} for media, name in contents.items()}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _edit_form(json_edit: dict) -> dict:
+    """The multipart edit: the JSON edit's fields, with files `image` (one, or up to 16) and `mask` in place of
+    the JSON form's `images` and `mask` references. Each value is text converted by its type (`form_payload`)."""
+    binary = {"type": "string", "format": "binary"}
+    properties = {name: value for name, value in json_edit["properties"].items() if name not in ("images", "mask")}
+    files = {"image": {"anyOf": [binary, {"type": "array", "items": binary, "maxItems": 16}]}, "mask": binary}
+    return {**json_edit, "title": EDIT_FORM, "properties": {**files, **properties}, "required": ["image", "prompt"]}
+
+
 def field_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
     """Every key a model's fields may be sent under: their names and validation aliases."""
     keys = {}
@@ -168,27 +200,42 @@ class ImageData(BaseModel):
     seed: int | None = None
 
 
-class InputTokensDetails(BaseModel):
+class TokensDetails(BaseModel):
     text_tokens: int = 0
     image_tokens: int = 0
 
 
 class Usage(BaseModel):
-    """OpenAI counts tokens for its GPT image models; a diffusion model has none to count."""
+    """OpenAI's usage, counted as the model works: an image is one token per 16x16-pixel patch, the sequence a
+    diffusion transformer (FLUX, SD3, Qwen-Image) runs on (`rules.image_tokens`). Output: every image
+    generated. Input: an edit's image, at the size it is generated. Text tokens are 0: prompts are not
+    tokenized by the server (each model has its own encoders, and FLUX pads every prompt to one length)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     total_tokens: int = 0
-    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    input_tokens_details: TokensDetails = Field(default_factory=TokensDetails)
+    output_tokens_details: TokensDetails = Field(default_factory=TokensDetails)
+
+    @classmethod
+    def of_images(cls, input_tokens: int, output_tokens: int) -> "Usage":
+        return cls(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            total_tokens=input_tokens + output_tokens,
+            input_tokens_details=TokensDetails(image_tokens=input_tokens),
+            output_tokens_details=TokensDetails(image_tokens=output_tokens),
+        )
 
 
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
-    background: Literal["opaque"] = "opaque"
+    background: Literal["opaque"]  # no default: `exclude_unset` would leave a default out of the response
     output_format: OutputFormat
     size: str
     quality: Literal["low", "medium", "high"]
+    usage: Usage
 
 
 class StreamEvent(BaseModel):

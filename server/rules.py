@@ -69,6 +69,11 @@ def requested_size(size: str | None, image_size: tuple[int, int] | None, s: Sett
     return width, height
 
 
+def image_tokens(width: int, height: int) -> int:
+    """An image's tokens for `usage`: one per 16x16-pixel patch (a VAE's 8x and the transformer's 2x2 patches)."""
+    return (width // 16) * (height // 16)
+
+
 def size_allowed(width: int, height: int, s: Settings) -> bool:
     return (
         s.min_pixels <= width * height <= s.max_pixels and min(width, height) >= 16 and max(width, height) <= s.max_side

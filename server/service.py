@@ -25,7 +25,7 @@ from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.plugins import PluginSet
-from server.protocol import ImageRequest, ImagesResponse, StreamEvent, Usage, form_payload, request_models
+from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
 from server.scheduler import Job, Scheduler
 from server.spec import GenerationSpec
@@ -364,7 +364,7 @@ def completed_events(response: ImagesResponse, edit: bool) -> list[StreamEvent]:
             quality=response.quality,
             background=response.background,
             output_format=response.output_format,
-            usage=Usage(),
+            usage=response.usage,  # the request's, as the response carries it
             **{"b64_json": "", **item.model_dump(exclude_unset=True)},  # "": delivered elsewhere (upload)
         )
         for item in response.data
