@@ -6,8 +6,8 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 
 from server import api, errors
 from server.auth import require_api_key

@@ -12,7 +12,6 @@ from pydantic import AfterValidator, BaseModel, WithJsonSchema
 
 from server.plugins import Plugin
 
-
 FACTORS = (1, 2, 4)
 
 
