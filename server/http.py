@@ -79,7 +79,11 @@ class ServerProtocol(H11Protocol):
         """uvicorn's answer to a request it cannot parse, OpenAI-shaped, and the connection closed."""
         body = json.dumps(bad_request(self.conn.refusal or msg, None, "invalid_http_request").body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), _CLOSE]
-        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
             self.transport.write(self.conn.send(event))
         self.transport.close()
 

@@ -45,7 +45,7 @@ class ImageRequest(BaseModel):
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = None
     style: Literal["vivid", "natural"] | None = None
-    user: str | None = Field(default=None, max_length=512)
+    user: str = Field(default=None, max_length=512)  # no null, as OpenAI's spec says (absent: None)
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
 
@@ -83,8 +83,9 @@ class EditFields(BaseModel):
     quality: EditQuality | None = None
     strength: float | None = Field(default=None, gt=0, le=1)
     input_fidelity: Literal["high", "low"] | None = None
-    images: list[ImageRef] | None = Field(default=None, min_length=1, max_length=16)  # JSON form only
-    mask: ImageRef | None = None  # JSON form only
+    # JSON form only; no null, as OpenAI's spec says (absent: None)
+    images: list[ImageRef] = Field(default=None, min_length=1, max_length=16)
+    mask: ImageRef = Field(default=None)
 
 
 def request_models(plugin_fields: list[type[BaseModel]]) -> tuple[type[ImageRequest], type[ImageRequest]]:
@@ -139,7 +140,9 @@ def field_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
 
 def form_payload(model: type[BaseModel], fields: dict) -> dict:
     """A multipart form's fields (text, and lists and objects of text from `a[]` and `a[k]` keys) as the JSON
-    they stand for, converted by each field's declared type. Unknown fields stay as sent."""
+    they stand for, converted by each field's declared type: free text stays text; for any other field ""
+    and "null" are null, an enum takes its text, and numbers, booleans, lists and objects are read as JSON.
+    Unknown fields stay as sent."""
     known = field_keys(model)
     return {key: _typed(known[key].annotation if key in known else None, value) for key, value in fields.items()}
 
@@ -152,10 +155,12 @@ def _typed(annotation: Any, value: Any) -> Any:
     if isinstance(value, dict):
         model = _model(annotation)
         return form_payload(model, value) if model is not None else value
-    if not isinstance(value, str) or _takes_text(annotation):
+    if not isinstance(value, str) or _free_text(annotation):
         return value
-    if value == "":
-        return None  # a form's null: the SDK sends None as an empty field
+    if value in ("", "null"):
+        return None  # a form's null: the SDK sends None as an empty field, JSON-minded clients as null
+    if _enum_text(annotation):
+        return value
     try:
         return parse_json_value(value)
     except ValueError:
@@ -171,11 +176,13 @@ def _members(annotation: Any) -> tuple:
     return (annotation,)
 
 
-def _takes_text(annotation: Any) -> bool:
-    return any(
-        m is str or (typing.get_origin(m) is Literal and any(isinstance(v, str) for v in typing.get_args(m)))
-        for m in _members(annotation)
-    )
+def _free_text(annotation: Any) -> bool:
+    return str in _members(annotation)
+
+
+def _enum_text(annotation: Any) -> bool:
+    literals = [m for m in _members(annotation) if typing.get_origin(m) is Literal]
+    return any(isinstance(v, str) for m in literals for v in typing.get_args(m))
 
 
 def _list_item(annotation: Any) -> Any:
@@ -201,8 +208,8 @@ class ImageData(BaseModel):
 
 
 class TokensDetails(BaseModel):
-    text_tokens: int = 0
-    image_tokens: int = 0
+    text_tokens: int
+    image_tokens: int
 
 
 class Usage(BaseModel):
@@ -211,11 +218,12 @@ class Usage(BaseModel):
     generated. Input: an edit's image, at the size it is generated. Text tokens are 0: prompts are not
     tokenized by the server (each model has its own encoders, and FLUX pads every prompt to one length)."""
 
-    input_tokens: int = 0
-    output_tokens: int = 0
-    total_tokens: int = 0
-    input_tokens_details: TokensDetails = Field(default_factory=TokensDetails)
-    output_tokens_details: TokensDetails = Field(default_factory=TokensDetails)
+    # no defaults here: responses are written with `exclude_unset`, which would leave defaults out
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: TokensDetails
+    output_tokens_details: TokensDetails
 
     @classmethod
     def of_images(cls, input_tokens: int, output_tokens: int) -> "Usage":
@@ -223,15 +231,15 @@ class Usage(BaseModel):
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             total_tokens=input_tokens + output_tokens,
-            input_tokens_details=TokensDetails(image_tokens=input_tokens),
-            output_tokens_details=TokensDetails(image_tokens=output_tokens),
+            input_tokens_details=TokensDetails(text_tokens=0, image_tokens=input_tokens),
+            output_tokens_details=TokensDetails(text_tokens=0, image_tokens=output_tokens),
         )
 
 
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
-    background: Literal["opaque"]  # no default: `exclude_unset` would leave a default out of the response
+    background: Literal["opaque"]  # no default: `exclude_unset` would leave it out
     output_format: OutputFormat
     size: str
     quality: Literal["low", "medium", "high"]

@@ -7,7 +7,7 @@ functions, so it measures what the server does.
 
 import base64
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -28,7 +28,7 @@ class Finished:
     encoded: list[bytes | None]  # None: withheld by a plugin
     items: list[dict]
     size: str
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage
 
 
 def finish_images(

@@ -1,19 +1,19 @@
 """The server against OpenAI's published Images spec (shared/reference/openai-images-spec.yaml), in process.
 
-schemathesis generates requests from OpenAI's spec: its coverage phase (deterministic: each property's wrong
-types, bounds, enums and missing required fields) and a bounded, derandomised fuzzing phase. Negative requests
-(what the spec forbids) must be refused with a 4xx; positive ones must never be a 5xx, and every answer must
-match the spec's response schemas. Where the spec is read other than literally, `as_served` says why.
+schemathesis generates requests from OpenAI's spec with its coverage phase (deterministic: each property's
+wrong types, bounds, enum values and missing required fields) and a bounded, derandomised fuzzing phase.
+Negative requests (what the spec forbids) must be refused with a 4xx; positive ones must never be a 5xx, and
+every answer, streamed events included, must match the spec's response schemas (read as
+`tests/support/openai_spec.served_spec` says). The responses of the SDK's own calls are checked the same way.
 """
 
-import copy
+import base64
+import io
 import time
-from pathlib import Path
 
 import pytest
 import requests
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -24,46 +24,27 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.support.fakes import InProcess
+from tests.support.images import gradient, png_bytes
+from tests.support.openai_spec import assert_conforms, served_spec, stream_events
 
-SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "openai-images-spec.yaml"
 PATHS = ["/images/generations", "/images/edits"]  # /images/variations (dall-e-2 only) is not served
 FUZZ = settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 CHECKS = {
     GenerationMode.NEGATIVE: [not_a_server_error, negative_data_rejection],
+    # schemathesis reads a text/event-stream schema as the SSE envelope's, OpenAI's as each event's data:
+    # `conformance` checks the events themselves
     GenerationMode.POSITIVE: [not_a_server_error, response_schema_conformance, content_type_conformance],
 }
-
-
-def as_served(spec: dict) -> dict:
-    """OpenAI's spec with two readings made explicit:
-    - `nullable: true` is OpenAPI 3.0's keyword, which a 3.1 document like this one ignores; the spec means
-      those fields to take null (the SDK sends null for None), so it is rewritten as 3.1 says it.
-    - WIDTHxHEIGHT sizes: the request schemas take any string for `size` (arbitrary sizes, for gpt-image-2),
-      but the JSON edit body and the responses list only OpenAI's standard sizes. This server generates what
-      its model allows, so a response's `size` is the size made, and a JSON edit's `size` is a string as in
-      the multipart form."""
-    spec = _nullable_as_31(copy.deepcopy(spec))
-    schemas = spec["components"]["schemas"]
-    schemas["EditImageBodyJsonParam"]["properties"]["size"] = {"anyOf": [{"type": "string"}, {"type": "null"}]}
-    for name in ("ImagesResponse", *(n for n in schemas if n.endswith(("PartialImageEvent", "CompletedEvent")))):
-        schemas[name]["properties"]["size"] = {"type": "string", "pattern": "^(auto|[1-9][0-9]*x[1-9][0-9]*)$"}
-    return spec
-
-
-def _nullable_as_31(node):
-    if isinstance(node, list):
-        return [_nullable_as_31(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    node = {key: _nullable_as_31(value) for key, value in node.items()}
-    if node.pop("nullable", False):
-        return {"anyOf": [node, {"type": "null"}]}
-    return node
+EVENTS = {"/images/generations": "ImageGenStreamEvent", "/images/edits": "ImageEditStreamEvent"}
 
 
 @pytest.fixture(scope="module")
 def spec():
-    schema = schemathesis.openapi.from_dict(as_served(yaml.safe_load(SPEC.read_text())))
+    document = served_spec()
+    for path in PATHS:  # the envelope, as schemathesis reads it; the events are checked by `conformance`
+        content = document["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+        content["schema"] = {"type": "object", "properties": {"event": {"type": "string"}, "data": {}}}
+    schema = schemathesis.openapi.from_dict(document)
     schema.config.generation.update(with_security_parameters=False)  # keys are tested in test_api.py
     return schema
 
@@ -84,10 +65,17 @@ def send(app, case):
 _REQUEST_ARGS = ("method", "url", "headers", "params", "json", "data", "files", "cookies")
 
 
-def failures_of(app, case, mode: GenerationMode) -> list[str]:
+def conformance(response, path: str) -> None:
+    if response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream"):
+        for event in stream_events(response.text):
+            assert_conforms(event, EVENTS[path])
+
+
+def failures_of(app, case, path: str, mode: GenerationMode) -> list[str]:
     response = send(app, case)
     try:
         case.validate_response(response, checks=CHECKS[mode])
+        conformance(response, path)
     except Exception as exc:
         return [f"{case.meta.phase.data.description if case.meta else ''}: {str(exc)[:1200]}"]
     return []
@@ -98,18 +86,63 @@ def failures_of(app, case, mode: GenerationMode) -> list[str]:
 def test_the_server_keeps_to_openai_spec(app, spec, path, mode):
     operation = spec[path]["POST"]
     started = time.monotonic()
-    failures = []
     coverage = spec.iter_coverage_cases(
         operation, generation_modes=[mode], generation_config=spec.config.generation_for(operation=operation)
     )
+    failures, cases = [], 0
     for case in coverage:
-        failures += failures_of(app, case, mode)
+        failures += failures_of(app, case, path, mode)
+        cases += 1
 
     @FUZZ
     @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case):
-        failures.extend(failures_of(app, case, mode))
+        failures.extend(failures_of(app, case, path, mode))
 
     fuzz()
-    print(f"{path} {mode.value}: {time.monotonic() - started:.1f}s")
+    print(f"{path} {mode.value}: {cases} coverage cases and the fuzzing in {time.monotonic() - started:.1f}s")
+    assert cases > 50, "the coverage phase generated almost nothing: the spec did not load as expected"
     assert not failures, f"{len(failures)} failures:\n\n" + "\n\n".join(failures[:6])
+
+
+# -- the SDK's calls, their answers checked against the spec ----------------------------------
+
+
+def test_a_generation_answers_as_the_spec_says_with_background_and_usage(app):
+    response = app.client().images.with_raw_response.generate(prompt="p", size="128x64", n=2).http_response
+    body = assert_conforms(response.json(), "ImagesResponse")
+    assert body["background"] == "opaque"
+    tokens = 8 * 4  # one per 16x16 patch: 8x4 patches per image
+    assert body["usage"] == {
+        "input_tokens": 0,
+        "output_tokens": 2 * tokens,
+        "total_tokens": 2 * tokens,
+        "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
+        "output_tokens_details": {"text_tokens": 0, "image_tokens": 2 * tokens},
+    }
+
+
+def test_edits_answer_as_the_spec_says_multipart_and_json(app):
+    image = png_bytes(gradient(64, 64))
+    form = app.client().images.with_raw_response.edit(image=("a.png", io.BytesIO(image), "image/png"), prompt="p")
+    data_url = "data:image/png;base64," + base64.b64encode(image).decode()
+    as_json = app.http.post("/v1/images/edits", json={"prompt": "p", "images": [{"image_url": data_url}]})
+    for response in (form.http_response, as_json):
+        body = assert_conforms(response.json(), "ImagesResponse")
+        assert body["background"] == "opaque" and body["size"] == "64x64"
+        assert body["usage"]["input_tokens_details"]["image_tokens"] == 16  # the input image, 4x4 patches
+        assert body["usage"]["total_tokens"] == 32
+
+
+@pytest.mark.parametrize("path", ["generations", "edits"])
+def test_stream_events_are_the_spec_s_each_completed_one_with_usage(app, path):
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(gradient(64, 64))).decode()
+    body = {"images": [{"image_url": data_url}]} if path == "edits" else {}
+    response = app.http.post(
+        f"/v1/images/{path}", json={"prompt": "p", "size": "64x64", "stream": True, "partial_images": 2, **body}
+    )
+    events = stream_events(response.text)
+    assert [e["type"].split(".")[1] for e in events] == ["partial_image", "partial_image", "completed"]
+    for event in events:
+        assert_conforms(event, EVENTS[f"/images/{path}"])
+    assert events[-1]["usage"]["output_tokens"] == 16
