@@ -40,7 +40,8 @@ EVENTS = {"generations": "ImageGenStreamEvent", "edits": "ImageEditStreamEvent"}
 
 @pytest.fixture(scope="module")
 def app():
-    with InProcess(default_size="64x64", max_pixels=256 * 256, plugins="upscale,upload") as running:
+    # upscale: a plugin's field in every run; not upload, whose URLs would be looked up in DNS
+    with InProcess(default_size="64x64", max_pixels=256 * 256, plugins="upscale") as running:
         yield running
 
 
