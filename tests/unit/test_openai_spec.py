@@ -172,9 +172,7 @@ def test_openapi_publishes_the_request_bodies_with_the_enabled_plugins_fields(ap
     }
     schemas = document["components"]["schemas"]
     generation, form, edit = (schemas[n] for n in ("ImageGenerationRequest", "ImageEditForm", "ImageEditRequest"))
-    assert generation["required"] == ["prompt"] and {"n", "seed", "upscale", "upload_urls"} <= set(
-        generation["properties"]
-    )
+    assert generation["required"] == ["prompt"] and {"n", "seed", "upscale"} <= set(generation["properties"])
     assert {"images", "mask", "strength", "upscale"} <= set(edit["properties"])
     assert form["required"] == ["image", "prompt"] and "images" not in form["properties"]
     assert form["properties"]["mask"] == {"type": "string", "format": "binary"} and "upscale" in form["properties"]
