@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.auth import require_api_key
-from server.bodies import FILE_FIELDS, FormLimits, form_fields, read_form, read_json
+from server.bodies import FILE_FIELDS, FormLimits, FormPart, form_fields, media_type_of, read_form, read_json
 from server.errors import APIError, bad_request
 from server.middleware import Life
 from server.protocol import ErrorResponse, ImagesResponse, StreamEvent
@@ -47,19 +47,19 @@ router = APIRouter(dependencies=[Depends(require_api_key), Depends(accepting)])
 @router.post("/v1/images/generations", responses=_RESPONSES)
 async def create_image(request: Request) -> Response:
     body = await request.body()
-    payload = await _json_body(request, body)
-    return await _answer(request, ImageCall(False, payload, _base_url(request), _deadline(request), len(body)))
+    payload = await json_body(request, body)
+    return await _answer(request, ImageCall(False, payload, _base_url(request), deadline_of(request), len(body)))
 
 
 @router.post("/v1/images/edits", responses=_RESPONSES)
 async def edit_image(request: Request) -> Response:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    media_type = media_type_of(request.headers.get("content-type"))
+    if media_type == "multipart/form-data":
         call = await _multipart_edit(request)
-    elif content_type.startswith("application/json"):
+    elif media_type == "application/json":
         body = await request.body()
-        payload = await _json_body(request, body)
-        call = ImageCall(True, payload, _base_url(request), _deadline(request), len(body))
+        payload = await json_body(request, body)
+        call = ImageCall(True, payload, _base_url(request), deadline_of(request), len(body))
     else:
         raise bad_request("Send the edit as multipart/form-data or application/json.", None, "unsupported_media_type")
     return await _answer(request, call)
@@ -123,19 +123,26 @@ def _life(request: Request) -> Life:
     return request.state.life
 
 
-def _deadline(request: Request) -> float:
+def deadline_of(request: Request) -> float:
+    """The request's deadline (monotonic), from its owner (RequestLife)."""
     return _life(request).deadline
 
 
-async def _json_body(request: Request, body: bytes) -> dict:
-    return await read_json(body, _service(request).decoders, _deadline(request))
+async def json_body(request: Request, body: bytes) -> dict:
+    """A JSON body, parsed off the event loop when large (server/bodies.py), by the request's deadline."""
+    return await read_json(body, _service(request).decoders, deadline_of(request))
+
+
+async def form_parts(request: Request, limits: FormLimits) -> list[FormPart]:
+    """A multipart body's parts, parsed in a decode process by the request's deadline."""
+    content_type = request.headers.get("content-type", "")
+    return await read_form(await request.body(), content_type, limits, _service(request).decoders, deadline_of(request))
 
 
 async def _multipart_edit(request: Request) -> ImageCall:
     settings = _service(request).settings
     limits = FormLimits(MAX_INPUT_IMAGES + 1, 200, 2**20, int(settings.max_image_mb * 2**20), "image_too_large")
-    content_type = request.headers.get("content-type", "")
-    parts = await read_form(await request.body(), content_type, limits, _service(request).decoders, _deadline(request))
+    parts = await form_parts(request, limits)
     files = [p.data for p in parts if p.name in ("image", "image[]") and p.filename is not None]
     if len(files) > MAX_INPUT_IMAGES:
         raise bad_request(f"At most {MAX_INPUT_IMAGES} images may be sent.", "image")
@@ -147,7 +154,7 @@ async def _multipart_edit(request: Request) -> ImageCall:
         True,
         payload,
         _base_url(request),
-        _deadline(request),
+        deadline_of(request),
         multipart=True,
         uploads=files,
         mask_upload=masks[0].data if masks else None,

@@ -107,8 +107,9 @@ class Worker:
             write_frame(self.proc.stdin, job.header, job.blobs)
             reply, blobs = read_frame(self.proc.stdout, job.max_reply_bytes)
         except (OSError, ValueError, WorkerDied) as exc:
+            log.info("decode process %d lost mid-job: %r", self.proc.pid, exc)
             self.kill()
-            raise WorkerDied(str(exc)) from None
+            raise WorkerDied("the decode process was lost") from None
         if "error" in reply:
             error = reply["error"]
             raise APIError(400, error["message"], param=error.get("param"), code=error.get("code"))

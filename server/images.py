@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import io
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
+from server.config import host_allowed
 from server.decoders import Job, WorkerDied, timed_out_while
-from server.errors import bad_request
+from server.errors import APIError, bad_request
 from server.imagecost import CostlyImage, UnreadableImage, structure
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -96,8 +100,14 @@ def decode_frame(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes
             image.load()
             decoded = mask_from_alpha(image) if header["mask"] else as_rgb(image)
     except Exception as exc:  # a hostile file may make a Pillow plugin fail in any way: the file's fault
-        raise bad_request(f"'{param}' could not be decoded ({exc}).", param) from None
+        raise unreadable_image(param, exc) from None
     return {"mode": decoded.mode, "size": list(decoded.size)}, [decoded.tobytes()]
+
+
+def unreadable_image(param: str, exc: Exception) -> APIError:
+    """Pillow's words (object addresses, its internals) go to the log; the caller learns which image."""
+    log.info("%s is not a readable image: %r", param, exc)
+    return bad_request(f"'{param}' is not a readable PNG, JPEG or WebP image.", param)
 
 
 def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
@@ -121,14 +131,14 @@ async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max
     deadline (a host that trickles a byte now and then is cut there, not per read)."""
     try:
         parts = urlsplit(url)
-        host = parts.hostname
+        host, port = parts.hostname, parts.port
     except ValueError:
         raise bad_request(f"'{param}' is not a valid URL.", param) from None
     if parts.scheme not in ("http", "https") or not host:
         raise bad_request(f"'{param}' must be a data URL or an http(s) URL.", param)
-    if host not in allowed_hosts:
+    if not host_allowed(allowed_hosts, parts.scheme, host, port):
         raise bad_request(
-            f"'{param}': fetching images from {host} is not allowed on this server "
+            f"'{param}': fetching images from {host}{f':{port}' if port else ''} is not allowed on this server "
             "(send the image as a data URL or a file, or ask the operator to add the host to REMOTE_IMAGE_HOSTS).",
             param,
             "remote_image_not_allowed",
@@ -139,7 +149,8 @@ async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max
     except TimeoutError:
         raise timed_out_while(f"fetching '{param}'") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise bad_request(f"'{param}': could not fetch {url}: {exc}", param) from None
+        log.info("%s: fetching %s failed: %r", param, url, exc)
+        raise bad_request(f"'{param}': could not fetch the image from {host}.", param) from None
 
 
 async def _download(url: str, param: str, max_bytes: int) -> bytes:

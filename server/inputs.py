@@ -61,17 +61,17 @@ async def from_refs(request, s: Settings, deadline: float, off_loop: OffLoop) ->
 
 
 async def _ref_image(ref, param: str, s: Settings, deadline: float, off_loop: OffLoop, keep: bool) -> InputImage:
+    return await off_loop(_inspected, await ref_bytes(ref, param, s, deadline, off_loop), param, s, keep)
+
+
+async def ref_bytes(ref, param: str, s: Settings, deadline: float, off_loop: OffLoop) -> bytes:
+    """A reference's bytes: a data URL decoded off the event loop, or a remote image fetched by `deadline`."""
     limit = int(s.max_image_mb * 2**20)
     if ref.file_id is not None or not ref.image_url:
         raise bad_request(f"'{param}': file_id is not supported here; send image_url (a data URL).", param)
     if ref.image_url.startswith("data:"):
-        return await off_loop(_from_data_url, ref.image_url, param, limit, s, keep)
-    data = await fetch_remote(ref.image_url, f"{param}.image_url", s.remote_hosts, limit, deadline)
-    return await off_loop(_inspected, data, param, s, keep)
-
-
-def _from_data_url(url: str, param: str, limit: int, s: Settings, keep: bool) -> InputImage:
-    return _inspected(decode_data_url(url, f"{param}.image_url", limit), param, s, keep)
+        return await off_loop(decode_data_url, ref.image_url, f"{param}.image_url", limit)
+    return await fetch_remote(ref.image_url, f"{param}.image_url", s.remote_hosts, limit, deadline)
 
 
 def _checked(images: list[InputImage], mask: InputImage | None, s: Settings) -> EditInputs:

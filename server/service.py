@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from server import respond, rules
@@ -24,12 +25,12 @@ from server.config import Settings, parse_quality_steps
 from server.decoders import DecoderPool
 from server.engines.base import Engine
 from server.errors import from_validation, timed_out
-from server.images import decode_job, encode_image
+from server.images import InputImage, decode_job, encode_image
 from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.plugins import PluginSet
-from server.protocol import ImageRequest, ImagesResponse, StreamEvent, Usage, request_models
+from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
 from server.scheduler import Admission, Job, Scheduler
 from server.spec import GenerationSpec
@@ -178,7 +179,7 @@ class ImageService:
 
     async def _request(self, call: ImageCall) -> Result | EventStream:
         request = await self._validate(call)
-        plan = await self._off_loop(self.plan, request, _mode(call, request), call.base_url)
+        plan = await self.off_loop(self.plan, request, _mode(call, request), call.base_url)
         admission = self._admit(plan)  # before anything is fetched or decoded: a full queue costs nothing
         self.in_flight += 1
         self.metrics.in_flight.inc()
@@ -201,10 +202,10 @@ class ImageService:
     async def _validate(self, call: ImageCall) -> ImageRequest:
         model = self.edit_model if call.edit else self.generation_model
         if call.body_bytes > LARGE_BODY:  # validation of a large body leaves the event loop too
-            return await self._off_loop(validate, model, call.payload)
-        return validate(model, call.payload)
+            return await self.off_loop(validate, model, call.payload, call.multipart)
+        return validate(model, call.payload, call.multipart)
 
-    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Work on what a caller sent (validation, structure walks, base64), in the bounded reading pool."""
         return await asyncio.get_running_loop().run_in_executor(self._reading, fn, *args)
 
@@ -280,17 +281,18 @@ class ImageService:
             return plan
         inputs = await self._inputs(request, call)
         if plan.sized_by_input:
-            plan = await self._off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
-        image = await self._decode(inputs.image, False, call.deadline)
-        mask = await self._decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
+            plan = await self.off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
+        image = await self.decode(inputs.image, False, call.deadline)
+        mask = await self.decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
         return replace(plan, spec=replace(plan.spec, image=image, mask=mask))
 
     async def _inputs(self, request: ImageRequest, call: ImageCall) -> EditInputs:
         if call.multipart:
-            return await from_uploads(call.uploads, call.mask_upload, self.settings, self._off_loop)
-        return await from_refs(request, self.settings, call.deadline, self._off_loop)
+            return await from_uploads(call.uploads, call.mask_upload, self.settings, self.off_loop)
+        return await from_refs(request, self.settings, call.deadline, self.off_loop)
 
-    async def _decode(self, image, mask: bool, deadline: float):
+    async def decode(self, image: InputImage, mask: bool, deadline: float) -> Image.Image:
+        """An inspected input's pixels (RGB, or a mask), from a decode process by `deadline`."""
         return await self.decoders.run(decode_job(image, mask), deadline, f"'{image.param}'", image.param)
 
     async def _answer(self, job: Job, plan: Plan, call: ImageCall) -> Result:
@@ -423,9 +425,10 @@ class Previews:
         )
 
 
-def validate(model: type[BaseModel], payload: dict) -> ImageRequest:
+def validate(model: type[BaseModel], payload: dict, form: bool = False) -> ImageRequest:
+    """Strictly, as JSON is meant (`true` is not 1, "2" is not 2); a form's text is converted by type first."""
     try:
-        return model.model_validate(payload)
+        return model.model_validate(form_payload(model, payload) if form else payload, strict=True)
     except ValidationError as exc:
         raise from_validation(exc) from None
 
@@ -440,7 +443,7 @@ def completed_events(response: ImagesResponse, edit: bool) -> list[StreamEvent]:
             quality=response.quality,
             background=response.background,
             output_format=response.output_format,
-            usage=Usage(),
+            usage=response.usage,  # the request's, as the response carries it
             **{"b64_json": "", **item.model_dump(exclude_unset=True)},  # "": delivered elsewhere (upload)
         )
         for item in response.data

@@ -65,8 +65,8 @@ def test_decoding_gives_rgb_pixels_and_the_diffusers_mask():
 def test_a_file_whose_header_disagrees_with_its_structure_is_not_decoded():
     image = inspect(png_bytes(gradient(64, 64)), "image", SCANS)
     with pytest.raises(APIError) as err:
-        decoded(InputImage(image.data, "image", "PNG", 8000, 8000, False))  # a walk fooled into a smaller size
-    assert "structure" in err.value.message
+        decoded(InputImage(image.data, "image", "PNG", 8000, 8000, False))  # as if the walk were fooled
+    assert err.value.status == 400 and err.value.param == "image"
 
 
 def test_gif_is_refused_even_though_pillow_reads_it():
