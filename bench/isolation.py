@@ -35,9 +35,9 @@ SERVER = {
     "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
     "WRITE_TIMEOUT": "5",
     "BODY_TIMEOUT": "10",
-    "REMOTE_IMAGE_HOSTS": "127.0.0.1",
+    "REMOTE_IMAGE_HOSTS": "127.0.0.1:*",
     "PLUGINS": "upload",
-    "UPLOAD_ALLOWED_HOSTS": "127.0.0.1",
+    "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*",
     "UPLOAD_RETRIES": "0",
 }
 NORMAL = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2, "seed": 1}

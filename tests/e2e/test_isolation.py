@@ -46,9 +46,9 @@ def server():
         "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
         "WRITE_TIMEOUT": str(WRITE_TIMEOUT),
         "BODY_TIMEOUT": str(BODY_TIMEOUT),
-        "REMOTE_IMAGE_HOSTS": "127.0.0.1",
+        "REMOTE_IMAGE_HOSTS": "127.0.0.1:*",
         "PLUGINS": "upload",
-        "UPLOAD_ALLOWED_HOSTS": "127.0.0.1",
+        "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*",
         "UPLOAD_RETRIES": "0",
     }
     srv = ServerProcess(env).start()
@@ -64,7 +64,7 @@ def strict():
     env = {
         "MAX_QUEUE": "1",
         "REQUEST_TIMEOUT": "5",
-        "REMOTE_IMAGE_HOSTS": "127.0.0.1",
+        "REMOTE_IMAGE_HOSTS": "127.0.0.1:*",
         "MAX_JPEG_SCANS": "1000000",
         "DECODE_TIMEOUT": "1",
     }
