@@ -264,6 +264,8 @@ class ImageService:
         return Output(fmt, compression, response_format, base_url, preset, request.partial_images or 0)
 
     def _admit(self, plan: Plan) -> Admission:
+        """A place in the queue, held while the inputs are read; `plan.cost` is what fair shares between
+        callers weigh it by (known before any input is fetched: an upper bound for size=auto)."""
         return self.scheduler.admit()
 
     async def _submit(self, admission: Admission, plan: Plan, request: ImageRequest, call: ImageCall) -> Job:
