@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default="64x64")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=4)
-    p.add_argument("--max-queue", type=int, default=16, help="below --clients, so that the flooder meets its share")
+    p.add_argument("--max-queue", type=int, default=48, help="the flooder's share (half of it) must be below --clients")
     p.add_argument("--clients", type=int, default=32, help="the flooder's concurrent clients")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between the light tenant's requests")
     p.add_argument("--light-requests", type=int, default=12, help="the light tenant's requests, alone and flooded")
