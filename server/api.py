@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from server.auth import require_api_key
-from server.bodies import FILE_FIELDS, form_fields, parse_json
+from server.bodies import FILE_FIELDS, form_fields, media_type_of, parse_json
 from server.errors import APIError, bad_request
 from server.inputs import check_upload_size
 from server.protocol import ErrorResponse, ImagesResponse, StreamEvent
@@ -53,10 +53,10 @@ async def create_image(request: Request, tenant: Tenant) -> Response:
 
 @router.post("/v1/images/edits", responses=_RESPONSES)
 async def edit_image(request: Request, tenant: Tenant) -> Response:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    media_type = media_type_of(request.headers.get("content-type"))
+    if media_type == "multipart/form-data":
         call = await _multipart_edit(request, tenant)
-    elif content_type.startswith("application/json"):
+    elif media_type == "application/json":
         call = await _json_call(request, True, tenant)
     else:
         raise bad_request("Send the edit as multipart/form-data or application/json.", None, "unsupported_media_type")
@@ -107,11 +107,11 @@ async def _sse(events: AsyncIterator[StreamEvent | None]) -> AsyncIterator[bytes
 
 async def _json_call(request: Request, edit: bool, tenant: str) -> ImageCall:
     body = await request.body()
-    payload = await _parse(body)
+    payload = await parse_body(body)
     return ImageCall(edit, payload, _base_url(request), len(body), disconnected=_disconnected(request), tenant=tenant)
 
 
-async def _parse(body: bytes) -> dict:
+async def parse_body(body: bytes) -> dict:
     if len(body) > LARGE_PAYLOAD:
         return await asyncio.to_thread(parse_json, body)
     return parse_json(body)

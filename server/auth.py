@@ -35,9 +35,14 @@ def check_key(request: Request, keys: tuple[str, ...]) -> None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
+def key_digest(key: str) -> str:
+    """A key's SHA-256, in hex: what names it in logs, TENANT_WEIGHTS and video ownership, never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def key_label(key: str) -> str:
-    """A key's name in logs and TENANT_WEIGHTS, never the key itself: the start of its SHA-256."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    """A key's name as a tenant, in logs and TENANT_WEIGHTS."""
+    return "key-" + key_digest(key)[:12]
 
 
 def tenant_of(request: Request, settings: Settings) -> str:
@@ -62,3 +67,10 @@ async def require_api_key(request: Request) -> str:
         check_key(request, settings.api_keys + settings.admin_keys)
     request.state.tenant = tenant_of(request, settings)
     return request.state.tenant
+
+
+def owner(request: Request) -> str:
+    """Who owns what a request creates (video jobs): a digest of its API key; "" when the server has no keys."""
+    if not request.app.state.settings.api_keys:
+        return ""
+    return key_digest(presented_key(request))[:32]
