@@ -9,28 +9,13 @@ more; a scheduler that serves B behind A's backlog, or holds capacity back for a
 """
 
 import asyncio
-import importlib.util
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ServerProcess
+from tests.support.bench_tools import load_tool
 
-BENCH = ROOT / "bench"
-
-
-def _load_fairness():
-    spec = importlib.util.spec_from_file_location("fairness", BENCH / "fairness.py")
-    sys.path.insert(0, str(BENCH))  # fairness.py imports its sibling harness.py
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
-
-
-fairness = _load_fairness()
+fairness = load_tool("fairness")
 # 64x64 at 4 steps, MAX_QUEUE 48: A's share is 24 places, so some of its 32 clients meet 429s, and a scheduler that
 # served B behind A's backlog would keep it waiting 12 batches. MAX_BATCH 2, not 4: on this CPU a batch of 4 takes
 # about 1.5 times one image (2 takes about as long as 1), and B's own request shares its batch with A's, so with 4
