@@ -326,8 +326,10 @@ class Settings:
 
     @property
     def several_tenants(self) -> bool:
-        """Whether requests can come from more than one tenant: several keys, or a gateway naming the callers."""
-        return bool(self.tenant_header) or len(set(self.api_keys + self.admin_keys)) > 1
+        """Whether requests can come from more than one tenant: several keys (admins' included; without API_KEY no
+        key is checked, so none names a tenant), or a gateway naming the callers."""
+        keys = set(self.api_keys + self.admin_keys) if self.api_keys else set()
+        return bool(self.tenant_header) or len(keys) > 1
 
     @property
     def default_dimensions(self) -> tuple[int, int]:

@@ -12,10 +12,10 @@ Fair shares are weighted fair queuing over what each request costs the engine (i
 tenant has a virtual clock: the cost it has been served, divided by its weight. A tenant that arrives with nothing
 queued starts at the virtual time (the least clock of the tenants waiting when the last batch was picked), so time
 spent idle banks no credit. The fair order of the queue is each job's virtual start: its tenant's clock plus the
-cost of that tenant's jobs ahead of it. This is start-time fair queuing, the scheme of Kubernetes' API Priority and
-Fairness and of VTC; unlike deficit round robin it needs no quantum to tune and is exact for any mix of costs. It
-is work-conserving: the engine never idles while anything waits, so a tenant alone gets the whole engine and two
-busy tenants of equal weight get half each.
+cost of that tenant's jobs ahead of it. This is start-time fair queuing, as Kubernetes' API Priority and Fairness
+and VTC do it; unlike deficit round robin it needs no quantum to tune, whatever the costs. It is work-conserving:
+the engine never idles while anything waits, so a tenant alone gets the whole engine and two busy tenants of equal
+weight get half each.
 
 Picking a batch: the first job in fair order leads, and compatible jobs join it in fair order, whatever their
 tenant; each tenant pays for its own jobs. One exception: a request whose LoRA set is already applied may go before

@@ -66,3 +66,4 @@ def test_tenant_weights_and_when_the_queue_is_shared():
     assert from_env(api_key="one,two").several_tenants
     assert from_env(api_key="one", admin_api_key="admin").several_tenants
     assert from_env(tenant_header="X-Tenant").several_tenants
+    assert not from_env(admin_api_key="a,b").several_tenants  # no API_KEY: no key is checked, one tenant
