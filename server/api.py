@@ -7,6 +7,7 @@ bounded parts. The answer is JSON, or server-sent events for `stream=true`.
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -42,25 +43,21 @@ _RESPONSES = {
 }
 
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(accepting)])
+Tenant = Annotated[str, Depends(require_api_key)]  # the same call as the router's: FastAPI runs it once
 
 
 @router.post("/v1/images/generations", responses=_RESPONSES)
-async def create_image(request: Request) -> Response:
-    body = await request.body()
-    payload = await parse_body(body)
-    call = ImageCall(False, payload, _base_url(request), len(body), disconnected=_disconnected(request))
-    return await _answer(request, call)
+async def create_image(request: Request, tenant: Tenant) -> Response:
+    return await _answer(request, await _json_call(request, False, tenant))
 
 
 @router.post("/v1/images/edits", responses=_RESPONSES)
-async def edit_image(request: Request) -> Response:
+async def edit_image(request: Request, tenant: Tenant) -> Response:
     media_type = media_type_of(request.headers.get("content-type"))
     if media_type == "multipart/form-data":
-        call = await _multipart_edit(request)
+        call = await _multipart_edit(request, tenant)
     elif media_type == "application/json":
-        body = await request.body()
-        payload = await parse_body(body)
-        call = ImageCall(True, payload, _base_url(request), len(body), disconnected=_disconnected(request))
+        call = await _json_call(request, True, tenant)
     else:
         raise bad_request("Send the edit as multipart/form-data or application/json.", None, "unsupported_media_type")
     return await _answer(request, call)
@@ -108,13 +105,19 @@ async def _sse(events: AsyncIterator[StreamEvent | None]) -> AsyncIterator[bytes
 # -- reading requests -----------------------------------------------------------------
 
 
+async def _json_call(request: Request, edit: bool, tenant: str) -> ImageCall:
+    body = await request.body()
+    payload = await parse_body(body)
+    return ImageCall(edit, payload, _base_url(request), len(body), disconnected=_disconnected(request), tenant=tenant)
+
+
 async def parse_body(body: bytes) -> dict:
     if len(body) > LARGE_PAYLOAD:
         return await asyncio.to_thread(parse_json, body)
     return parse_json(body)
 
 
-async def _multipart_edit(request: Request) -> ImageCall:
+async def _multipart_edit(request: Request, tenant: str) -> ImageCall:
     settings = _service(request).settings
     form = await request.form(max_files=MAX_INPUT_IMAGES + 1, max_fields=200, max_part_size=2**20)
     files = [f for key in ("image", "image[]") for f in form.getlist(key) if isinstance(f, UploadFile)]
@@ -134,6 +137,7 @@ async def _multipart_edit(request: Request) -> ImageCall:
         uploads=[await f.read() for f in files],
         mask_upload=await masks[0].read() if masks else None,
         disconnected=_disconnected(request),
+        tenant=tenant,
     )
 
 

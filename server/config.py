@@ -9,6 +9,7 @@ accepts, stops the server with one line naming the variable and what it accepts.
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import types
@@ -20,6 +21,9 @@ from typing import Any
 
 # ASCII digits only (`\d` and `$` would take "６４x６４" and a trailing newline), no leading zeros, 5 digits at most
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a gateway's tenant header, a TENANT_WEIGHTS name
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+MAX_WEIGHT = 1000.0
 
 
 class ConfigError(ValueError):
@@ -74,6 +78,33 @@ def quality_steps_problem(value: str) -> str | None:
     except ValueError:
         return "PRESET:STEPS pairs, e.g. 'low:12,medium:20,high:28'"
     return None
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """'key-3f2a9c1b0d4e:2,batch:0.5' -> {'key-3f2a9c1b0d4e': 2.0, 'batch': 0.5}; ValueError naming what is wrong."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = (x.strip() for x in part.partition(":"))
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not TENANT_NAME.fullmatch(name) or not 0 < value <= MAX_WEIGHT:
+            raise ValueError(f"{part!r} is not NAME:WEIGHT with a weight above 0 and at most {MAX_WEIGHT:g}")
+        weights[name] = value
+    return weights
+
+
+def weights_problem(value: str) -> str | None:
+    try:
+        parse_weights(value)
+    except ValueError:
+        return f"NAME:WEIGHT pairs with weights above 0 and at most {MAX_WEIGHT:g}, e.g. 'key-3f2a9c1b0d4e:2,batch:0.5'"
+    return None
+
+
+def header_problem(value: str) -> str | None:
+    return None if not value or _HEADER_NAME.fullmatch(value) else "an HTTP header name, e.g. X-Tenant"
 
 
 # An allow-list entry (UPLOAD_ALLOWED_HOSTS, REMOTE_IMAGE_HOSTS): a name, *.domain, IPv4 or [IPv6] address, with
@@ -262,6 +293,22 @@ class Settings:
     postprocess_workers: int = option(2, "threads for post-processing (plugins, encoding) beside the engine", low=1)
     decode_workers: int = option(2, "input images decoded at once (each may take up to MAX_INPUT_PIXELS)", low=1)
 
+    # Tenants: fair shares of the queue and the engine (docs/SECURITY.md, "Fair shares")
+    tenant_header: str = option(
+        "",
+        "a header, set by a trusted gateway, that names the caller: each name is a tenant (off: each API key is one; "
+        "see docs/SECURITY.md before turning it on)",
+        check=header_problem,
+    )
+    tenant_weights: str = option(
+        "",
+        "tenants' shares of the engine as NAME:WEIGHT pairs, e.g. 'key-3f2a9c1b0d4e:2,batch:0.5' (others weigh 1)",
+        check=weights_problem,
+    )
+    tenant_queue_share: float = option(
+        0.5, "the most of MAX_QUEUE one tenant may hold, when requests can come from several", low=0.01, high=1
+    )
+
     # Plugins
     plugins: str = option("", "comma-separated plugins to enable, e.g. lora,nsfw,upload,upscale")
     admin_api_key: str = option("", "comma-separated keys allowed to manage LoRAs (POST/DELETE /v1/loras)")
@@ -272,6 +319,17 @@ class Settings:
     @property
     def api_keys(self) -> tuple[str, ...]:
         return split(self.api_key)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return parse_weights(self.tenant_weights)
+
+    @property
+    def several_tenants(self) -> bool:
+        """Whether requests can come from more than one tenant: several keys (admins' included; without API_KEY no
+        key is checked, so none names a tenant), or a gateway naming the callers."""
+        keys = set(self.api_keys + self.admin_keys) if self.api_keys else set()
+        return bool(self.tenant_header) or len(keys) > 1
 
     @property
     def default_dimensions(self) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from server import respond, rules
+from server.auth import DEFAULT_TENANT
 from server.config import Settings, parse_quality_steps
 from server.engines.base import Engine
 from server.errors import from_validation
@@ -27,7 +28,7 @@ from server.metrics import Metrics
 from server.plugins import PluginSet
 from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
-from server.scheduler import Job, Scheduler
+from server.scheduler import Job, Scheduler, cost
 from server.spec import GenerationSpec
 from server.storage import ImageStore
 
@@ -48,6 +49,7 @@ class ImageCall:
     uploads: list[bytes] = field(default_factory=list)  # multipart edits: the image files
     mask_upload: bytes | None = None
     disconnected: Callable[[], Awaitable[None]] | None = None  # resolves when the client has gone
+    tenant: str = DEFAULT_TENANT  # who the request is queued as (server/auth.py)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class ImageService:
             batch_window=s.batch_window_ms / 1000,
             max_bypass=s.max_bypass,
             timeout=s.request_timeout,
+            weights=s.weights,
+            tenant_share=s.tenant_queue_share if s.several_tenants else 1.0,
             can_batch=self.engine.can_batch,
             expect_company=lambda: self.in_flight > 1,
         )
@@ -155,7 +159,7 @@ class ImageService:
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            job = await self._submit(plan, deadline)
+            job = await self._submit(plan, deadline, call.tenant)
         except BaseException:
             self._done()
             raise
@@ -222,9 +226,9 @@ class ImageService:
         response_format = "b64_json" if request.stream else request.response_format or "b64_json"  # events carry b64
         return Output(fmt, compression, response_format, base_url, preset, request.partial_images or 0)
 
-    async def _submit(self, plan: Plan, deadline: float) -> Job:
+    async def _submit(self, plan: Plan, deadline: float, tenant: str) -> Job:
         """A place in the queue first (429 decodes nothing), then the input images, then the job."""
-        admission = self.scheduler.admit()
+        admission = self.scheduler.admit(tenant, cost(plan.spec))
         try:
             spec = await self._decoded(plan.spec, plan.inputs)
             return admission.submit(spec, deadline, asyncio.Queue() if spec.previews else None)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
-from server.api import accepting, parse_body
+from server.api import Tenant, accepting, parse_body
 from server.auth import owner, require_api_key
 from server.bodies import form_fields, media_type_of
 from server.errors import bad_request
@@ -30,12 +30,12 @@ def _videos(request: Request) -> VideoService:
 
 
 @router.post("/v1/videos", dependencies=[Depends(accepting)])
-async def create_video(request: Request) -> Video:
+async def create_video(request: Request, tenant: Tenant) -> Video:
     media_type = media_type_of(request.headers.get("content-type"))
     if media_type == "multipart/form-data":
-        call = await _multipart(request)
+        call = await _multipart(request, tenant)
     elif media_type == "application/json":
-        call = VideoCall(owner(request), await parse_body(await request.body()))
+        call = VideoCall(owner(request), await parse_body(await request.body()), tenant=tenant)
     else:
         raise bad_request(
             "Send the video request as multipart/form-data or application/json.", None, "unsupported_media_type"
@@ -43,14 +43,14 @@ async def create_video(request: Request) -> Video:
     return await _videos(request).create(call)
 
 
-async def _multipart(request: Request) -> VideoCall:
+async def _multipart(request: Request, tenant: str) -> VideoCall:
     form = await request.form(max_files=1, max_fields=50, max_part_size=2**20)
     upload = form.get("input_reference")
     if isinstance(upload, UploadFile):
         check_upload_size("input_reference", upload.size, request.app.state.settings)
     payload = form_fields([(k, v) for k, v in form.multi_items() if not isinstance(v, UploadFile)])
     data = await upload.read() if isinstance(upload, UploadFile) else None
-    return VideoCall(owner(request), payload, data, multipart=True)
+    return VideoCall(owner(request), payload, data, multipart=True, tenant=tenant)
 
 
 @router.get("/v1/videos")
@@ -82,6 +82,6 @@ async def video_content(
 
 
 @router.post("/v1/videos/{video_id}/remix", dependencies=[Depends(accepting)])
-async def remix_video(request: Request, video_id: str) -> Video:
+async def remix_video(request: Request, video_id: str, tenant: Tenant) -> Video:
     payload = await parse_body(await request.body())
-    return await _videos(request).remix(owner(request), video_id, payload)
+    return await _videos(request).remix(owner(request), tenant, video_id, payload)

@@ -22,12 +22,13 @@ from pathlib import Path
 from PIL import Image
 
 from server import rules
+from server.auth import DEFAULT_TENANT
 from server.errors import APIError, bad_request
 from server.families import Family
 from server.images import as_rgb, check_pixels, decode, probe
 from server.inputs import ref_bytes
 from server.protocol import Video, VideoDeleted, VideoList, VideoRemixRequest, VideoRequest
-from server.scheduler import Job
+from server.scheduler import Job, cost
 from server.service import ImageService, validate
 from server.spec import GenerationSpec
 from server.video_encode import video_files
@@ -46,6 +47,7 @@ class VideoCall:
     payload: dict
     upload: bytes | None = None  # multipart: the input_reference file
     multipart: bool = False  # the payload is a form's text, converted by each field's type
+    tenant: str = DEFAULT_TENANT  # who the job is queued as (server/auth.py)
 
 
 @dataclass
@@ -124,9 +126,9 @@ class VideoService:
                 return None
             return await ref_bytes(request.input_reference, "input_reference", s)
 
-        return await self._start(call.owner, request.prompt, params, seconds, reference)
+        return await self._start(call.owner, call.tenant, request.prompt, params, seconds, reference)
 
-    async def remix(self, owner: str, video_id: str, payload: dict) -> Video:
+    async def remix(self, owner: str, tenant: str, video_id: str, payload: dict) -> Video:
         """The source's video again (size, length, seed, steps, reference image) from a new prompt."""
         source = self._job(owner, video_id)
         request = validate(VideoRemixRequest, payload)
@@ -137,7 +139,9 @@ class VideoService:
         async def reference() -> bytes | None:
             return await asyncio.to_thread(self.store.reference, source)
 
-        return await self._start(owner, request.prompt, source.params, source.video.seconds, reference, video_id)
+        return await self._start(
+            owner, tenant, request.prompt, source.params, source.video.seconds, reference, video_id
+        )
 
     def _rules(self, image_to_video: bool) -> Family:
         family = self.images.engine.family
@@ -156,6 +160,7 @@ class VideoService:
     async def _start(
         self,
         owner: str,
+        tenant: str,
         prompt: str,
         params: VideoParams,
         seconds: str,
@@ -165,7 +170,7 @@ class VideoService:
         """A place in the queue first (429 fetches and decodes nothing), then the reference, the job, the task."""
         spec = _spec(prompt, params)
         self.images.engine.check(spec)
-        admission = self.images.scheduler.admit()
+        admission = self.images.scheduler.admit(tenant, cost(spec))
         try:
             data = await reference()
             image = await asyncio.to_thread(self._decode, data) if data is not None else None

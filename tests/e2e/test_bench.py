@@ -1,6 +1,5 @@
 """The bench tools run and report. Tiny runs only: no timing is asserted, figures belong in docs/BENCHMARKS.md."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import CACHE_DIR, ROOT
+from tests.support.bench_tools import load_tool
 
 BENCH = ROOT / "bench"
 TINY = {"prompt": "a cat", "size": "256x256", "num_inference_steps": 2}
@@ -88,13 +88,7 @@ def test_pressure_without_matplotlib_reports_and_says_how_to_get_the_plot(server
 
 
 def test_example_mixes_parse():
-    spec = importlib.util.spec_from_file_location("pressure", BENCH / "pressure.py")
-    sys.path.insert(0, str(BENCH))  # pressure.py imports its sibling harness.py
-    try:
-        pressure = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(pressure)
-    finally:
-        sys.path.remove(str(BENCH))
+    pressure = load_tool("pressure")
     for path in sorted(BENCH.glob("mix-*.json*")):
         entries = pressure.load_mix(path)
         assert entries and all(e.weight > 0 and e.body["prompt"] for e in entries), path
@@ -138,12 +132,7 @@ def test_encode_compares_pillow_and_simplejpeg(tmp_path):
 
 
 def bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_flux", ROOT / "bench" / "gpu_flux.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gpu_flux")
 
 
 def test_gpu_benchmark_builds_flux_dev_at_its_real_size():

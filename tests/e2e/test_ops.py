@@ -52,8 +52,11 @@ def test_metrics_expose_the_promised_series(server, client):
         "image_server_postprocess_seconds_bucket",
         "image_server_encode_seconds_bucket",
         "image_server_images_total",
+        "image_server_running 0.0",  # the capacity signals (docs/DEPLOYMENT.md): idle again
+        "image_server_queue_oldest_seconds 0.0",
     ):
         assert series in text, series
+    assert 0 < server.metric("image_server_utilization") <= 1  # the engine generated within the last 30 s
 
 
 def test_server_timing_and_request_id_headers(server):
