@@ -4,6 +4,7 @@ The tools run as scripts (`python bench/pressure.py`), so this module is importe
 It imports no torch: the pressure tool must stay light enough to drive a server from the same small machine.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -43,6 +44,41 @@ def env_pairs(pairs: list[str] | None) -> dict[str, str]:
             raise SystemExit(f"--env wants KEY=VALUE, got {pair!r}")
         out[key] = value
     return out
+
+
+def size_arg(text: str) -> str:
+    """argparse type of a tool's --size: WIDTHxHEIGHT as the server takes it, refused before anything loads."""
+    from server.config import size_problem
+
+    if problem := size_problem(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {problem}")
+    return text
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type of an integer option that must be >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}")
+        return value
+
+    return parse
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a tool's --body: a JSON object of request fields."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of request fields")
+    return value
 
 
 def exit_on_sigterm() -> None:
@@ -198,6 +234,11 @@ class LoopbackS3:
         return self._client.generate_presigned_url(
             "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
         )
+
+    def objects(self) -> dict[str, int]:
+        """The bucket's objects: key -> size in bytes."""
+        listing = self._client.list_objects_v2(Bucket=self.bucket)
+        return {entry["Key"]: entry["Size"] for entry in listing.get("Contents", [])}
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:

@@ -2,10 +2,9 @@
 
 import pytest
 
-from server.config import ConfigError, from_env, load
-from server.plugins import discover
+from server.config import ConfigError, from_env, load, plugin_sections
 
-SECTIONS = {name: cls.Settings for name, cls in discover().items() if cls.Settings is not None}
+SECTIONS = plugin_sections()
 
 
 def problems(**environ) -> str:
@@ -52,3 +51,12 @@ def test_plugins_declare_their_settings_and_overrides_find_their_section():
     assert settings.section("lora").max_loras == 2
     assert settings.section("nsfw").nsfw_action == "block"
     assert settings.max_batch == 3
+
+
+def test_each_settings_entry_point_is_named_after_an_installed_plugin():
+    """A plugin reads its section by its own name (`self.config`): a settings entry under another name would
+    be flags that configure nothing."""
+    from server.plugins import discover
+
+    assert set(SECTIONS) <= set(discover())
+    assert {"lora", "nsfw", "upload", "nunchaku"} <= set(SECTIONS)
