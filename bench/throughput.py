@@ -204,7 +204,7 @@ def make_demo_loras(folder: Path, names: list[str], rank: int = 4) -> None:
     from safetensors.torch import load_file, save_file
 
     from server.config import from_env
-    from server.engines.demo import demo_model_path
+    from server.engines.demos import demo_model_path
 
     weights = load_file(demo_model_path(from_env().cache_dir) / "transformer" / "diffusion_pytorch_model.safetensors")
     folder.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,7 @@ class Job:
     bypassed: int = 0
     cancelled: bool = False
     previews: asyncio.Queue | None = None  # stream=true: (image index, render) as the engine takes previews
+    progress: float = 0.0  # the fraction of its denoising steps done (written on the engine thread)
 
     @property
     def queue_wait(self) -> float:
@@ -319,7 +320,11 @@ class Scheduler:
             if job.previews is not None and not job.cancelled:
                 loop.call_soon_threadsafe(job.previews.put_nowait, (image_index, render))
 
-        return await self._execute([j.spec for j in batch], Progress(should_stop, preview))
+        def step(done: int, total: int) -> None:  # engine thread: one float written per job
+            for job in batch:
+                job.progress = done / max(1, total)
+
+        return await self._execute([j.spec for j in batch], Progress(should_stop, preview, step))
 
     def _finish(self, batch: list[Job], results: list) -> None:
         now = time.monotonic()

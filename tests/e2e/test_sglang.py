@@ -296,7 +296,7 @@ def kontext_model() -> Path:
     """The demo weights as a FluxKontextPipeline: a model with SGLang's image-edit task (TI2I)."""
     from diffusers import FluxKontextPipeline, FluxPipeline
 
-    from server.engines.demo import demo_model_path
+    from server.engines.demos import demo_model_path
     from tests.support.server import CACHE_DIR
 
     path = CACHE_DIR / "flux-kontext-tiny"

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from plugins.lora.demo import kohya_lora, peft_lora
-from server.engines.demo import demo_model_path
+from server.engines.demos import demo_model_path
 from server.engines.diffusers import load_pipeline
 from server.lora import LoRASet
 from tests.support.server import CACHE_DIR
