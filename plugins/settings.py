@@ -5,14 +5,14 @@ packages, whose `__init__` imports them): `image-server serve --help` reads it w
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import option
+from server.config import MOST_LORAS, hosts_problem, option
 
 
 @dataclass(frozen=True)
 class LoRASettings:
     lora_dir: Path = option(Path("loras"), "folder of LoRA .safetensors files; a LoRA's name is its file name")
     lora_defaults: str = option("", "LoRA set used when a request names none, e.g. 'style:1.0,detail:0.7,grain:0.5'")
-    max_loras: int = option(3, "most LoRAs one request may merge", low=1, high=16)
+    max_loras: int = option(3, "most LoRAs one request may merge", low=1, high=MOST_LORAS)
     lora_max_mb: float = option(1024.0, "largest LoRA file accepted by POST /v1/loras, in MiB", low=0.01)
     lora_hotswap_rank: int = option(
         64, "with FP8 or COMPILE: rank of the hot-swapped LoRA slot (a set's ranks add up)", low=1
@@ -46,7 +46,10 @@ class NSFWSettings:
 @dataclass(frozen=True)
 class UploadSettings:
     upload_allowed_hosts: str = option(
-        "", "hosts (or *.domain) trusted for upload_urls: private addresses and plain http allowed"
+        "",
+        "hosts trusted for upload_urls (private addresses and plain http allowed): host (the scheme's default "
+        "port), host:port, host:* (any port), *.domain, [IPv6]",
+        check=hosts_problem,
     )
     upload_timeout: float = option(60.0, "seconds one upload attempt may take, from connecting to the answer", low=0.1)
     upload_retries: int = option(3, "retries of an upload after a connection error or a 5xx", low=0, high=10)

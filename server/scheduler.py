@@ -28,6 +28,8 @@ from server.spec import GenerationSpec
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER = 120  # seconds; the OpenAI SDK ignores longer hints
+# What a caller learns of an engine failure: the exception (its paths, its internals) goes to the log.
+ENGINE_FAILED = "The engine failed while generating; the server log has the reason."
 
 # Runs one batch (specs that share a BatchKey) on the engine; one list of images per spec.
 Execute = Callable[[list[GenerationSpec], Progress], Awaitable[list[list[Image.Image]]]]
@@ -341,7 +343,7 @@ class Scheduler:
                 _fail(job, result)
                 continue
             log.error("generation failed: %r", result, exc_info=result)
-            _fail(job, APIError(500, f"The engine failed to generate the image: {result}", code="engine_error"))
+            _fail(job, APIError(500, ENGINE_FAILED, code="engine_error"))
 
 
 def _fail(job: Job, error: Exception) -> None:

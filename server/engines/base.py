@@ -157,7 +157,7 @@ class Engine(ABC):
             return
         try:
             self.lora_applier.apply(loras)
-        except (LoRAError, FileNotFoundError) as exc:
+        except LoRAError as exc:  # its message names LoRAs and what is wrong with them, never a path
             raise bad_request(
                 f"The LoRA set [{describe(loras)}] cannot be applied: {exc}", "loras", "lora_invalid"
             ) from None

@@ -24,6 +24,8 @@ from server.errors import bad_request
 from server.families import CFG, Family, Video
 from server.spec import GenerationSpec
 
+FAILED_FILE = "/srv/models/flux/transformer/diffusion_pytorch_model.safetensors"  # in an EXPLODE's error
+
 
 @dataclass
 class Call:
@@ -41,7 +43,7 @@ class FakeEngine(Engine):
     """Images of one colour per (prompt, seed); video frames too, one colour per (prompt, seed, frame), the
     first frame being the reference image when there is one. `gate`: cleared, every call waits until the test
     sets it, having reported one denoising step; `entered` is released as each call starts. Prompts containing
-    EXPLODE fail, as a CUDA error would."""
+    EXPLODE fail, as a CUDA error or a lost file would, with an exception that names a server path (FAILED_FILE)."""
 
     name = "fake-model"
 
@@ -73,7 +75,7 @@ class FakeEngine(Engine):
         self.gate.wait(30)
         self._previews(specs, progress)
         if any("EXPLODE" in s.prompt for s in specs):
-            raise RuntimeError("injected engine failure")
+            raise FileNotFoundError(2, "No such file or directory", FAILED_FILE)
         return [_frames(s) if s.frames else [_painted(s, seed) for seed in s.seeds] for s in specs]
 
     @staticmethod

@@ -102,11 +102,13 @@ def test_a_reference_image_goes_as_a_file(tmp_path):
     assert "guidance_scale" not in sent["data"] and sent["data"]["num_frames"] == "9"
 
 
-def test_a_failed_sglang_job_fails_with_its_reason_and_is_deleted(tmp_path):
-    sglang = FakeSGLang(tmp_path, failure="CUDA out of memory")
+def test_a_failed_sglang_job_fails_with_its_reason_in_the_log_and_is_deleted(tmp_path, caplog):
+    """SGLang's reason may name its paths and hold a traceback: the caller learns that it failed (rule 7)."""
+    sglang = FakeSGLang(tmp_path, failure="CUDA out of memory in /opt/sglang/runtime/worker.py:42")
     with pytest.raises(APIError) as err:
         video.SGLangVideos(sglang, _raise_for, tmp_path).make(spec(), 16, True, Progress())
-    assert err.value.status == 500 and "CUDA out of memory" in err.value.message
+    assert err.value.status == 500 and "/opt/sglang" not in err.value.message
+    assert "CUDA out of memory in /opt/sglang" in caplog.text
     assert not sglang.jobs and not list(tmp_path.iterdir())
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from server.config import Settings
 from server.engines.base import Engine, EngineHooks, Progress
 from server.engines.diffusers import served_name
-from server.engines.sglang.errors import error_text
+from server.engines.sglang.errors import error_text, refused
 from server.engines.sglang.lora import LoRAChecker, SGLangLoRAApplier
 from server.engines.sglang.models import EDIT_TASKS, IMAGE_TASKS, VIDEO_TASKS, version_tuple
 from server.engines.sglang.process import Ports, SGLangProcess
@@ -286,7 +286,8 @@ class SGLangEngine(Engine):
                 code="timeout",
             ) from None
         except httpx.TransportError as exc:
-            raise self._unavailable(f"lost the connection to SGLang: {type(exc).__name__}") from None
+            log.warning("lost the connection to SGLang: %r", exc)
+            raise self._unavailable("lost the connection to SGLang") from None
 
     def _get(self, path: str) -> dict:
         response = self._http.get(self.process.base_url + path, timeout=10)
@@ -377,12 +378,12 @@ class SGLangEngine(Engine):
         status = response.status_code
         if status == 200:
             return
-        detail = error_text(response)
         if status in (400, 422):
-            raise bad_request(f"SGLang refused the request: {detail}", None, "invalid_value")
+            raise bad_request(refused("the request", response), None, "invalid_value")
         if status == 503:
-            raise self._unavailable(detail or "SGLang is unavailable")
-        log.error("SGLang answered %d: %s", status, detail)
+            log.warning("SGLang answered 503: %s", error_text(response))
+            raise self._unavailable("SGLang is unavailable")
+        log.error("SGLang answered %d: %s", status, error_text(response))
         raise APIError(
             500,
             f"SGLang failed to generate the image (HTTP {status}; the server log has its reason).",

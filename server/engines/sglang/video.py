@@ -79,7 +79,9 @@ class SGLangVideos:
                 return
             if job.get("status") == "failed":
                 reason = (job.get("error") or {}).get("message") or "no reason given"
-                raise APIError(500, f"SGLang failed to make the video: {reason[:300]}", code="engine_error")
+                log.error("SGLang failed to make video job %s: %s", job_id, str(reason)[:500])
+                message = "SGLang failed to make the video; the server log has its reason."
+                raise APIError(500, message, code="engine_error")
             time.sleep(POLL_SECONDS)
         raise APIError(503, "The video was stopped: nobody waits for it any more.", code="stopped")
 
