@@ -56,10 +56,13 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        hint = " (is another server running there? Stop it, or choose another with --port or PORT)"
-        reason = (exc.strerror or str(exc)).lower() + (hint if exc.errno == errno.EADDRINUSE else "")
-        raise SystemExit(f"image-server: cannot listen on {host}:{port}: {reason}") from None
+        raise SystemExit(f"image-server: cannot listen on {host}:{port}: {_why(exc)}") from None
     return sock
+
+
+def _why(exc: OSError) -> str:
+    hint = " (is another server running there? Stop it, or choose another with --port or PORT)"
+    return (exc.strerror or str(exc)).lower() + (hint if exc.errno == errno.EADDRINUSE else "")
 
 
 def set_torch_threads(settings: config.Settings) -> int:
