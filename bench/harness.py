@@ -193,8 +193,8 @@ def scrape(url: str, name: str, labels: str = "") -> float:
 class LoopbackS3:
     """A moto S3 server on loopback with one bucket, for the upload plugin's pre-signed PUT URLs."""
 
-    def __init__(self, bucket: str = "bench") -> None:
-        self.port = free_port()
+    def __init__(self, bucket: str = "bench", port: int = 0) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.bucket = bucket
         self.proc: subprocess.Popen | None = None
@@ -203,6 +203,12 @@ class LoopbackS3:
     def __enter__(self) -> "LoopbackS3":
         import boto3
 
+        with socket.socket() as probe:  # on a taken port moto would exit, and whatever is there would answer
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError:
+                raise RuntimeError(f"port {self.port} is taken") from None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,

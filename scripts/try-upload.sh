@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Try the upload plugin with no cloud account: a local S3 stand-in (moto's S3 server on loopback), pre-signed PUT
-# URLs to paste into a request, and the settings that trust it (UPLOAD_ALLOWED_HOSTS). Ctrl-C stops it.
-# Arguments go to bench/loopback_s3.py: --urls N, --port PORT (the image-server's, 8001 by default).
+# URLs to paste into a request, and the settings that trust it (UPLOAD_ALLOWED_HOSTS=127.0.0.1:9000). Ctrl-C stops it.
+# Arguments go to bench/loopback_s3.py: --urls N, --port PORT (the image-server's, 8001 by default), --s3-port PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || scripts/setup.sh

@@ -1,6 +1,5 @@
 """The bench tools run and report. Tiny runs only: no timing is asserted, figures belong in docs/BENCHMARKS.md."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,8 +10,8 @@ import pytest
 import torch
 
 from tests.support.server import CACHE_DIR, ROOT
+from tests.support.tools import BENCH, bench_tool
 
-BENCH = ROOT / "bench"
 TINY = {"prompt": "a cat", "size": "256x256", "num_inference_steps": 2}
 
 
@@ -85,18 +84,6 @@ def test_pressure_without_matplotlib_reports_and_says_how_to_get_the_plot(server
     proc = run_tool(sys.executable, "bench/pressure.py", *args, env={"PYTHONPATH": str(tmp_path / "stub")})
     assert "images/s" in proc.stdout and "no plot: matplotlib is not installed" in proc.stdout
     assert (out / "pressure.json").exists() and not (out / "pressure.png").exists()
-
-
-def bench_tool(name: str):
-    """A bench tool's module, imported as its script would be."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    sys.path.insert(0, str(BENCH))  # the tools import their sibling harness.py
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
 
 
 def test_example_mixes_parse():
@@ -179,21 +166,12 @@ def test_encode_compares_pillow_and_simplejpeg(tmp_path):
     assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
 
 
-def bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_flux", ROOT / "bench" / "gpu_flux.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_benchmark_builds_flux_dev_at_its_real_size():
     """The benchmark's configs give FLUX.1-dev's parameter counts (built on the meta device: shapes, no memory)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    bench = bench_module()
+    bench = bench_tool("gpu_flux")
     with torch.device("meta"):
         parts = {
             "transformer": FluxTransformer2DModel(**bench.FLUX_DEV_TRANSFORMER),

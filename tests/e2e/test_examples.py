@@ -16,6 +16,7 @@ from bench.harness import free_port, wait_ready
 from server import config
 from tests.support.images import gradient, mask_png
 from tests.support.server import CACHE_DIR, ROOT
+from tests.support.tools import bench_tool
 
 
 def run(server, *args: str, cwd) -> str:
@@ -110,8 +111,11 @@ def test_try_the_plugins_beside_the_demo_server_then_the_upload_trial(tmp_path):
     start, requests = readme_blocks("### Try the plugins")
     (port,) = re.findall(r"--port (\d+)", start)
     assert int(port) != config.Settings.port  # the demo server's
-    mine = str(free_port())
-    serve = start.replace(f"--port {port}", f"--port {mine}").replace("/tmp/demo-assets", str(tmp_path / "assets"))
+    (s3,) = re.findall(r"UPLOAD_ALLOWED_HOSTS=127.0.0.1:(\d+)", start)
+    assert int(s3) == bench_tool("loopback_s3").parse_args([]).s3_port  # where scripts/try-upload.sh puts it
+    mine, my_s3 = str(free_port()), str(free_port())
+    serve = start.replace(f"--port {port}", f"--port {mine}").replace(f"127.0.0.1:{s3}", f"127.0.0.1:{my_s3}")
+    serve = serve.replace("/tmp/demo-assets", str(tmp_path / "assets"))
     env = {**os.environ, "CACHE_DIR": str(CACHE_DIR), "TORCH_THREADS": "1"}  # what the README leaves to defaults
     log = tmp_path / "server.log"
     with log.open("wb") as out:
@@ -125,7 +129,7 @@ def test_try_the_plugins_beside_the_demo_server_then_the_upload_trial(tmp_path):
         assert out.startswith("wrote fox.jpeg (512x512): ") and '"nsfw": ' in out
         assert Image.open(tmp_path / "fox.jpeg").size == (512, 512)
         assert trial.split()[0] == "scripts/try-upload.sh"
-        upload_trial(trial.split()[0], mine, commands(start)[1], tmp_path)
+        upload_trial([trial.split()[0], "--port", mine, "--s3-port", my_s3], commands(serve)[1], tmp_path)
     finally:
         os.killpg(plugin_server.pid, signal.SIGTERM)
         plugin_server.wait(60)
@@ -137,9 +141,9 @@ def assignments(command: str) -> dict[str, str]:
     return dict(w.split("=", 1) for w in itertools.takewhile(lambda w: re.match(r"[A-Z_]+=", w), words))
 
 
-def upload_trial(script: str, port: str, readme_serve: str, tmp_path: Path) -> None:
+def upload_trial(command: list[str], readme_serve: str, tmp_path: Path) -> None:
     """scripts/try-upload.sh: the README's server has the settings it asks for, and the curl it prints uploads."""
-    tool = subprocess.Popen([ROOT / script, "--port", port], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    tool = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         printed = []
         while not printed or printed[-1] != "Waiting for uploads...":
