@@ -80,10 +80,9 @@ def serve(settings: config.Settings) -> int:
     if not settings.allow_download:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = set_torch_threads(settings)
-    log.info(
-        "image-server: model=%s engine=%s torch threads=%d, listening on http://%s:%d",
-        settings.model, settings.engine, threads, settings.host, settings.port,
-    )  # fmt: skip
+    host, port = sock.getsockname()[:2]  # PORT=0: the port the system chose
+    log.info("image-server: model=%s engine=%s torch threads=%d, on http://%s:%d", settings.model, settings.engine,
+             threads, host, port)  # fmt: skip
 
     from server.app import create_app
 
