@@ -61,7 +61,8 @@ def test_json_logs_one_line_per_request(make_server):
     until(lambda: srv.logs().count('"path": "/v1/images/generations"') == 2, 30, "two access log lines")
     lines = srv.logs().splitlines()
     entries = [json.loads(line) for line in lines]  # every line, the libraries' warnings included, is one object
-    assert not [e for e in entries if "requires torchvision" in e.get("message", "")]
+    # no library noise on a CPU machine: torchvision missing, torchao's kernels built for another Python or GPU
+    assert [e for e in entries if e["level"] == "warning"] == []
     requests = [e for e in entries if e.get("path") == "/v1/images/generations"]
     assert [e["status"] for e in requests] == [200, 400]
     assert {"request_id", "queue_seconds", "gen_seconds", "post_seconds"} <= set(requests[0])
