@@ -2,6 +2,7 @@
 README's first-hour commands."""
 
 import itertools
+import json
 import os
 import re
 import shlex
@@ -161,3 +162,16 @@ def upload_trial(command: list[str], readme_serve: str, tmp_path: Path) -> None:
     finally:
         tool.terminate()
         tool.wait(30)
+
+
+def test_save_prints_an_error_answer_instead_of_a_traceback(tmp_path):
+    """The README's curls pipe into examples/save.py: an error answer (or none: no server there) is one line."""
+    error = {"error": {"message": "Invalid value for 'size'.", "type": "invalid_request_error", "param": "size"}}
+    for stdin, expected in [
+        (json.dumps(error), 'error: Invalid value for \'size\'. {"type": "invalid_request_error", "param": "size"}\n'),
+        ("", "not an Images API answer (is the server running there?): ''\n"),
+    ]:
+        save = ["python3", ROOT / "examples/save.py", "out.jpeg"]  # the system's python3, as the README has it
+        done = subprocess.run(save, input=stdin, capture_output=True, text=True, cwd=tmp_path)
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", expected)
+    assert list(tmp_path.iterdir()) == []
