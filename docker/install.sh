@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install into a virtual environment from a local wheelhouse only: pinned, hash-checked, no network.
-# The Dockerfile runs it; tests/test_deploy_install.py runs it too (fresh venv, CPU lock), so this path is tested
+# The Dockerfile runs it; tests/e2e/test_deploy_scripts.py runs it too (fresh venv, CPU lock), so this path is tested
 # without Docker.
 #
 #   docker/install.sh --venv DIR [--python PYTHON] [--wheelhouse DIR --lock FILE [--wheels LIST]] [--project DIR]

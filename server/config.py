@@ -2,9 +2,12 @@
 
 The container is configured by environment, a developer by flags; a flag wins over its variable, the
 variable over the default. The server's settings are `Settings`; a plugin declares its own in a dataclass
-of `option`s (`Plugin.Settings`), so a third-party plugin adds flags without touching this file, and
-`image-server serve --help` lists them all. A value that does not parse, or is outside what its setting
+of `option`s, registered in the `image_server.settings` entry-point group under the plugin's name, so a
+third-party plugin adds flags without touching this file, and `image-server serve --help` lists them all
+without importing any plugin (nor torch). A value that does not parse, or is outside what its setting
 accepts, stops the server with one line naming the variable and what it accepts.
+
+This module imports nothing heavy: the CLI reads it before it knows whether it will serve.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,8 @@ _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a gateway's tenant header, a TENANT_WEIGHTS name
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
 MAX_WEIGHT = 1000.0
+SETTINGS_GROUP = "image_server.settings"
+MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 
 
 class ConfigError(ValueError):
@@ -431,12 +437,19 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Mapping[str, type])
         group = parser.add_argument_group(title if title == "server" else f"plugin {title}")
         for f in options(section):
             kind = field_type(section, f)
-            default = "none" if f.default in ("", Path("")) else f.default
-            text = f"{f.metadata['help']} [env {env_name(f)}; default {default!s}]"
             if kind is bool:
-                group.add_argument(flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+                group.add_argument(
+                    flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, help=_flag_help(kind, f)
+                )
             else:
-                group.add_argument(flag_name(f), dest=f.name, metavar=env_name(f), help=text)
+                group.add_argument(flag_name(f), dest=f.name, metavar=env_name(f), help=_flag_help(kind, f))
+
+
+def _flag_help(kind: type, f: dataclasses.Field) -> str:
+    """Its help, then what it accepts (every value of a choice), its variable and its default."""
+    default = "none" if f.default in ("", Path("")) else f.default
+    accepts = "" if kind in (bool, str, Path) and not f.metadata.get("choices") else f"{_accepts(kind, f)}; "
+    return f"{f.metadata['help']} [{accepts}env {env_name(f)}; default {default!s}]"
 
 
 def _values(section: type, flags: Mapping[str, Any], environ: Mapping[str, str], problems: list[str]) -> dict:
@@ -501,9 +514,11 @@ def load(
     return settings
 
 
+def plugin_sections() -> dict[str, type]:
+    """Each installed plugin's settings class, by plugin name: the `image_server.settings` entry points."""
+    return {ep.name: ep.load() for ep in entry_points(group=SETTINGS_GROUP)}
+
+
 def from_env(**overrides: Any) -> Settings:
     """Settings from the environment alone, with every installed plugin's section (tests, benchmarks)."""
-    from server.plugins import discover
-
-    sections = {name: cls.Settings for name, cls in discover().items() if cls.Settings is not None}
-    return load(sections, **overrides)
+    return load(plugin_sections(), **overrides)

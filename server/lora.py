@@ -36,12 +36,13 @@ from typing import Generic, TypeVar
 import torch
 from safetensors.torch import load_file
 
+from server.config import MOST_LORAS
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 MAX_WEIGHT = 10.0  # the largest |weight| a request may give one LoRA (the `loras` field's bound)
-MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 # A LoRA's tensor table is a few hundred KB (FLUX with its text encoders: ~2,000 tensors); training metadata
 # adds some. Parsing 2 MiB of JSON holds the GIL for tens of milliseconds; more is refused unread.
 MAX_HEADER_BYTES = 2 * 2**20

@@ -11,7 +11,6 @@ import yaml
 
 from server import config
 from server.metrics import Metrics
-from server.plugins import discover
 from tests.support.deploy import ROOT, objects, render, run, tool
 
 OVERLAYS = [
@@ -71,7 +70,7 @@ def test_pod_gets_one_gpu_and_memory_for_loading(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_are_real_server_settings(overlay):
     objs = objects(overlay)
-    sections = [config.Settings] + [cls.Settings for cls in discover().values() if cls.Settings is not None]
+    sections = [config.Settings, *config.plugin_sections().values()]
     known = {config.env_name(f) for section in sections for f in config.options(section)}
     assert set(settings(objs)) <= known, set(settings(objs)) - known
     # torch's CPU threads stay within the CPUs the pod asked for (it sees all of its node's cores)

@@ -1,4 +1,4 @@
-"""build.sh (with a stand-in `docker`; tests/test_container.py runs it with the real one), download-packages.sh (the
+"""build.sh (with a stand-in `docker`; tests/e2e/test_container.py runs it with the real one), download-packages.sh (the
 package index part for a few pinned packages, the off-index part from a loopback server) and install.sh's own
 checks."""
 

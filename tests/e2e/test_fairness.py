@@ -12,10 +12,10 @@ import asyncio
 
 import pytest
 
-from tests.conftest import ServerProcess
-from tests.support.bench_tools import load_tool
+from tests.support.server import ServerProcess
+from tests.support.tools import bench_tool
 
-fairness = load_tool("fairness")
+fairness = bench_tool("fairness")
 # 64x64 at 4 steps, MAX_QUEUE 48: A's share is 24 places, so some of its 32 clients meet 429s, and a scheduler that
 # served B behind A's backlog would keep it waiting 12 batches. MAX_BATCH 2, not 4: on this CPU a batch of 4 takes
 # about 1.5 times one image (2 takes about as long as 1), and B's own request shares its batch with A's, so with 4

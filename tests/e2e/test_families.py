@@ -12,7 +12,7 @@ import subprocess
 import openai
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.support.server import ServerProcess
 
 FAST = {"num_inference_steps": 2, "seed": 5}
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from server.engines.fastpath import FastOptions, accelerate
-from tests.conftest import ServerProcess
 from tests.support.demo import demo_pipeline, lora_sets, render, slot, write_loras
 from tests.support.images import decode_b64, pixels
 from tests.support.nunchaku import svdq_file, unrelated_package
+from tests.support.server import ServerProcess
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Helpers for the deployment tests (tests/test_deploy_*.py)."""
+"""Helpers for the deployment tests (tests/e2e/test_deploy_*.py)."""
 
 import collections
 import hashlib

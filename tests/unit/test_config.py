@@ -2,10 +2,9 @@
 
 import pytest
 
-from server.config import ConfigError, from_env, load
-from server.plugins import discover
+from server.config import ConfigError, from_env, load, plugin_sections
 
-SECTIONS = {name: cls.Settings for name, cls in discover().items() if cls.Settings is not None}
+SECTIONS = plugin_sections()
 
 
 def problems(**environ) -> str:
@@ -67,3 +66,12 @@ def test_tenant_weights_and_when_the_queue_is_shared():
     assert from_env(api_key="one", admin_api_key="admin").several_tenants
     assert from_env(tenant_header="X-Tenant").several_tenants
     assert not from_env(admin_api_key="a,b").several_tenants  # no API_KEY: no key is checked, one tenant
+
+
+def test_each_settings_entry_point_is_named_after_an_installed_plugin():
+    """A plugin reads its section by its own name (`self.config`): a settings entry under another name would
+    be flags that configure nothing."""
+    from server.plugins import discover
+
+    assert set(SECTIONS) <= set(discover())
+    assert {"lora", "nsfw", "upload", "nunchaku"} <= set(SECTIONS)

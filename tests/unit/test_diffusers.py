@@ -12,7 +12,7 @@ from server.engines.base import NoHooks, Progress
 from server.engines.diffusers import DiffusersEngine
 from server.errors import APIError
 from server.spec import GenerationSpec
-from tests.conftest import CACHE_DIR
+from tests.support.server import CACHE_DIR
 
 
 @pytest.fixture(scope="module")
