@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # What a mode needs from the request, named in a refusal.
-_MODE_FIELDS = {"text2img": "prompt", "img2img": "image", "inpaint": "mask"}
+_MODE_FIELDS = {"text2img": "image", "img2img": "image", "inpaint": "mask"}
 
 
 def resolve_device(name: str) -> torch.device:
