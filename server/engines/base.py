@@ -36,11 +36,12 @@ PreviewSink = Callable[[int, int, Callable[[], Image.Image]], None]
 
 @dataclass
 class Progress:
-    """What a running batch reports and learns: previews as they form (stream=true), and that nobody waits for
-    it any more (stop at the next step)."""
+    """What a running batch reports and learns: previews as they form (stream=true), the steps done (a video
+    job's progress), and that nobody waits for it any more (stop at the next step)."""
 
     should_stop: Callable[[], bool] = lambda: False
     preview: PreviewSink | None = None
+    step: Callable[[int], None] | None = None  # (denoising steps done) -> None, on the engine thread
 
 
 # -- what engines may ask the plugins ------------------------------------------------

@@ -338,7 +338,8 @@ class DiffusersEngine(Engine):
             by_spec.setdefault(row.spec_index, []).append(row)
         return [group[i : i + size] for group in by_spec.values() for i in range(0, len(group), size)]
 
-    def _call(self, mode: str, pipe, rows: list["Row"], progress: Progress) -> list:
+    def arguments(self, mode: str, rows: list["Row"]) -> dict:
+        """The pipeline call for these images (one BatchKey), as this family's pipeline takes it."""
         head = rows[0].spec
         kwargs = {
             "prompt": [row.spec.prompt for row in rows],
@@ -354,6 +355,11 @@ class DiffusersEngine(Engine):
             kwargs["num_frames"] = head.frames
         if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(rows)
+        return kwargs
+
+    def _call(self, mode: str, pipe, rows: list["Row"], progress: Progress) -> list:
+        head = rows[0].spec
+        kwargs = self.arguments(mode, rows)
         watcher = StepWatcher(progress, rows, self.previews)
         if "callback_on_step_end" in self._params[mode]:
             kwargs["callback_on_step_end"] = watcher
@@ -461,6 +467,8 @@ class StepWatcher:
             pipe._interrupt = True
             self.stopped_after = step + 1
             return {}
+        if self.progress.step is not None:
+            self.progress.step(step + 1)
         if not self.wanted:
             return {}
         done, latents = step + 1, callback_kwargs["latents"]

@@ -103,10 +103,10 @@ def test_example_mixes_parse():
 def test_overhead_reports_the_ratio(tmp_path):
     out = tmp_path / "out"
     args = ("--size", "256x256", "--steps", "2", "--pairs", "2", "--threads", "1", "--out", str(out))
-    proc = run_tool(sys.executable, "bench/overhead.py", *args)
+    proc = run_tool(sys.executable, "bench/overhead.py", "--model", "demo:z-image", *args)
     report = json.loads((out / "overhead.json").read_text())
-    assert len(report["pairs"]) == 2
-    assert report["summary"]["ratio_of_medians"] > 0
+    assert len(report["pairs"]) == 2 and report["env"]["MODEL_PATH"] == "demo:z-image"
+    assert report["summary"]["ratio_of_medians"] > 0 and report["summary"]["raw_ratio_of_medians"] > 0
     assert report["summary"]["server_split_s"]["gen"] > 0
     assert "target <= 1.05" in proc.stdout
 

@@ -45,6 +45,12 @@ def test_a_video_spec_gives_its_frames_and_a_seed_gives_the_same_video(wan):
     assert not np.array_equal(pixels(first), pixels(second))
 
 
+def test_each_denoising_step_is_reported(wan):
+    done: list[int] = []
+    wan.run([video(5, steps=3)], Progress(step=done.append))
+    assert done == [1, 2, 3]
+
+
 def test_image_to_video_starts_from_the_given_image(wan):
     red = Image.new("RGB", (80, 48), (220, 20, 20))
     frames = wan.run([video(5, mode="img2img", image=red)], Progress())[0]
