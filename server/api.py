@@ -47,7 +47,7 @@ router = APIRouter(dependencies=[Depends(require_api_key), Depends(accepting)])
 @router.post("/v1/images/generations", responses=_RESPONSES)
 async def create_image(request: Request) -> Response:
     body = await request.body()
-    payload = await _parse(body)
+    payload = await parse_body(body)
     call = ImageCall(False, payload, _base_url(request), len(body), disconnected=_disconnected(request))
     return await _answer(request, call)
 
@@ -59,7 +59,8 @@ async def edit_image(request: Request) -> Response:
         call = await _multipart_edit(request)
     elif content_type.startswith("application/json"):
         body = await request.body()
-        call = ImageCall(True, await _parse(body), _base_url(request), len(body), disconnected=_disconnected(request))
+        payload = await parse_body(body)
+        call = ImageCall(True, payload, _base_url(request), len(body), disconnected=_disconnected(request))
     else:
         raise bad_request("Send the edit as multipart/form-data or application/json.", None, "unsupported_media_type")
     return await _answer(request, call)
@@ -107,7 +108,7 @@ async def _sse(events: AsyncIterator[StreamEvent | None]) -> AsyncIterator[bytes
 # -- reading requests -----------------------------------------------------------------
 
 
-async def _parse(body: bytes) -> dict:
+async def parse_body(body: bytes) -> dict:
     if len(body) > LARGE_PAYLOAD:
         return await asyncio.to_thread(parse_json, body)
     return parse_json(body)

@@ -29,8 +29,12 @@ def _check_shape(body: bytes) -> None:
         raise invalid_json(f"it holds more than {MAX_JSON_VALUES} values; no image request needs that many")
 
 
+class _NotJSON(ValueError):
+    """What is wrong with a body, in words about the body."""
+
+
 def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
+    raise _NotJSON(f"{name} is not a JSON number")
 
 
 def parse_json(body: bytes) -> dict:
@@ -40,8 +44,10 @@ def parse_json(body: bytes) -> dict:
         data = json.loads(body, parse_constant=_no_constant)
     except RecursionError:
         raise invalid_json("it is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, a 5000-digit integer, NaN
+    except (json.JSONDecodeError, _NotJSON) as exc:
         raise invalid_json(str(exc)) from None
+    except ValueError:  # UnicodeDecodeError, or a 5000-digit integer (Python's words suggest a setting)
+        raise invalid_json("it is not UTF-8 JSON text, or holds a number too long to read") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", None, "invalid_json")
     return data

@@ -192,6 +192,16 @@ class Settings:
     image_dir_max_mb: float = option(
         1024.0, "disk the images served by URL may use, in MiB; the oldest are deleted first", low=1
     )
+    video_dir: Path = option(
+        Path(""), "where video jobs and their files are kept, a volume that outlives pods (default: CACHE_DIR/videos)"
+    )
+    video_ttl: int = option(86400, "seconds a finished video job and its files are kept", low=1)
+    video_dir_max_mb: float = option(
+        10240.0, "disk the video jobs may use, in MiB; the oldest finished are deleted first", low=1
+    )
+    video_timeout: float = option(
+        3600.0, "seconds a video job may wait in the queue and run before it fails with a timeout", low=1
+    )
     preview_decoder: str = option(
         "vae",
         "what decodes streamed previews (partial_images): vae (the model's own), linear (a projection fitted to it: "
@@ -244,6 +254,10 @@ class Settings:
     @property
     def images_path(self) -> Path:
         return self.image_dir if str(self.image_dir) not in ("", ".") else self.cache_dir / "images"
+
+    @property
+    def videos_path(self) -> Path:
+        return self.video_dir if str(self.video_dir) not in ("", ".") else self.cache_dir / "videos"
 
     def section(self, name: str) -> Any:
         return self.sections[name]

@@ -58,11 +58,6 @@ class Video:
     max_frames: int
     default_size: tuple[int, int]  # (width, height)
 
-    def frames(self, seconds: float) -> int:
-        """The frame count nearest to `seconds` at this frame rate that the model makes, within max_frames."""
-        steps = round((seconds * self.fps - 1) / self.frame_step)
-        return min(self.max_frames, max(1, steps * self.frame_step + 1))
-
     def frames_problem(self, frames: int) -> str | None:
         """Why this model cannot make `frames` frames, or None when it can."""
         if frames > self.max_frames:

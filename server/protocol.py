@@ -151,3 +151,68 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# -- videos (/v1/videos) -----------------------------------------------------------
+
+
+class VideoRequest(BaseModel):
+    """POST /v1/videos. `seconds` and `size` are strings, as OpenAI's; the model's rules decide what fits.
+    `input_reference` is a multipart file, or in JSON an image reference (a data URL or an allowed host's URL)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = Field(default=None, max_length=256)
+    seconds: str | None = Field(default=None, max_length=16)
+    size: str | None = Field(default=None, max_length=16)
+    input_reference: ImageRef | None = None
+
+    # Extensions
+    negative_prompt: str | None = Field(default=None, max_length=32000)
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0, le=100)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+
+class VideoRemixRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field(min_length=1, max_length=32000)
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    """A video job, as OpenAI's `Video` object."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int = Field(ge=0, le=100)
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: VideoError | None = None
+    prompt: str
+    remixed_from_video_id: str | None = None
+    seconds: str
+    size: str
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True

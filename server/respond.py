@@ -71,8 +71,8 @@ def _inline(encoded: bytes, output: Output, store: ImageStore) -> dict:
         return {"b64_json": b64(encoded)}
     try:
         return {"url": f"{output.base_url}/v1/images/{store.save(encoded, output.format)}"}
-    except ValueError as exc:  # larger than the whole IMAGE_DIR_MAX_MB: the image is not lost
-        return {"b64_json": b64(encoded), "url_error": str(exc)}
+    except ValueError:  # larger than the whole IMAGE_DIR_MAX_MB: the image is not lost
+        return {"b64_json": b64(encoded), "url_error": "the image is larger than IMAGE_DIR_MAX_MB; it is inline"}
 
 
 def b64(data: bytes) -> str:

@@ -69,7 +69,7 @@ class NunchakuPlugin(Plugin):
             dtype=_dtype(choice),
             offload="sequential" if choice.offload else "",
             info=describe(choice),
-            lora_applier=NunchakuLoRA(pipe.transformer),
+            lora_applier=NunchakuLoRA(pipe.transformer, _dtype(choice)),
             finish=lambda pipelines: finish(choice, pipelines),
         )
 

@@ -123,6 +123,7 @@ class UploadPlugin(Plugin):
             except UnsafeURL as exc:
                 return {"status": "failed", "error": str(exc), "attempts": attempts}
             except (httpx.HTTPError, TimeoutError) as exc:
+                log.info("upload to %s: attempt %d failed: %r", object_url(target.url), attempts, exc)
                 error, code = _transport_error(exc, self.timeout), None
                 continue
             code = response.status_code
@@ -157,9 +158,12 @@ class UploadPlugin(Plugin):
 
 
 def _transport_error(exc: Exception, timeout: float) -> str:
+    """What the caller learns of a failed attempt (the exception itself goes to the log)."""
     if isinstance(exc, TimeoutError):
         return f"the attempt did not finish within UPLOAD_TIMEOUT ({timeout:g}s) or the request's deadline"
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect to the upload target"
+    return "the connection to the upload target failed before its answer"
 
 
 async def _withheld() -> dict:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
-from fastapi import APIRouter
 from PIL import Image
 
 from server.config import Settings
@@ -36,12 +35,12 @@ PreviewSink = Callable[[int, int, Callable[[], Image.Image]], None]
 
 @dataclass
 class Progress:
-    """What a running batch reports and learns: previews as they form (stream=true), the steps done (a video
-    job's progress), and that nobody waits for it any more (stop at the next step)."""
+    """What a running batch reports and learns: previews as they form (stream=true), the denoising steps done
+    (a video job's `progress`), and that nobody waits for it any more (stop at the next step)."""
 
     should_stop: Callable[[], bool] = lambda: False
     preview: PreviewSink | None = None
-    step: Callable[[int], None] | None = None  # (denoising steps done) -> None, on the engine thread
+    step: Callable[[int, int], None] | None = None  # (steps done, steps in all), on the engine thread
 
 
 # -- what engines may ask the plugins ------------------------------------------------
@@ -144,7 +143,7 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
-        """Engine thread: the images of each spec (all specs share one BatchKey)."""
+        """Engine thread: the images of each spec (all specs share one BatchKey); a video spec's are its frames."""
 
     def run(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
         """Engine thread: the batch's LoRA set, then its images."""
@@ -158,7 +157,7 @@ class Engine(ABC):
             return
         try:
             self.lora_applier.apply(loras)
-        except (LoRAError, FileNotFoundError) as exc:
+        except LoRAError as exc:  # its message names LoRAs and what is wrong with them, never a path
             raise bad_request(
                 f"The LoRA set [{describe(loras)}] cannot be applied: {exc}", "loras", "lora_invalid"
             ) from None
@@ -177,10 +176,6 @@ class Engine(ABC):
     def retry_after(self) -> int:
         """Seconds a client should wait while the engine is not healthy."""
         return 10
-
-    def routers(self) -> list[APIRouter]:
-        """Engine-specific endpoints (SGLang's /v1/videos)."""
-        return []
 
     def close(self) -> None:
         """After the drain: stop what the engine started."""

@@ -468,7 +468,7 @@ class StepWatcher:
             self.stopped_after = step + 1
             return {}
         if self.progress.step is not None:
-            self.progress.step(step + 1)
+            self.progress.step(step + 1, pipe.num_timesteps)
         if not self.wanted:
             return {}
         done, latents = step + 1, callback_kwargs["latents"]

@@ -47,6 +47,14 @@ def lora_sets(folder: Path) -> list[LoRASet]:
     return [(), ((style, 1.0), (detail, 0.7), (grain, 0.5)), ((detail, -0.6),), ((style, 0.4),), ()]
 
 
+def switch(applier, entries: LoRASet) -> None:
+    """What the server does: every file checked (off the engine thread, before the request queues), then the
+    set applied (on the engine thread, reading no file)."""
+    for path, _ in entries:
+        applier.check(path)
+    applier.apply(entries)
+
+
 def slot(pipe, rank: int = 16):
     """How the engine asks the LoRA plugin for the slot: the layers taken before FP8 rewrites them."""
     from plugins.lora.hotswap import HotswapLoRA

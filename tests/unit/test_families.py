@@ -53,12 +53,6 @@ def test_an_sglang_model_id_names_a_family():
 WAN = Video(fps=24, frame_step=4, default_frames=121, max_frames=121, default_size=(1280, 704))
 
 
-@pytest.mark.parametrize(("seconds", "frames"), [(5, 121), (4, 97), (1, 25), (0.1, 1), (8, 121), (12, 121)])
-def test_seconds_become_the_nearest_frame_count_the_vae_takes(seconds, frames):
-    assert WAN.frames(seconds) == frames
-    assert WAN.frames_problem(frames) is None
-
-
 @pytest.mark.parametrize(("frames", "words"), [(8, "4k+1"), (0, "4k+1"), (125, "at most 121")])
 def test_frame_counts_the_model_cannot_make_are_named(frames, words):
     assert words in WAN.frames_problem(frames)

@@ -25,10 +25,11 @@ from PIL import Image
 from server.config import Settings
 from server.engines.base import Engine, EngineHooks, Progress
 from server.engines.diffusers import served_name
-from server.engines.sglang.errors import error_text
+from server.engines.sglang.errors import error_text, refused
 from server.engines.sglang.lora import LoRAChecker, SGLangLoRAApplier
 from server.engines.sglang.models import EDIT_TASKS, IMAGE_TASKS, VIDEO_TASKS, version_tuple
 from server.engines.sglang.process import Ports, SGLangProcess
+from server.engines.sglang.video import SGLangVideos
 from server.errors import APIError, bad_request, unavailable
 from server.families import DEFAULT_TRUE_CFG, EMBEDDED, NONE, detect_family
 from server.spec import GenerationSpec
@@ -109,6 +110,7 @@ class SGLangEngine(Engine):
         self.process: SGLangProcess | None = None
         self.version = ""
         self.tasks: set[str] = set()
+        self.videos: SGLangVideos | None = None
         self.extra_args = shlex.split(settings.sglang_args)
         self._http = httpx.Client(
             trust_env=False,  # loopback: never through a proxy
@@ -139,12 +141,8 @@ class SGLangEngine(Engine):
         self.process.wait_ready()
         self._describe()
         self.lora_applier = SGLangLoRAApplier(self._post, self.process, LoRAChecker(self.folder), scratch)
-
-    def routers(self) -> list:
-        """/v1/videos, answered for video models (a 400 for the others)."""
-        from server.engines.sglang.video import VideoRoutes
-
-        return [VideoRoutes(self).router()]
+        if self.family.video:
+            self.videos = SGLangVideos(self._request, self._raise_for, Path(self._output_path()))
 
     def close(self) -> None:
         """Stops the child (after the service has drained)."""
@@ -272,11 +270,14 @@ class SGLangEngine(Engine):
         )
 
     def _post(self, path: str, **kwargs) -> httpx.Response:
-        """POST to the child; a dead or unreachable child is a 503 with Retry-After, never a hang."""
+        return self._request("POST", path, **kwargs)
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """A call to the child; a dead or unreachable child is a 503 with Retry-After, never a hang."""
         if not self.healthy:
             raise self._unavailable("SGLang is not running")
         try:
-            return self._http.post(self.process.base_url + path, **kwargs)
+            return self._http.request(method, self.process.base_url + path, **kwargs)
         except httpx.TimeoutException:
             raise APIError(
                 504,
@@ -285,7 +286,8 @@ class SGLangEngine(Engine):
                 code="timeout",
             ) from None
         except httpx.TransportError as exc:
-            raise self._unavailable(f"lost the connection to SGLang: {type(exc).__name__}") from None
+            log.warning("lost the connection to SGLang: %r", exc)
+            raise self._unavailable("lost the connection to SGLang") from None
 
     def _get(self, path: str) -> dict:
         response = self._http.get(self.process.base_url + path, timeout=10)
@@ -295,6 +297,9 @@ class SGLangEngine(Engine):
     # -- generation (engine thread) --------------------------------------
 
     def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
+        if specs[0].frames:
+            guidance = self.family.guidance_mode not in (EMBEDDED, NONE)
+            return [self.videos.make(spec, self.family.video.fps, guidance, progress) for spec in specs]
         return [self._images(spec, progress) for spec in specs]
 
     def _images(self, spec: GenerationSpec, progress: Progress) -> list[Image.Image]:
@@ -308,15 +313,10 @@ class SGLangEngine(Engine):
     def check(self, spec: GenerationSpec) -> None:
         """What SGLang cannot do for this family is a 400 before the request queues."""
         family = self.family.name
-        if spec.mode == "inpaint":
-            raise bad_request("Masks (inpainting) are not supported by the SGLang engine.", "mask", "unsupported")
-        if spec.mode == "img2img" and not self.can_edit:
-            raise bad_request(f"This model ({family}) has no edit endpoint in SGLang.", "image", "unsupported")
-        if spec.mode == "text2img" and not self.can_generate:
-            where = "/v1/videos" if self.can_video else "/v1/images/edits with an input image"
-            raise bad_request(
-                f"This model ({family}) does not generate images from text; use {where}.", None, "unsupported"
-            )
+        if spec.frames and not self.can_video:  # the family's video rules are /v1/videos' to check
+            raise bad_request(f"This model ({family}) makes no video in SGLang.", "model", "unsupported")
+        if not spec.frames:
+            self._check_image_mode(spec)
         if spec.strength is not None:
             raise bad_request("'strength' is not supported by the SGLang engine.", "strength", "unsupported")
         if spec.negative_prompt is not None and not self.family.negative_prompt:
@@ -327,6 +327,18 @@ class SGLangEngine(Engine):
                 "(DEFAULT_GUIDANCE, or --embedded-cfg-scale in SGLANG_ARGS); omit 'guidance_scale' or send that value.",
                 "guidance_scale",
                 "unsupported",
+            )
+
+    def _check_image_mode(self, spec: GenerationSpec) -> None:
+        family = self.family.name
+        if spec.mode == "inpaint":
+            raise bad_request("Masks (inpainting) are not supported by the SGLang engine.", "mask", "unsupported")
+        if spec.mode == "img2img" and not self.can_edit:
+            raise bad_request(f"This model ({family}) has no edit endpoint in SGLang.", "image", "unsupported")
+        if spec.mode == "text2img" and not self.can_generate:
+            where = "/v1/videos" if self.can_video else "/v1/images/edits with an input image"
+            raise bad_request(
+                f"This model ({family}) does not generate images from text; use {where}.", None, "unsupported"
             )
 
     def _fields(self, spec: GenerationSpec, seed: int, count: int) -> dict:
@@ -366,12 +378,12 @@ class SGLangEngine(Engine):
         status = response.status_code
         if status == 200:
             return
-        detail = error_text(response)
         if status in (400, 422):
-            raise bad_request(f"SGLang refused the request: {detail}", None, "invalid_value")
+            raise bad_request(refused("the request", response), None, "invalid_value")
         if status == 503:
-            raise self._unavailable(detail or "SGLang is unavailable")
-        log.error("SGLang answered %d: %s", status, detail)
+            log.warning("SGLang answered 503: %s", error_text(response))
+            raise self._unavailable("SGLang is unavailable")
+        log.error("SGLang answered %d: %s", status, error_text(response))
         raise APIError(
             500,
             f"SGLang failed to generate the image (HTTP {status}; the server log has its reason).",
