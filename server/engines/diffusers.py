@@ -265,13 +265,6 @@ class DiffusersEngine(Engine):
         problem = video.frames_problem(spec.frames) if video is not None else None
         if problem:
             raise bad_request(f"This model ({family.name}) makes {problem}.", "seconds", "unsupported")
-        multiple = family.size_multiple
-        if spec.width % multiple or spec.height % multiple:
-            raise bad_request(
-                f"Invalid value for 'size': {spec.width}x{spec.height}; this model ({family.name}) needs width and "
-                f"height in multiples of {multiple}.",
-                "size",
-            )
         if spec.previews and self.previews is None:
             raise bad_request(
                 f"This model ({family.name}) has no partial images; ask without 'partial_images'.",

@@ -8,7 +8,9 @@ from pathlib import Path
 import diffusers
 import pytest
 
-from server.families import CFG, FAMILIES, GENERIC, TRUE_CFG, Video, detect_family
+from server.config import from_env
+from server.families import CFG, FAMILIES, GENERIC, TRUE_CFG, Video, detect_family, family_named
+from server.service import check_family_settings
 
 
 def model_folder(root: Path, family) -> Path:
@@ -71,3 +73,12 @@ def test_the_table_agrees_with_the_pipelines_it_names(family):
         assert family.guidance_mode != CFG or family.cfg_argument in arguments, class_name
         assert (family.video is not None) == ("num_frames" in arguments), class_name
         assert not family.edits or family.text2img or "image" in arguments, class_name
+
+
+def test_settings_every_request_of_the_family_would_break_on_stop_the_server():
+    glm, schnell = family_named("GLM-Image"), family_named("FLUX.1-schnell")
+    check_family_settings(glm, from_env(default_size="1024x1024"))
+    with pytest.raises(SystemExit, match=r"DEFAULT_SIZE=1040x1040: GLM-Image needs .* multiples of 32"):
+        check_family_settings(glm, from_env(default_size="1040x1040"))
+    with pytest.raises(SystemExit, match=r"DEFAULT_GUIDANCE=3\.5: FLUX\.1-schnell takes no guidance"):
+        check_family_settings(schnell, from_env(default_guidance=3.5))
