@@ -3,11 +3,12 @@ server per family, driven by the OpenAI SDK and curl at 64x64 and 2 steps (4 for
 after the second step).
 
 For an image family: a generation (the family found from model_index.json), n=2 (batched where the family
-batches, one seed each), a stream with partial_images=2, an edit where the family edits in this engine, a LoRA
-set restored bit for bit where diffusers loads LoRAs for the family's pipeline, and a field the family does not
-take refused with a 400 naming it. For Wan 2.2 (videos go through /v1/videos): the family in /v1/models and an
-image request refused naming the model. FLUX.2 and Qwen-Image-Edit need torchvision (their processors), which
-has no CPU wheel this machine can install: they are skipped here, and refused at startup where it is missing."""
+batches, one seed each), its images through the NSFW plugin and counted in /metrics, a stream with
+partial_images=2, an edit where the family edits in this engine, a LoRA set restored bit for bit where diffusers
+loads LoRAs for the family's pipeline, and a field the family does not take refused with a 400 naming it. For
+Wan 2.2 (videos go through /v1/videos, tests/e2e/test_videos.py): the family in /v1/models and an image request
+refused naming the model. FLUX.2 and Qwen-Image-Edit need torchvision (their processors), which has no CPU wheel
+this machine can install: they are skipped here, and refused at startup where it is missing."""
 
 import importlib.util
 import json
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import openai
 import pytest
 
+from plugins.nsfw.demo import write_demo_classifier
 from server.engines.demos import demo_model_path
 from tests.conftest import CACHE_DIR, ServerProcess
 from tests.support.images import assert_other_image, assert_same_image, decode_b64, gradient, pixels, png_bytes
@@ -51,16 +53,23 @@ def skip_without_torchvision(case: Case) -> None:
         pytest.skip(f"{case.family} needs torchvision, which has no CPU wheel installable on this machine")
 
 
+@pytest.fixture(scope="module")
+def nsfw_model(tmp_path_factory):
+    return write_demo_classifier(tmp_path_factory.mktemp("nsfw") / "nsfw_image_detection")
+
+
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: case.demo)
-def served(request, tmp_path_factory):
-    """(case, server): one server per family, with the LoRA plugin and one LoRA where the family takes LoRAs."""
+def served(request, tmp_path_factory, nsfw_model):
+    """(case, server): one server per family, with the NSFW plugin (checks only when asked), and the LoRA plugin
+    with one LoRA where the family takes LoRAs."""
     case = request.param
     skip_without_torchvision(case)
-    env = {"MODEL_PATH": f"demo:{case.demo}", "MAX_BATCH": "2"}
+    env = {"MODEL_PATH": f"demo:{case.demo}", "MAX_BATCH": "2", "PLUGINS": "nsfw", "NSFW_CHECK": "false"}
+    env["NSFW_MODEL_PATH"] = str(nsfw_model)
     if case.loras:
         loras = tmp_path_factory.mktemp("loras")
         transformer_lora(loras / "style.safetensors", demo_model_path(CACHE_DIR, case.demo), seed=1, scale=1.0)
-        env.update(PLUGINS="lora", LORA_DIR=str(loras))
+        env.update(PLUGINS="nsfw,lora", LORA_DIR=str(loras))
     server = ServerProcess(env).start()
     yield case, server
     server.stop()
@@ -97,6 +106,19 @@ def test_a_generation_and_n_2_with_a_seed_each(served):
     assert one.shape == (64, 64, 3)
     assert_same_image(first, one)  # image i of n has seed + i, batched or not
     assert_other_image(first, second)
+
+
+def test_its_images_go_through_the_post_processing_plugins_and_the_metrics(served):
+    case, server = served
+    client = server.client(max_retries=0)
+    before = server.metric("image_server_images_total")
+    if case.family == "Qwen-Image-Edit-2509":
+        item = client.images.edit(image=("in.png", png_bytes(gradient(64, 64)), "image/png"), prompt="red",
+                                  size="64x64", extra_body={**FAST, "nsfw_check": True}).data[0]  # fmt: skip
+    else:
+        item = client.images.generate(prompt="a fox", size="64x64", extra_body={**FAST, "nsfw_check": True}).data[0]
+    assert 0.0 <= item.model_extra["nsfw_score"] <= 1.0
+    assert server.metric("image_server_images_total") == before + 1
 
 
 def test_a_stream_with_two_partial_images(served):
