@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from server.auth import require_api_key
-from server.bodies import FILE_FIELDS, form_fields, parse_json
+from server.bodies import FILE_FIELDS, form_fields, media_type_of, parse_json
 from server.errors import APIError, bad_request
 from server.inputs import check_upload_size
 from server.protocol import ErrorResponse, ImagesResponse, StreamEvent
@@ -54,10 +54,10 @@ async def create_image(request: Request) -> Response:
 
 @router.post("/v1/images/edits", responses=_RESPONSES)
 async def edit_image(request: Request) -> Response:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    media_type = media_type_of(request.headers.get("content-type"))
+    if media_type == "multipart/form-data":
         call = await _multipart_edit(request)
-    elif content_type.startswith("application/json"):
+    elif media_type == "application/json":
         body = await request.body()
         payload = await parse_body(body)
         call = ImageCall(True, payload, _base_url(request), len(body), disconnected=_disconnected(request))

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 
 from server import api, errors, video_api
 from server.auth import require_api_key
@@ -18,6 +19,7 @@ from server.images import CONTENT_TYPES
 from server.metrics import Metrics
 from server.middleware import BodyLimit, RequestLog
 from server.plugins import PluginSet
+from server.protocol import openapi_bodies
 from server.service import ImageService
 from server.storage import ImageStore
 from server.video_store import VideoStore
@@ -26,6 +28,7 @@ from server.videos import VideoService
 log = logging.getLogger("server")
 
 _STARTED = int(time.time())
+PROBES = ("/health", "/ready", "/metrics")  # also answer HEAD, as GET without the body: load balancers probe so
 
 
 def create_app(settings: Settings, engine: Engine | None = None, plugins: PluginSet | None = None) -> FastAPI:
@@ -65,9 +68,26 @@ def create_app(settings: Settings, engine: Engine | None = None, plugins: Plugin
     errors.install(app)
     for router in (api.router, video_api.router, _ops_router(), _models_router(), *plugins.routers()):
         app.include_router(router)
+    _publish_request_bodies(app, service)
     app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20), routes=plugins.route_limits())
     app.add_middleware(RequestLog, metrics=metrics)  # added last: outermost
     return app
+
+
+def _publish_request_bodies(app: FastAPI, service: ImageService) -> None:
+    """/openapi.json with the image routes' request bodies, the enabled plugins' fields included."""
+    bodies, schemas = openapi_bodies(service.generation_model, service.edit_model)
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = generate()  # cached by FastAPI: what is added here is added once
+            document["components"]["schemas"].update(schemas)
+            for path, body in bodies.items():
+                document["paths"][path]["post"].update(body)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _load(app: FastAPI, service: ImageService) -> None:
@@ -118,6 +138,8 @@ def _ops_router() -> APIRouter:
             raise APIError(404, f"No image named {name!r} (it may have expired).", code="not_found")
         return FileResponse(path, media_type=CONTENT_TYPES[path.suffix[1:]])
 
+    for route in [r for r in router.routes if isinstance(r, APIRoute) and r.path in PROBES]:
+        router.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
     return router
 
 

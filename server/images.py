@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
+from server.config import host_allowed
 from server.errors import APIError, bad_request
 
 log = logging.getLogger(__name__)
@@ -109,14 +110,14 @@ async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max
     """Fetch an http(s) image URL, only from hosts the operator allowed."""
     try:
         parts = urlsplit(url)
-        host = parts.hostname
+        host, port = parts.hostname, parts.port
     except ValueError:
         raise bad_request(f"'{param}' is not a valid URL.", param) from None
     if parts.scheme not in ("http", "https") or not host:
         raise bad_request(f"'{param}' must be a data URL or an http(s) URL.", param)
-    if host not in allowed_hosts:
+    if not host_allowed(allowed_hosts, parts.scheme, host, port):
         raise bad_request(
-            f"'{param}': fetching images from {host} is not allowed on this server "
+            f"'{param}': fetching images from {host}{f':{port}' if port else ''} is not allowed on this server "
             "(send the image as a data URL or a file, or ask the operator to add the host to REMOTE_IMAGE_HOSTS).",
             param,
             "remote_image_not_allowed",

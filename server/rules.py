@@ -12,7 +12,6 @@ from server.config import Settings, parse_size
 from server.errors import bad_request
 from server.families import Family, Video
 
-_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # fullmatch: ASCII digits, no trailing newline
 _RANDOM_SEED_LIMIT = 2**31  # random seeds stay small enough for every tool to reproduce them
 
 # The encoders' largest side: WebP's format holds 14 bits, JPEG's 16 (PNG's 31 never binds here).
@@ -60,16 +59,16 @@ def requested_size(
     """The size to generate, sides in the family's `multiple`: the request's, or for `auto` the input image's
     (fitted) or DEFAULT_SIZE (checked against the family when the model loads)."""
     if size in (None, "auto"):
-        return fit(*image_size, s, multiple) if image_size is not None else parse_size(s.default_size)
+        return fit(*image_size, s, multiple) if image_size is not None else s.default_dimensions
     return checked_size(size, multiple, s)
 
 
 def checked_size(size: str, multiple: int, s: Settings) -> tuple[int, int]:
     """WIDTHxHEIGHT, sides multiples of `multiple`, within MIN_PIXELS, MAX_PIXELS and MAX_SIDE."""
-    match = _SIZE.fullmatch(size)
-    if not match:
+    parsed = parse_size(size)
+    if parsed is None:
         raise bad_request(f"Invalid value for 'size': {size!r}; use WIDTHxHEIGHT, e.g. 1024x1024, or auto.", "size")
-    width, height = int(match[1]), int(match[2])
+    width, height = parsed
     if width % multiple or height % multiple:
         raise bad_request(
             f"Invalid value for 'size': {size}; width and height must be multiples of {multiple}.", "size"
@@ -81,6 +80,11 @@ def checked_size(size: str, multiple: int, s: Settings) -> tuple[int, int]:
             "size",
         )
     return width, height
+
+
+def image_tokens(width: int, height: int) -> int:
+    """An image's tokens for `usage`: one per 16x16-pixel patch (a VAE's 8x and the transformer's 2x2 patches)."""
+    return (width // 16) * (height // 16)
 
 
 def size_allowed(width: int, height: int, s: Settings) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from server import respond, rules
-from server.config import Settings, parse_quality_steps, parse_size
+from server.config import Settings, parse_quality_steps
 from server.engines.base import Engine
 from server.errors import from_validation
 from server.families import NONE, Family
@@ -26,7 +26,7 @@ from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.plugins import PluginSet
-from server.protocol import ImageRequest, ImagesResponse, StreamEvent, Usage, request_models
+from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
 from server.scheduler import Job, Scheduler
 from server.spec import GenerationSpec
@@ -175,8 +175,8 @@ class ImageService:
     async def _validate(self, call: ImageCall) -> ImageRequest:
         model = self.edit_model if call.edit else self.generation_model
         if call.body_bytes > LARGE_PAYLOAD:
-            return await asyncio.to_thread(validate, model, call.payload)
-        return validate(model, call.payload)
+            return await asyncio.to_thread(validate, model, call.payload, call.multipart)
+        return validate(model, call.payload, call.multipart)
 
     async def _inputs(self, request, call: ImageCall) -> EditInputs:
         if call.multipart:
@@ -350,7 +350,7 @@ class Previews:
 
 def check_family_settings(family: Family, s: Settings) -> None:
     """Settings that every request of this family would break on stop the server at startup instead."""
-    width, height = parse_size(s.default_size)
+    width, height = s.default_dimensions
     if width % family.size_multiple or height % family.size_multiple:
         raise SystemExit(
             f"DEFAULT_SIZE={s.default_size}: {family.name} needs width and height in multiples of "
@@ -360,9 +360,10 @@ def check_family_settings(family: Family, s: Settings) -> None:
         raise SystemExit(f"DEFAULT_GUIDANCE={s.default_guidance:g}: {family.name} takes no guidance; unset it.")
 
 
-def validate(model: type[BaseModel], payload: dict) -> ImageRequest:
+def validate(model: type[BaseModel], payload: dict, form: bool = False) -> ImageRequest:
+    """Strictly, as JSON is meant (`true` is not 1, "2" is not 2); a form's text is converted by type first."""
     try:
-        return model.model_validate(payload)
+        return model.model_validate(form_payload(model, payload) if form else payload, strict=True)
     except ValidationError as exc:
         raise from_validation(exc) from None
 
@@ -377,7 +378,7 @@ def completed_events(response: ImagesResponse, edit: bool) -> list[StreamEvent]:
             quality=response.quality,
             background=response.background,
             output_format=response.output_format,
-            usage=Usage(),
+            usage=response.usage,  # the request's, as the response carries it
             **{"b64_json": "", **item.model_dump(exclude_unset=True)},  # "": delivered elsewhere (upload)
         )
         for item in response.data

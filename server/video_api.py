@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from server.api import accepting, parse_body
 from server.auth import owner, require_api_key
-from server.bodies import form_fields
+from server.bodies import form_fields, media_type_of
 from server.errors import bad_request
 from server.inputs import check_upload_size
 from server.protocol import ErrorResponse, Video, VideoDeleted, VideoList
@@ -31,10 +31,10 @@ def _videos(request: Request) -> VideoService:
 
 @router.post("/v1/videos", dependencies=[Depends(accepting)])
 async def create_video(request: Request) -> Video:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    media_type = media_type_of(request.headers.get("content-type"))
+    if media_type == "multipart/form-data":
         call = await _multipart(request)
-    elif content_type.startswith("application/json"):
+    elif media_type == "application/json":
         call = VideoCall(owner(request), await parse_body(await request.body()))
     else:
         raise bad_request(
@@ -50,7 +50,7 @@ async def _multipart(request: Request) -> VideoCall:
         check_upload_size("input_reference", upload.size, request.app.state.settings)
     payload = form_fields([(k, v) for k, v in form.multi_items() if not isinstance(v, UploadFile)])
     data = await upload.read() if isinstance(upload, UploadFile) else None
-    return VideoCall(owner(request), payload, data)
+    return VideoCall(owner(request), payload, data, multipart=True)
 
 
 @router.get("/v1/videos")

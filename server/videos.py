@@ -45,6 +45,7 @@ class VideoCall:
     owner: str
     payload: dict
     upload: bytes | None = None  # multipart: the input_reference file
+    multipart: bool = False  # the payload is a form's text, converted by each field's type
 
 
 @dataclass
@@ -98,7 +99,7 @@ class VideoService:
     # -- creating --------------------------------------------------------
 
     async def create(self, call: VideoCall) -> Video:
-        request = validate(VideoRequest, call.payload)
+        request = validate(VideoRequest, call.payload, call.multipart)
         family = self._rules(request.input_reference is not None or call.upload is not None)
         video, s = family.video, self.settings
         width, height = rules.video_size(request.size, family, s)

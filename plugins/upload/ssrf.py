@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from server.config import host_allowed
+
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -68,14 +70,6 @@ def public(address: str) -> bool:
         return False
 
 
-def host_allowed(host: str, patterns: tuple[str, ...]) -> bool:
-    host = host.lower().rstrip(".")
-    for pattern in (p.lower() for p in patterns):
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
-            return True
-    return False
-
-
 def _parts(url: str):
     """The URL's scheme, host and port, or UnsafeURL naming what is wrong with it."""
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
@@ -98,10 +92,10 @@ def _parts(url: str):
 def check_url(url: str, allowed: tuple[str, ...]) -> Target:
     """Refuse what an SSRF would use; returns where to connect (blocking: it resolves the host)."""
     scheme, host, port = _parts(url)
-    if host_allowed(host, allowed):
+    if host_allowed(allowed, scheme, host, port):
         return Target(url, host, port, None)
     if scheme != "https":
-        raise UnsafeURL(f"must use https ({host} is not in UPLOAD_ALLOWED_HOSTS)")
+        raise UnsafeURL(f"must use https ({host}:{port} is not in UPLOAD_ALLOWED_HOSTS)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError):

@@ -233,7 +233,7 @@ class DiffusersEngine(Engine):
     def warmup(self) -> None:
         width, height = 256, 256
         if self.compiled:  # torch.compile specialises on the first shape: compile for the size most requests use
-            width, height = (int(side) for side in self.settings.default_size.lower().split("x"))
+            width, height = self.settings.default_dimensions
         spec = GenerationSpec(
             prompt="warm up", n=1, width=width, height=height, steps=2, guidance=self.defaults()[1], seeds=[0]
         )

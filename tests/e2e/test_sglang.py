@@ -94,7 +94,7 @@ def sglang_server(sglang_bin, lora_dir, tmp_path_factory):
             "NSFW_MODEL_PATH": str(nsfw),
             "NSFW_CHECK": "false",  # on only where a test asks for it
             "NSFW_THRESHOLD": "0.0",  # every checked image is flagged: the random classifier's scores mean nothing
-            "UPLOAD_ALLOWED_HOSTS": "127.0.0.1",
+            "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*",
         }
     )
     srv.start(wait=False)

@@ -136,6 +136,9 @@ def test_a_full_queue_is_429_and_stores_nothing(app):
         ({"size": "8192x8192"}, "size"),
         ({"prompt": ""}, "prompt"),
         ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),  # strict types, as for images
+        ({"seed": "5"}, "seed"),
+        ({"num_inference_steps": 2.0}, "num_inference_steps"),
         ({"input_reference": {"file_id": "file_1"}}, "input_reference"),
         ({"input_reference": {"image_url": "data:image/png;base64,AAAA"}}, "input_reference"),
     ],
@@ -146,6 +149,17 @@ def test_what_does_not_fit_is_a_400_naming_the_field(app, fields, param):
     assert response.status_code == 400, response.text
     assert assert_openai_shape(response.json())["param"].startswith(param)
     assert len(app.service.engine.calls) == count
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"), [({"seed": "true"}, "seed"), ({"num_inference_steps": "2.5"}, "num_inference_steps")]
+)
+def test_multipart_text_that_is_not_its_field_s_type_is_a_400(app, fields, param):
+    """The SDK sends multipart: its text is read by each field's type (extensions in extra_body work), and what
+    is not that type is refused as in JSON."""
+    form = {"prompt": "p", "seconds": "0.5", **fields}
+    response = app.http.post("/v1/videos", data=form, files={"x": ("x", b"")}, headers=auth())
+    assert response.status_code == 400 and assert_openai_shape(response.json())["param"] == param
 
 
 def test_a_bad_seconds_is_a_400_through_the_sdk_too(app):
