@@ -1,14 +1,19 @@
-"""What the server costs over calling the engine yourself: the same request in-process and through HTTP.
+"""What the server costs over calling the engine yourself: the same request as a raw pipeline call, in-process
+and through HTTP.
 
 The in-process side does what a library user would do to get the same JPEG, with the server's own functions:
 the request rules (`ImageService.plan`), `engine.run` (LoRA set, then generation), the plugins' post-processing,
 the encode, delivery and the response's b64_json (server/respond.py). The HTTP side is a real server
-child process with the same settings and the same torch threads. Calls alternate (in-process first in one pair,
-HTTP first in the next) so that a drift in machine load falls on both sides alike. The verdict is on the median of
+child process with the same settings and the same torch threads. The sides take turns (the order rotates from
+one round to the next) so that a drift in machine load falls on all alike. The verdict is on the median of
 the per-pair ratios (the target: within 5%), with its 95% interval: "met" when the whole interval is at or under
 1.05, "NOT met" when it is all above, and "inconclusive" when the pairs spread too widely to tell (a busy machine:
 rerun when it is quieter, or with more --pairs). The ratio of the medians and the spread are reported too.
 Arguments are checked before anything loads.
+
+The raw side is the family's diffusers pipeline called with the arguments the engine passes it (PIL images out,
+nothing else); each round also reports HTTP against it. --model demo:FAMILY measures a family's tiny model
+(`demo` is FLUX.1's), with the family's own default guidance.
 
 Plugins: --plugins nsfw,upload plus their settings with --env (NSFW_MODEL_PATH=...), request fields with
 --body '{"nsfw_check": true}', and --loopback-s3 for a moto S3 on loopback whose fresh pre-signed PUT URLs go
@@ -32,6 +37,7 @@ import numpy as np
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo", help="MODEL_PATH for both sides: demo:FAMILY or a model folder")
     p.add_argument("--size", type=harness.size_arg, default="1024x1024", help="WIDTHxHEIGHT, multiples of 16")
     p.add_argument("--steps", type=harness.at_least(1), default=28, help="inference steps per image")
     p.add_argument("--n", type=int, default=1, choices=range(1, 11), metavar="1..10", help="images per request")
@@ -52,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def configure(args) -> dict[str, str]:
     """One environment for both sides: the server inherits it and from_env reads it in-process."""
-    env = {"TORCH_THREADS": str(args.threads), "PLUGINS": args.plugins, **harness.env_pairs(args.env)}
+    env = {"MODEL_PATH": args.model, "TORCH_THREADS": str(args.threads), "PLUGINS": args.plugins}
+    env.update(harness.env_pairs(args.env))
     os.environ.update(env)
     return env
 
@@ -79,6 +86,17 @@ class InProcess:
         self.plugins = PluginSet(settings, self.engine)
         self.service = ImageService(settings, self.engine, self.plugins, Metrics())
         self.service.load_now()
+
+    def raw(self, body: dict) -> dict:
+        """The family's pipeline called with the engine's arguments for this request, and nothing else."""
+        from server.engines.diffusers import Row
+        from server.service import validate
+
+        spec = self.service.plan(validate(self.service.generation_model, body), None, "http://in-process").spec
+        arguments = self.engine.arguments(spec.mode, [Row(0, j, spec, seed) for j, seed in enumerate(spec.seeds)])
+        started = time.perf_counter()
+        self.engine.pipelines[spec.mode](**arguments)
+        return {"total": time.perf_counter() - started, "failed_uploads": 0}
 
     def run(self, body: dict) -> dict:
         import asyncio
@@ -133,7 +151,6 @@ def make_body(args, index: int, s3) -> dict:
         "size": args.size,
         "n": args.n,
         "num_inference_steps": args.steps,
-        "guidance_scale": 3.5,
         "seed": 1000 + index,
         "output_format": "jpeg",
         **args.body,
@@ -143,23 +160,26 @@ def make_body(args, index: int, s3) -> dict:
     return body
 
 
+SIDES = ("raw", "in_process", "http")
+
+
 def measure(args, s3) -> list[dict]:
     in_process = InProcess()
     pairs = []
     with harness.ServerProcess() as server, httpx.Client(timeout=600) as client:
-        in_process.run(make_body(args, -1, s3))  # warm-up: first call at this size allocates
-        run_http(client, server.url, make_body(args, -2, s3))
+        runs = {"raw": in_process.raw, "in_process": in_process.run, "http": lambda b: run_http(client, server.url, b)}
+        for side in SIDES:  # warm-up: the first call at this size allocates
+            runs[side](make_body(args, -1, s3))
         for index in range(args.pairs):
             body = make_body(args, index, s3)
-            order = ("in_process", "http") if index % 2 == 0 else ("http", "in_process")
-            pair = {}
-            for side in order:
-                pair[side] = in_process.run(body) if side == "in_process" else run_http(client, server.url, body)
+            pair = {side: runs[side](body) for side in SIDES[index % 3 :] + SIDES[: index % 3]}
             pair["ratio"] = pair["http"]["total"] / pair["in_process"]["total"]
+            pair["raw_ratio"] = pair["http"]["total"] / pair["raw"]["total"]
             pairs.append(pair)
             print(
-                f"pair {index + 1}/{args.pairs}: in-process {pair['in_process']['total']:.3f}s "
-                f"http {pair['http']['total']:.3f}s ratio {pair['ratio']:.3f}",
+                f"round {index + 1}/{args.pairs}: raw {pair['raw']['total']:.3f}s in-process "
+                f"{pair['in_process']['total']:.3f}s http {pair['http']['total']:.3f}s ratio {pair['ratio']:.3f} "
+                f"(raw {pair['raw_ratio']:.3f})",
                 flush=True,
             )
     return pairs
@@ -200,18 +220,21 @@ def summarize(pairs: list[dict]) -> dict:
         values = [p[side][part] for p in pairs if part in p[side]]
         return float(np.median(values)) if values else 0.0
 
-    in_process, http = median("in_process", "total"), median("http", "total")
-    fastest = {side: min(p[side]["total"] for p in pairs) for side in ("in_process", "http")}
+    raw, in_process, http = median("raw", "total"), median("in_process", "total"), median("http", "total")
+    fastest = {side: min(p[side]["total"] for p in pairs) for side in SIDES}
     ratios = [p["ratio"] for p in pairs]
     interval = median_interval(ratios)
     return {
         "pairs": len(pairs),
+        "raw_median_s": raw,
         "in_process_median_s": in_process,
         "http_median_s": http,
         "ratio_of_medians": http / in_process,
+        "raw_ratio_of_medians": http / raw,
         "median_pair_ratio": float(np.median(ratios)),
         "pair_ratio_range": [min(ratios), max(ratios)],
         "median_pair_ratio_ci95": list(interval) if interval else None,
+        "median_raw_pair_ratio": float(np.median([p["raw_ratio"] for p in pairs])),
         # On a shared machine the fastest run of each side is the one least disturbed by others.
         "ratio_of_minimums": fastest["http"] / fastest["in_process"],
         "overhead_pct": (http / in_process - 1) * 100,
@@ -229,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     env = configure(args)
     machine = harness.machine()
     print(
-        f"overhead: {args.size}, {args.steps} steps, n={args.n}, {args.threads} torch threads, "
+        f"overhead: {args.model}, {args.size}, {args.steps} steps, n={args.n}, {args.threads} torch threads, "
         f"load {machine['load_average']}"
     )
     if args.loopback_s3:
@@ -241,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(pairs)
     low, high = summary["pair_ratio_range"]
     print(
-        f"median in-process {summary['in_process_median_s']:.3f}s, HTTP {summary['http_median_s']:.3f}s: "
-        f"ratio {summary['ratio_of_medians']:.3f} ({summary['overhead_pct']:+.1f}%), fastest-run ratio "
+        f"median raw pipeline {summary['raw_median_s']:.3f}s, in-process {summary['in_process_median_s']:.3f}s, "
+        f"HTTP {summary['http_median_s']:.3f}s: HTTP/raw {summary['raw_ratio_of_medians']:.3f}, HTTP/in-process "
+        f"{summary['ratio_of_medians']:.3f} ({summary['overhead_pct']:+.1f}%), fastest-run ratio "
         f"{summary['ratio_of_minimums']:.3f}; pair ratios {low:.3f} to {high:.3f}, median "
         f"{summary['median_pair_ratio']:.3f}; target <= {TARGET}: {summary['verdict']}"
     )

@@ -21,6 +21,7 @@ from server.auth import DEFAULT_TENANT
 from server.config import Settings, parse_quality_steps
 from server.engines.base import Engine
 from server.errors import from_validation
+from server.families import NONE, Family
 from server.images import as_rgb, decode, encode_image, mask_from_alpha
 from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
@@ -118,6 +119,7 @@ class ImageService:
         """Blocking (the engine thread, or a benchmark that drives the engine itself)."""
         started = time.monotonic()
         self.engine.load(self.plugins)
+        check_family_settings(self.engine.family, self.settings)
         steps, guidance = self.engine.defaults()
         self.default_steps = self.settings.default_steps or steps
         self.default_guidance = guidance if self.settings.default_guidance < 0 else self.settings.default_guidance
@@ -190,7 +192,7 @@ class ImageService:
         s = self.settings
         rules.check_background(request.background)
         image_size = (inputs.image.width, inputs.image.height) if inputs else None
-        width, height = rules.requested_size(request.size, image_size, s)
+        width, height = rules.requested_size(request.size, image_size, s, self.engine.family.size_multiple)
         preset = rules.quality_preset(request.quality)
         steps = rules.steps(request.num_inference_steps, preset, self.default_steps, self.quality_steps, s.max_steps)
         strength = request.strength if inputs is not None else None  # a generation's `strength` is an unknown field
@@ -348,6 +350,18 @@ class Previews:
             partial_image_index=self.count[index] - 1,
             seed=self.seeds[index],  # which image of the request, as in its completed event
         )
+
+
+def check_family_settings(family: Family, s: Settings) -> None:
+    """Settings that every request of this family would break on stop the server at startup instead."""
+    width, height = s.default_dimensions
+    if width % family.size_multiple or height % family.size_multiple:
+        raise SystemExit(
+            f"DEFAULT_SIZE={s.default_size}: {family.name} needs width and height in multiples of "
+            f"{family.size_multiple}."
+        )
+    if family.guidance_mode == NONE and s.default_guidance >= 0 and s.default_guidance != family.guidance:
+        raise SystemExit(f"DEFAULT_GUIDANCE={s.default_guidance:g}: {family.name} takes no guidance; unset it.")
 
 
 def validate(model: type[BaseModel], payload: dict, form: bool = False) -> ImageRequest:

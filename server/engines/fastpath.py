@@ -196,6 +196,21 @@ def compile_transformer(transformer, options: FastOptions) -> str:
     return how
 
 
+def enable_first_block_cache(transformer, threshold: float) -> str:
+    """diffusers' first-block cache, where diffusers has it for this transformer's blocks (else the reason)."""
+    from diffusers import FirstBlockCacheConfig
+    from diffusers.models.cache_utils import CacheMixin
+
+    name = type(transformer).__name__
+    if not isinstance(transformer, CacheMixin):
+        raise SystemExit(f"CACHE_THRESHOLD: diffusers has no cache for {name}; unset CACHE_THRESHOLD.")
+    try:
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    except ValueError as exc:  # its block class is not in diffusers' block registry
+        raise SystemExit(f"CACHE_THRESHOLD: diffusers' first-block cache cannot run on {name} ({exc}).") from None
+    return f"first-block, threshold {threshold:g}"
+
+
 def accelerate(
     pipe,
     options: FastOptions,
@@ -210,12 +225,18 @@ def accelerate(
     transformer = getattr(pipe, "transformer", None)
     info: dict = {"attention": "native (PyTorch SDPA)", "compile": False, "cache": None}
     applier = lora_applier()
+    asked = options.fp8 or options.compile or options.cache_threshold or options.attention != "auto"
+    if transformer is None and asked:
+        raise SystemExit(
+            f"FP8, COMPILE, CACHE_THRESHOLD and ATTENTION need a transformer; {type(pipe).__name__} has none."
+        )
     if transformer is None:
-        if options.fp8 or options.compile or options.cache_threshold or options.attention != "auto":
-            raise SystemExit(
-                f"FP8, COMPILE, CACHE_THRESHOLD and ATTENTION need a transformer; {type(pipe).__name__} has none."
-            )
         return info, applier
+    if pipe.components.get("transformer_2") is not None and (asked or applier is not None):
+        raise SystemExit(
+            f"{type(pipe).__name__} has a second transformer (transformer_2: Wan 2.2 A14B's low-noise expert), which "
+            "FP8, COMPILE, CACHE_THRESHOLD, ATTENTION and the LoRA slot do not cover; serve it without them."
+        )
     backend = choose_attention(options.attention, gpu, fa3_installed() if gpu else False)
     info["attention"] = set_attention(transformer, backend, explicit=options.attention != "auto")
     # Under a LoRA slot QKV stays unfused: a fused to_qkv would triple the slot rank it needs there.
@@ -226,10 +247,7 @@ def accelerate(
         applier.install()
         info["lora"] = applier.describe()
     if options.cache_threshold > 0:
-        from diffusers import FirstBlockCacheConfig
-
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=options.cache_threshold))
-        info["cache"] = f"first-block, threshold {options.cache_threshold:g}"
+        info["cache"] = enable_first_block_cache(transformer, options.cache_threshold)
     if options.compile:
         info["compile"] = compile_transformer(transformer, options) + (" fused-qkv" if fused else "")
     return info, applier

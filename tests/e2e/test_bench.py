@@ -96,11 +96,11 @@ def test_example_mixes_parse():
 def test_overhead_reports_the_ratio(tmp_path):
     out = tmp_path / "out"
     args = ("--size", "256x256", "--steps", "2", "--pairs", "2", "--threads", "1", "--out", str(out))
-    proc = run_tool(sys.executable, "bench/overhead.py", *args)
+    proc = run_tool(sys.executable, "bench/overhead.py", "--model", "demo:z-image", *args)
     report = json.loads((out / "overhead.json").read_text())
-    assert len(report["pairs"]) == 2
+    assert len(report["pairs"]) == 2 and report["env"]["MODEL_PATH"] == "demo:z-image"
     summary = report["summary"]
-    assert summary["ratio_of_medians"] > 0
+    assert summary["ratio_of_medians"] > 0 and summary["raw_ratio_of_medians"] > 0
     assert summary["server_split_s"]["gen"] > 0
     assert summary["pair_ratio_range"] == sorted(p["ratio"] for p in report["pairs"])
     assert "target <= 1.05: inconclusive: too few pairs" in proc.stdout  # two pairs conclude nothing

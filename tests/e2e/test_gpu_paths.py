@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from server.engines.fastpath import FastOptions, accelerate
-from tests.support.demo import demo_pipeline, lora_sets, render, slot, write_loras
+from tests.support.demo import demo_pipeline, lora_sets, render, slot, switch, write_loras
 from tests.support.images import decode_b64, pixels
 from tests.support.nunchaku import svdq_file, unrelated_package
 from tests.support.server import ServerProcess
@@ -140,7 +140,7 @@ def test_fp8_compile_and_lora_slot_switch_sets_without_recompiling(lora_dir, sco
         # block's input strides), however many blocks of each class there are.
         assert graphs == 1 if scope == "model" else 2 <= graphs <= 3
         for entries in lora_sets(lora_dir)[1:]:
-            applier.apply(entries)
+            switch(applier, entries)
             assert (np.abs(render(pipe) - base).mean() > 1) == bool(entries), entries
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
