@@ -271,3 +271,24 @@ def test_install_refuses_an_off_index_wheel_whose_sha256_differs(tmp_path):
     result = run([*install, "--wheelhouse", wheelhouse, "--wheels", wheels])
     assert result.returncode != 0 and "FAILED" in result.stdout
     assert not list(venv.glob("lib/python*/site-packages/offindex_demo"))
+
+
+def test_install_takes_the_locks_pins_when_the_wheelhouse_holds_another_locks_newer_ones(tmp_path):
+    """The server's and SGLang's locks share one wheelhouse. A pinned package that needs another with an extra
+    (nvidia-cudnn-frontend: nvidia-cutlass-dsl[cu13]>=4.8.0) made pip resolve that one again and take the newest wheel
+    there (the server lock's 4.8.1, not SGLang's 4.8.0), which --require-hashes refuses: the SGLang venv failed to
+    build. The lock's own pins are installed instead."""
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    older = make_wheel(wheelhouse, "dsl", "1.0", "Provides-Extra: cu13\n")
+    make_wheel(wheelhouse, "dsl", "1.1", "Provides-Extra: cu13\n")  # another lock's
+    frontend = make_wheel(wheelhouse, "frontend", "1.0", "Requires-Dist: dsl[cu13]>=1.0\n")
+    lock = tmp_path / "lock.txt"
+    lock.write_text(f"dsl==1.0 --hash=sha256:{sha256(older)}\nfrontend==1.0 --hash=sha256:{sha256(frontend)}\n")
+    venv = tmp_path / "venv"
+    install = [ROOT / "docker/install.sh", "--venv", venv, "--python", sys.executable]
+    result = run([*install, "--wheelhouse", wheelhouse, "--lock", lock])
+    assert result.returncode == 0, result.stdout
+    assert "No broken requirements found" in result.stdout  # pip check: the lock was the whole set
+    versions = run([venv / "bin/python", "-c", "import importlib.metadata as m; print(m.version('dsl'))"])
+    assert versions.stdout.strip() == "1.0"
