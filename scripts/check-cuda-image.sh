@@ -48,7 +48,7 @@ figure "image $image $((size / 1000000)) MB"
 # -- inside the image, as OpenShift runs it: any UID in group 0, read-only root, no network ----------------------
 
 openshift=(--user 1000770000:0 --read-only --cap-drop ALL --security-opt no-new-privileges
-  --tmpfs /app/state:rw,exec,mode=0777 --tmpfs /tmp:rw,exec,mode=0777 --shm-size 2g)
+  --tmpfs "/app/state:rw,exec,mode=0777" --tmpfs "/tmp:rw,exec,mode=0777" --shm-size 2g)
 in_image() { "$docker" run --rm -i --network none "${openshift[@]}" "$image" "$@"; }
 
 figure "installed $(in_image du -sh /opt/venv /opt/sglang /usr/local/cuda/ 2>/dev/null | tr '\t\n' ' ')"
@@ -87,11 +87,11 @@ check "torch.version.cuda $torch_cuda, as the lock"
 
 sglang=$(in_image /opt/sglang/bin/python -c 'import sglang, importlib.metadata as m; print(m.version("sglang"))')
 check "import sglang in /opt/sglang: $sglang"
-# The command the server runs (server/engines/sglang/engine.py): `sglang serve --model-type diffusion`.
-in_image /opt/sglang/bin/sglang serve --help | grep -q -- --model-path || fail "sglang serve --help"
-in_image /opt/sglang/bin/python -c 'import sglang.multimodal_gen.runtime.entrypoints.cli.main' ||
-  fail "SGLang's diffusion entry point does not import"
-check "sglang serve --help, and its diffusion entry point imports"
+# The command the server runs (server/engines/sglang/engine.py): `sglang serve --model-type diffusion`. Its help
+# imports the diffusion server (sglang.multimodal_gen), and says "not available" (exit 0) when that fails.
+help=$(in_image /opt/sglang/bin/sglang serve --model-type diffusion --help)
+[[ $help == *"SGLang Diffusion Model Serving"*"--model-path"* ]] || fail "sglang serve --model-type diffusion: $help"
+check "sglang serve --model-type diffusion --help: the diffusion server's entry point imports"
 
 fa4=$(in_image python -c 'import flash_attn.cute, importlib.metadata as m; print(m.version("flash-attn-4"))')
 in_image /opt/sglang/bin/python -c 'import flash_attn.cute' || fail "FA4 in /opt/sglang"
