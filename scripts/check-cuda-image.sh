@@ -51,11 +51,12 @@ openshift=(--user 1000770000:0 --read-only --cap-drop ALL --security-opt no-new-
   --tmpfs "/app/state:rw,exec,mode=0777" --tmpfs "/tmp:rw,exec,mode=0777" --shm-size 2g)
 in_image() { "$docker" run --rm -i --network none "${openshift[@]}" "$image" "$@"; }
 
-figure "installed $(in_image du -sh /opt/venv /opt/sglang /usr/local/cuda/ 2>/dev/null | tr '\t\n' ' ')"
+sizes=$(for path in /opt/venv /opt/sglang /usr/local/cuda/; do in_image du -sh "$path"; done | tr '\t\n' ' ')
+figure "installed $sizes(the CUDA toolchain is the part of /opt/venv in /usr/local/cuda)"
 
 nvcc=$(in_image nvcc --version)
 [[ $nvcc == *"release $cuda,"* ]] || fail "nvcc is not CUDA $cuda: $nvcc"
-check "nvcc: ${nvcc##*$'\n'}"
+check "nvcc: $(grep release <<<"$nvcc")"
 
 # A kernel that needs the CUDA headers, CCCL (thrust) and libcudart_static, for Hopper and Blackwell. Run here it
 # finds no GPU, which it says; that it runs at all shows it linked.
