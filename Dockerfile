@@ -18,9 +18,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Python.h at run time. libnuma1: SGLang's kernels link against it. ninja-build: torch extension builds (flash-attn).
 # COMPILER: the host compiler of nvcc and Triton's JIT; the NVIDIA devel base has it already, a Debian base does
 # not (the CPU variant leaves it out). curl: the HEALTHCHECK. apt-get clean: a base made with mmdebstrap
-# (docker/debian-base.sh) would keep the downloaded packages (100 MB); the official images delete them by themselves. Not pinned to versions: the base
-# image's tag is the pin, and the archives drop superseded versions, so exact pins would break the build at the next
-# security update.
+# (docker/debian-base.sh) would keep the downloaded packages (100 MB); the official images delete them by themselves.
+# Not pinned to versions: the base image's tag is the pin, and the archives drop superseded versions, so exact pins
+# would break the build at the next security update.
 ARG PYTHON=python3.12
 ARG COMPILER=g++
 # hadolint ignore=DL3008,SC2086
@@ -70,10 +70,10 @@ RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     MAX_JOBS=${MAX_JOBS} /app/docker/install.sh --python "${PYTHON}" --venv /opt/venv \
       --wheelhouse /wheelhouse --lock "/app/src/${LOCK}" ${WHEELS:+--wheels "/app/src/${WHEELS}"}
 
-# A base without CUDA's toolkit (./build.sh --debian) has it from the lock's PyPI wheels (requirements/cuda-toolchain.in),
-# under the venv's site-packages/nvidia/cu13: /usr/local/cuda points there, where the NVIDIA base keeps its own,
-# as PATH and CUDA_HOME (torch's extension builds, flashinfer's JIT) expect. The wheels put the libraries in lib/,
-# where nvcc's profile links from lib64/ (libcudart_static): that link too.
+# A base without CUDA's toolkit (./build.sh --debian) has it from the lock's PyPI wheels
+# (requirements/cuda-toolchain.in), under the venv's site-packages/nvidia/cu13: /usr/local/cuda points there, where
+# the NVIDIA base keeps its own, as PATH and CUDA_HOME (torch's extension builds, flashinfer's JIT) expect. The wheels
+# put the libraries in lib/, where nvcc's profile links from lib64/ (libcudart_static): that link too.
 ARG CUDA_FROM_WHEELS=0
 RUN if [ "${CUDA_FROM_WHEELS}" = 1 ]; then \
       toolkit="/opt/venv/lib/${PYTHON}/site-packages/nvidia/cu13" \
@@ -82,13 +82,15 @@ RUN if [ "${CUDA_FROM_WHEELS}" = 1 ]; then \
       && nvcc --version; \
     fi
 
-# flash-attn (ATTENTION=flash), optional: built here from its PyPI sdist against the image's torch with nvcc, MAX_JOBS
-# jobs (hours at 2; each job may take 8-9 GB of memory). Its list (URL SHA256: einops, wheel, the sdist) is fetched
-# by ./download-packages.sh. FORCE_BUILD: never fetch a prebuilt wheel from GitHub, the wheelhouse is the only
-# source. FLASH_ATTN_CUDA_ARCHS: the GPU generations compiled for; fewer is faster (e.g. 90 for H100/H200 only).
+# flash-attn 2 (ATTENTION=flash where FlashAttention 4 does not run: Ampere, Ada), optional: built here from its PyPI
+# sdist against the image's torch with nvcc, MAX_JOBS jobs (hours at 2; each job may take 8-9 GB of memory). Its list
+# (URL SHA256: einops, wheel, the sdist, then FA4 again over the files flash-attn 2 overwrites) is fetched by
+# ./download-packages.sh. FORCE_BUILD: never fetch a prebuilt wheel from GitHub, the wheelhouse is the only source.
+# FLASH_ATTN_CUDA_ARCHS: the GPU generations compiled for, by default Ampere's (8.0; Ada runs it too): Hopper and
+# Blackwell take FA4, so compiling for them (90;100;120) only costs build time.
 ARG WITH_FLASH_ATTN=0
 ARG FLASH_ATTN=requirements/flash-attn-cuda.txt
-ARG FLASH_ATTN_CUDA_ARCHS="80;90;100;120"
+ARG FLASH_ATTN_CUDA_ARCHS="80"
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     if [ "${WITH_FLASH_ATTN}" = 1 ]; then \
       FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS="${FLASH_ATTN_CUDA_ARCHS}" MAX_JOBS=${MAX_JOBS} \

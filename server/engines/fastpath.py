@@ -118,12 +118,14 @@ def flash_refusal(gpu: GPU | None, kernels: AttentionKernels) -> str | None:
     )
     if gpu is None:
         return f"{need}, and this machine has no CUDA GPU."
-    if kernels.fa4 and gpu.capability[0] in FA4_MAJORS:
+    if fa4_runs(gpu, kernels) or (kernels.fa2 and gpu.capability >= FA2_MIN_CAPABILITY):
         return None
-    if kernels.fa2 and gpu.capability >= FA2_MIN_CAPABILITY:
-        return None
-    installed = [name for name, there in (("flash-attn-4", kernels.fa4), ("flash-attn 2", kernels.fa2)) if there]
-    return f"{need}; this machine has {gpu.describe()} and {' and '.join(installed) or 'neither package'}."
+    present = [name for name, there in (("flash-attn-4", kernels.fa4), ("flash-attn 2", kernels.fa2)) if there]
+    return f"{need}; this machine has {gpu.describe()} and {' and '.join(present) or 'neither package'}."
+
+
+def fa4_runs(gpu: GPU | None, kernels: AttentionKernels) -> bool:
+    return kernels.fa4 and gpu is not None and gpu.capability[0] in FA4_MAJORS
 
 
 def fp8_refusal(gpu: GPU | None) -> str | None:
@@ -162,7 +164,7 @@ def check_options(options: FastOptions, gpu: GPU | None, kernels: AttentionKerne
 def choose_attention(setting: str, gpu: GPU | None, kernels: AttentionKernels) -> str:
     """The diffusers attention backend. auto: FlashAttention 3 on Hopper where installed, else PyTorch SDPA
     ("native"). flash: FlashAttention 4 where it runs (Hopper, Blackwell), else flash-attn 2."""
-    if setting == "flash" and kernels.fa4 and gpu is not None and gpu.capability[0] in FA4_MAJORS:
+    if setting == "flash" and fa4_runs(gpu, kernels):
         return FA4_BACKEND
     if setting != "auto":
         return setting
