@@ -200,10 +200,11 @@ def build_pipeline(tiny: bool, dtype, device, **components):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from server.engines.demo import _clip_tokenizer, _t5_tokenizer, build_demo_pipeline
+    from server.engines.demos import flux1
+    from server.engines.demos.tokenizers import clip_tokenizer, t5_tokenizer
 
     if tiny:
-        pipe = build_demo_pipeline()
+        pipe = flux1.build()
         for name, component in components.items():
             setattr(pipe, name, component)
         return pipe.to(device=device, dtype=dtype)
@@ -223,8 +224,8 @@ def build_pipeline(tiny: bool, dtype, device, **components):
         torch.set_default_dtype(previous)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
-        tokenizer=_clip_tokenizer(),
-        tokenizer_2=_t5_tokenizer(),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=t5_tokenizer(),
         **built,
     )
     return pipe.to(device)
@@ -600,10 +601,10 @@ def prepare_loras(scale: Scale, folder: Path) -> None:
         return
     from diffusers import FluxTransformer2DModel
 
-    from server.engines.demo import build_demo_pipeline
+    from server.engines.demos import flux1
 
     if scale.tiny:
-        pipe = build_demo_pipeline()
+        pipe = flux1.build()
     else:
         with torch.device("meta"):  # shapes only: no memory
             transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)

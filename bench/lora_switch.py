@@ -68,6 +68,8 @@ def write_lora(path: Path, pipe: FluxPipeline, rank: int, seed: int) -> Path:
 
 
 def timed_switches(applier: LoRAApplier, sets: list, cycles: int, device: str) -> list[float]:
+    for path in {path for entries in sets for path, _ in entries}:
+        applier.check(path)  # what a request's plan does before it queues: a switch reads no file
     times = []
     for cycle in range(cycles + 1):
         for entries in sets:

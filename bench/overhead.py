@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load {machine['load_average']}"
     )
     if args.loopback_s3:
-        os.environ.setdefault("UPLOAD_ALLOWED_HOSTS", "127.0.0.1")
+        os.environ.setdefault("UPLOAD_ALLOWED_HOSTS", "127.0.0.1:*")
         with harness.LoopbackS3() as s3:
             pairs = measure(args, s3)
     else:

@@ -75,7 +75,7 @@ def request_body(args, index: int, extra: dict | None = None) -> dict:
 def serial(args) -> dict:
     import torch
 
-    from server.config import from_env
+    from server.config import from_env, parse_size
     from server.engines.base import NoHooks, Progress
     from server.engines.diffusers import DiffusersEngine
     from server.images import encode_image
@@ -84,7 +84,7 @@ def serial(args) -> dict:
     torch.set_num_threads(args.threads)
     engine = DiffusersEngine(from_env())
     engine.load(NoHooks())
-    width, height = (int(v) for v in args.size.split("x"))
+    width, height = parse_size(args.size)
 
     def one(index: int) -> float:
         body = request_body(args, index)
@@ -204,7 +204,7 @@ def make_demo_loras(folder: Path, names: list[str], rank: int = 4) -> None:
     from safetensors.torch import load_file, save_file
 
     from server.config import from_env
-    from server.engines.demo import demo_model_path
+    from server.engines.demos import demo_model_path
 
     weights = load_file(demo_model_path(from_env().cache_dir) / "transformer" / "diffusion_pytorch_model.safetensors")
     folder.mkdir(parents=True, exist_ok=True)

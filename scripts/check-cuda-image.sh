@@ -101,7 +101,7 @@ check "import flash_attn.cute (FlashAttention $fa4) in /opt/venv and /opt/sglang
 attention=$(in_image python - <<'EOF'
 from pathlib import Path
 
-from server.engines.demo import demo_model_path
+from server.engines.demos import demo_model_path
 from server.engines.diffusers import load_pipeline
 from server.engines.fastpath import GPU, choose_attention, installed_kernels, set_attention
 

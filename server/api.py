@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from server.auth import require_api_key
-from server.bodies import FILE_FIELDS, form_fields, parse_json
+from server.bodies import FILE_FIELDS, form_fields, media_type_of, parse_json
 from server.errors import APIError, bad_request
 from server.inputs import check_upload_size
 from server.protocol import ErrorResponse, ImagesResponse, StreamEvent
@@ -47,19 +47,20 @@ router = APIRouter(dependencies=[Depends(require_api_key), Depends(accepting)])
 @router.post("/v1/images/generations", responses=_RESPONSES)
 async def create_image(request: Request) -> Response:
     body = await request.body()
-    payload = await _parse(body)
+    payload = await parse_body(body)
     call = ImageCall(False, payload, _base_url(request), len(body), disconnected=_disconnected(request))
     return await _answer(request, call)
 
 
 @router.post("/v1/images/edits", responses=_RESPONSES)
 async def edit_image(request: Request) -> Response:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    media_type = media_type_of(request.headers.get("content-type"))
+    if media_type == "multipart/form-data":
         call = await _multipart_edit(request)
-    elif content_type.startswith("application/json"):
+    elif media_type == "application/json":
         body = await request.body()
-        call = ImageCall(True, await _parse(body), _base_url(request), len(body), disconnected=_disconnected(request))
+        payload = await parse_body(body)
+        call = ImageCall(True, payload, _base_url(request), len(body), disconnected=_disconnected(request))
     else:
         raise bad_request("Send the edit as multipart/form-data or application/json.", None, "unsupported_media_type")
     return await _answer(request, call)
@@ -107,7 +108,7 @@ async def _sse(events: AsyncIterator[StreamEvent | None]) -> AsyncIterator[bytes
 # -- reading requests -----------------------------------------------------------------
 
 
-async def _parse(body: bytes) -> dict:
+async def parse_body(body: bytes) -> dict:
     if len(body) > LARGE_PAYLOAD:
         return await asyncio.to_thread(parse_json, body)
     return parse_json(body)

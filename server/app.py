@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 
-from server import api, errors
+from server import api, errors, video_api
 from server.auth import require_api_key
 from server.config import Settings
 from server.engines import create_engine
@@ -18,11 +19,16 @@ from server.images import CONTENT_TYPES
 from server.metrics import Metrics
 from server.middleware import BodyLimit, RequestLog
 from server.plugins import PluginSet
+from server.protocol import openapi_bodies
 from server.service import ImageService
+from server.storage import ImageStore
+from server.video_store import VideoStore
+from server.videos import VideoService
 
 log = logging.getLogger("server")
 
 _STARTED = int(time.time())
+PROBES = ("/health", "/ready", "/metrics")  # also answer HEAD, as GET without the body: load balancers probe so
 
 
 def create_app(settings: Settings, engine: Engine | None = None, plugins: PluginSet | None = None) -> FastAPI:
@@ -30,29 +36,58 @@ def create_app(settings: Settings, engine: Engine | None = None, plugins: Plugin
     engine = engine if engine is not None else create_engine(settings)
     plugins = plugins if plugins is not None else PluginSet(settings, engine)
     service = ImageService(settings, engine, plugins, metrics)
+    videos = VideoService(service)
+
+    async def drain() -> None:
+        """SIGTERM: queued and running work gets DRAIN_TIMEOUT in all, video jobs' encoding included."""
+        deadline = time.monotonic() + settings.drain_timeout
+        await service.drain()
+        await videos.drain(deadline)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()
-        tasks = [asyncio.create_task(_load(app, service)), asyncio.create_task(_expire_images(service))]
+        loaded = await asyncio.to_thread(videos.store.load)
+        log.info("video jobs kept from earlier runs: %d", loaded)
+        tasks = [asyncio.create_task(_load(app, service))]
+        tasks += [asyncio.create_task(_expire(store)) for store in (service.store, videos.store)]
         yield
         for task in tasks:
             task.cancel()
         if not service.lifecycle.draining:
-            await service.drain()
+            await drain()
         service.close()
 
     app = FastAPI(title="image-server", version="0.2.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.service = service
+    app.state.videos = videos
+    app.state.drain = drain
     app.state.metrics = metrics
     app.state.on_fatal = None  # set by the CLI: how to stop the process when the model cannot load
     errors.install(app)
-    for router in (api.router, _ops_router(), _models_router(), *plugins.routers(), *engine.routers()):
+    for router in (api.router, video_api.router, _ops_router(), _models_router(), *plugins.routers()):
         app.include_router(router)
+    _publish_request_bodies(app, service)
     app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20), routes=plugins.route_limits())
     app.add_middleware(RequestLog, metrics=metrics)  # added last: outermost
     return app
+
+
+def _publish_request_bodies(app: FastAPI, service: ImageService) -> None:
+    """/openapi.json with the image routes' request bodies, the enabled plugins' fields included."""
+    bodies, schemas = openapi_bodies(service.generation_model, service.edit_model)
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = generate()  # cached by FastAPI: what is added here is added once
+            document["components"]["schemas"].update(schemas)
+            for path, body in bodies.items():
+                document["paths"][path]["post"].update(body)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _load(app: FastAPI, service: ImageService) -> None:
@@ -64,10 +99,10 @@ async def _load(app: FastAPI, service: ImageService) -> None:
             app.state.on_fatal()
 
 
-async def _expire_images(service: ImageService) -> None:
-    period = max(1.0, min(60.0, service.store.ttl / 2))
+async def _expire(store: ImageStore | VideoStore) -> None:
+    period = max(1.0, min(60.0, store.ttl / 2))
     while True:
-        await asyncio.to_thread(service.store.expire)
+        await asyncio.to_thread(store.expire)
         await asyncio.sleep(period)
 
 
@@ -103,6 +138,8 @@ def _ops_router() -> APIRouter:
             raise APIError(404, f"No image named {name!r} (it may have expired).", code="not_found")
         return FileResponse(path, media_type=CONTENT_TYPES[path.suffix[1:]])
 
+    for route in [r for r in router.routes if isinstance(r, APIRoute) and r.path in PROBES]:
+        router.add_api_route(route.path, route.endpoint, methods=["HEAD"], include_in_schema=False)
     return router
 
 

@@ -1,5 +1,6 @@
 """Bearer-token auth for /v1/*: on when API_KEY names one or more keys."""
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -34,3 +35,10 @@ async def require_api_key(request: Request) -> None:
     settings = request.app.state.settings
     if settings.api_keys:
         check_key(request, settings.api_keys + settings.admin_keys)
+
+
+def owner(request: Request) -> str:
+    """Who owns what a request creates (video jobs): a digest of its API key; "" when the server has no keys."""
+    if not request.app.state.settings.api_keys:
+        return ""
+    return hashlib.sha256(presented_key(request).encode()).hexdigest()[:32]

@@ -9,6 +9,8 @@ strings, which cost little to parse. Nesting deeper than Python's recursion limi
 import json
 import re
 
+from python_multipart.multipart import parse_options_header
+
 from server.errors import bad_request
 
 MAX_JSON_VALUES = 50_000
@@ -22,6 +24,12 @@ def invalid_json(why: str):
     return bad_request(f"We could not parse the JSON body of your request: {why}", None, "invalid_json")
 
 
+def media_type_of(content_type: str | None) -> str:
+    """A Content-Type's media type: lower case, parameters dropped (RFC 9110 8.3.1), parsed as Starlette parses
+    forms, so that what is routed to the form parser is what it reads as a form."""
+    return parse_options_header(content_type)[0].decode("latin-1")
+
+
 def _check_shape(body: bytes) -> None:
     """A cheap scan (C speed, no objects) that bounds what json.loads will build. Commas and colons inside
     strings count too: prompts are at most 32000 characters, far below the limit."""
@@ -29,8 +37,12 @@ def _check_shape(body: bytes) -> None:
         raise invalid_json(f"it holds more than {MAX_JSON_VALUES} values; no image request needs that many")
 
 
+class _NotJSON(ValueError):
+    """What is wrong with a body, in words about the body."""
+
+
 def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
+    raise _NotJSON(f"{name} is not a JSON number")
 
 
 def parse_json(body: bytes) -> dict:
@@ -40,17 +52,19 @@ def parse_json(body: bytes) -> dict:
         data = json.loads(body, parse_constant=_no_constant)
     except RecursionError:
         raise invalid_json("it is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, a 5000-digit integer, NaN
+    except (json.JSONDecodeError, _NotJSON) as exc:
         raise invalid_json(str(exc)) from None
+    except ValueError:  # UnicodeDecodeError, or a 5000-digit integer (Python's words suggest a setting)
+        raise invalid_json("it is not UTF-8 JSON text, or holds a number too long to read") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", None, "invalid_json")
     return data
 
 
 def form_fields(items: list[tuple[str, object]]) -> dict:
-    """Multipart fields as JSON: `a[]` lists, `a[][k]` lists of objects, `a[k]` objects, and JSON text for
-    list or object fields sent by hand (curl -F 'loras=[...]'). One name sent in two shapes (`prompt` and
-    `prompt[]`) is a 400 naming it."""
+    """Multipart fields in their shapes, values still text: `a[]` lists, `a[][k]` lists of objects, `a[k]`
+    objects (the SDK's and curl's ways). `protocol.form_payload` then converts the text by each field's type.
+    One name sent in two shapes (`prompt` and `prompt[]`) is a 400 naming it."""
     out: dict = {}
     seen: dict[tuple[str, str], int] = {}
     for key, value in items:
@@ -63,7 +77,7 @@ def form_fields(items: list[tuple[str, object]]) -> dict:
         elif key in out:
             raise bad_request(f"'{key}' is sent more than once.", key)
         else:
-            out[key] = _maybe_json(value)
+            out[key] = value
     return out
 
 
@@ -78,7 +92,7 @@ def _container(out: dict, name: str, kind: type) -> list | dict:
 def _add_list_item(out: dict, seen: dict, name: str, sub: str | None, value: str) -> None:
     values = _container(out, name, list)
     if sub is None:
-        values.append(_maybe_json(value))
+        values.append(value)
         return
     # the i-th `a[][k]` belongs to element i: right for curl's interleaved order and for the SDK's, which
     # sends every a[][name] before every a[][weight]
@@ -88,15 +102,6 @@ def _add_list_item(out: dict, seen: dict, name: str, sub: str | None, value: str
     if not isinstance(values[index], dict):
         raise bad_request(f"'{name}' mixes values and objects.", name)
     values[index][sub] = value
-
-
-def _maybe_json(value: str) -> object:
-    if value[:1] in ("[", "{"):
-        try:
-            return parse_json_value(value)
-        except ValueError:
-            return value
-    return value
 
 
 def parse_json_value(text: str) -> object:

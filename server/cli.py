@@ -75,7 +75,7 @@ def serve(settings: config.Settings) -> int:
         timeout_graceful_shutdown=max(5, int(settings.drain_timeout) + 5),
         timeout_keep_alive=int(settings.keep_alive),
     )
-    server = DrainingServer(uv_config, app.state.service.drain)
+    server = DrainingServer(uv_config, app.state.drain)
     exit_code = 0
 
     def fatal() -> None:

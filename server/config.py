@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# ASCII digits only (`\d` and `$` would take "６４x６４" and a trailing newline), no leading zeros, 5 digits at most
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
 
 
 class ConfigError(ValueError):
@@ -40,12 +41,18 @@ def option(
     return field(default=default, metadata=metadata)
 
 
+def parse_size(value: str) -> tuple[int, int] | None:
+    """'1024x768' -> (1024, 768); None for anything else. The one size parser: settings, requests, engines."""
+    match = _SIZE.fullmatch(value)
+    return (int(match[1]), int(match[2])) if match else None
+
+
 def size_problem(value: str) -> str | None:
     """Why `value` is not a WIDTHxHEIGHT of multiples of 16, or None."""
-    match = _SIZE.match(value)
-    if not match:
+    size = parse_size(value)
+    if size is None:
         return "a size WIDTHxHEIGHT, e.g. 1024x1024"
-    if int(match[1]) % 16 or int(match[2]) % 16 or not int(match[1]) or not int(match[2]):
+    if size[0] % 16 or size[1] % 16:
         return "a size whose width and height are positive multiples of 16"
     return None
 
@@ -69,9 +76,31 @@ def quality_steps_problem(value: str) -> str | None:
     return None
 
 
-def parse_size(value: str) -> tuple[int, int]:
-    width, _, height = value.partition("x")
-    return int(width), int(height)
+# An allow-list entry (UPLOAD_ALLOWED_HOSTS, REMOTE_IMAGE_HOSTS): a name, *.domain, IPv4 or [IPv6] address, with
+# an optional :port or :* (any port). Without one, only the scheme's default port (443, 80) is allowed: trusting
+# a host's object store must not open its other services to requests that callers shape.
+_HOST_ENTRY = re.compile(r"(?P<host>\[[0-9a-f:.]+\]|(?:\*\.)?[a-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}|\*))?", re.ASCII)
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def hosts_problem(value: str) -> str | None:
+    bad = [entry for entry in split(value) if not _HOST_ENTRY.fullmatch(entry.lower())]
+    return f"hosts as host, *.domain, [IPv6], each with an optional :port or :* ({bad[0]!r} is none)" if bad else None
+
+
+def host_allowed(entries: tuple[str, ...], scheme: str, host: str, port: int | None) -> bool:
+    """Whether a URL's host and port are on an allow-list (entries as `_HOST_ENTRY` describes)."""
+    host, port = host.lower().rstrip("."), port or DEFAULT_PORTS.get(scheme)
+    for entry in entries:
+        match = _HOST_ENTRY.fullmatch(entry.lower())
+        if match is None:
+            continue
+        name = match["host"].strip("[]")
+        if host != name and not (name.startswith("*.") and host.endswith(name[1:])):
+            continue
+        if match["port"] == "*" or (int(match["port"]) if match["port"] else DEFAULT_PORTS.get(scheme)) == port:
+            return True
+    return False
 
 
 def _default_cache() -> Path:
@@ -156,7 +185,12 @@ class Settings:
         50_000_000, "most pixels of all input images of one edit together, read from their headers before decoding",
         low=1,
     )  # fmt: skip
-    remote_image_hosts: str = option("", "comma-separated hosts that edits may fetch http(s) image URLs from")
+    remote_image_hosts: str = option(
+        "",
+        "comma-separated hosts that edits may fetch http(s) image URLs from: host (the scheme's default port), "
+        "host:port, host:* (any port), *.domain, [IPv6]",
+        check=hosts_problem,
+    )
     keep_alive: float = option(
         75.0, "seconds an idle connection stays open (longer than nginx's and most balancers' idle timeouts)", low=1
     )
@@ -191,6 +225,16 @@ class Settings:
     image_dir: Path = option(Path(""), "where images served by URL are stored (default: CACHE_DIR/images)")
     image_dir_max_mb: float = option(
         1024.0, "disk the images served by URL may use, in MiB; the oldest are deleted first", low=1
+    )
+    video_dir: Path = option(
+        Path(""), "where video jobs and their files are kept, a volume that outlives pods (default: CACHE_DIR/videos)"
+    )
+    video_ttl: int = option(86400, "seconds a finished video job and its files are kept", low=1)
+    video_dir_max_mb: float = option(
+        10240.0, "disk the video jobs may use, in MiB; the oldest finished are deleted first", low=1
+    )
+    video_timeout: float = option(
+        3600.0, "seconds a video job may wait in the queue and run before it fails with a timeout", low=1
     )
     preview_decoder: str = option(
         "vae",
@@ -230,6 +274,11 @@ class Settings:
         return split(self.api_key)
 
     @property
+    def default_dimensions(self) -> tuple[int, int]:
+        """DEFAULT_SIZE as (width, height); it is checked when the settings load."""
+        return parse_size(self.default_size)
+
+    @property
     def remote_hosts(self) -> tuple[str, ...]:
         return split(self.remote_image_hosts)
 
@@ -244,6 +293,10 @@ class Settings:
     @property
     def images_path(self) -> Path:
         return self.image_dir if str(self.image_dir) not in ("", ".") else self.cache_dir / "images"
+
+    @property
+    def videos_path(self) -> Path:
+        return self.video_dir if str(self.video_dir) not in ("", ".") else self.cache_dir / "videos"
 
     def section(self, name: str) -> Any:
         return self.sections[name]
@@ -352,7 +405,7 @@ def _cross_problems(s: Settings) -> list[str]:
     problems = []
     if s.min_pixels > s.max_pixels:
         problems.append(f"MIN_PIXELS={s.min_pixels} is above MAX_PIXELS={s.max_pixels}")
-    width, height = parse_size(s.default_size)
+    width, height = s.default_dimensions
     if not s.min_pixels <= width * height <= s.max_pixels or max(width, height) > s.max_side:
         problems.append(
             f"DEFAULT_SIZE={s.default_size!r}: expected a size within MIN_PIXELS, MAX_PIXELS and MAX_SIDE "

@@ -9,6 +9,7 @@ libjpeg-turbo, and on a 1024x1024 image it matched simplejpeg within noise (benc
 import base64
 import binascii
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -16,7 +17,10 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
-from server.errors import bad_request
+from server.config import host_allowed
+from server.errors import APIError, bad_request
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -52,7 +56,7 @@ def probe(data: bytes, param: str) -> InputImage:
             kind, (width, height) = image.format, image.size
             alpha = "A" in image.getbands() or "transparency" in image.info
     except Exception as exc:  # a hostile file may make a Pillow plugin fail in any way: the file's fault
-        raise bad_request(f"'{param}' is not a readable PNG, JPEG or WebP image ({exc}).", param) from None
+        raise unreadable_image(param, exc) from None
     if kind not in _INPUT_FORMATS:
         raise bad_request(f"'{param}' must be a PNG, JPEG or WebP image, not {kind}.", param)
     if width < 1 or height < 1:
@@ -80,8 +84,14 @@ def decode(image: InputImage) -> Image.Image:
             decoded = Image.open(io.BytesIO(image.data), formats=_OPENERS)
             decoded.load()
     except Exception as exc:  # as in `probe`
-        raise bad_request(f"'{image.param}' could not be decoded ({exc}).", image.param) from None
+        raise unreadable_image(image.param, exc) from None
     return decoded
+
+
+def unreadable_image(param: str, exc: Exception) -> APIError:
+    """Pillow's words (object addresses, its internals) go to the log; the caller learns which image."""
+    log.info("%s is not a readable image: %r", param, exc)
+    return bad_request(f"'{param}' is not a readable PNG, JPEG or WebP image.", param)
 
 
 def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
@@ -100,14 +110,14 @@ async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max
     """Fetch an http(s) image URL, only from hosts the operator allowed."""
     try:
         parts = urlsplit(url)
-        host = parts.hostname
+        host, port = parts.hostname, parts.port
     except ValueError:
         raise bad_request(f"'{param}' is not a valid URL.", param) from None
     if parts.scheme not in ("http", "https") or not host:
         raise bad_request(f"'{param}' must be a data URL or an http(s) URL.", param)
-    if host not in allowed_hosts:
+    if not host_allowed(allowed_hosts, parts.scheme, host, port):
         raise bad_request(
-            f"'{param}': fetching images from {host} is not allowed on this server "
+            f"'{param}': fetching images from {host}{f':{port}' if port else ''} is not allowed on this server "
             "(send the image as a data URL or a file, or ask the operator to add the host to REMOTE_IMAGE_HOSTS).",
             param,
             "remote_image_not_allowed",
@@ -115,7 +125,8 @@ async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max
     try:
         return await _download(url, param, max_bytes)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        raise bad_request(f"'{param}': could not fetch {url}: {exc}", param) from None
+        log.info("%s: fetching %s failed: %r", param, url, exc)
+        raise bad_request(f"'{param}': could not fetch the image from {host}.", param) from None
 
 
 async def _download(url: str, param: str, max_bytes: int) -> bytes:

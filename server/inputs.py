@@ -43,12 +43,12 @@ async def from_refs(request, s: Settings) -> EditInputs:
     """JSON: `images: [{"image_url": ...}]` and an optional `mask`, as data URLs or URLs of allowed hosts."""
     if not request.images:
         raise bad_request("Missing required parameter: 'images'.", "images", "missing_required_parameter")
-    images = [probe(await _ref_bytes(ref, f"images[{i}]", s), f"images[{i}]") for i, ref in enumerate(request.images)]
-    mask = probe(await _ref_bytes(request.mask, "mask", s), "mask") if request.mask is not None else None
+    images = [probe(await ref_bytes(ref, f"images[{i}]", s), f"images[{i}]") for i, ref in enumerate(request.images)]
+    mask = probe(await ref_bytes(request.mask, "mask", s), "mask") if request.mask is not None else None
     return _checked(images, mask, s)
 
 
-async def _ref_bytes(ref, param: str, s: Settings) -> bytes:
+async def ref_bytes(ref, param: str, s: Settings) -> bytes:
     limit = int(s.max_image_mb * 2**20)
     if ref.file_id is not None or not ref.image_url:
         raise bad_request(f"'{param}': file_id is not supported here; send image_url (a data URL).", param)

@@ -32,6 +32,7 @@ from server.config import Settings
 from server.engines.base import Engine, Fallback, LoRATarget, PipelineContext, ProvidedPipeline
 from server.errors import bad_request
 from server.lora import LoRAApplier, LoRASet
+from server.protocol import field_keys
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +119,6 @@ def discover() -> dict[str, type[Plugin]]:
     return {ep.name: ep.load() for ep in entry_points(group=GROUP)}
 
 
-def field_names(model: type[BaseModel] | None) -> set[str]:
-    if model is None:
-        return set()
-    names = set()
-    for name, info in model.model_fields.items():
-        names.add(name)
-        if isinstance(info.validation_alias, str):
-            names.add(info.validation_alias)
-        elif info.validation_alias is not None:
-            names.update(c for c in info.validation_alias.choices if isinstance(c, str))
-    return names
-
-
 class PluginSet:
     """The enabled plugins, in the order their hooks run. It is the engine's `EngineHooks`."""
 
@@ -145,7 +133,7 @@ class PluginSet:
             field: name
             for name, cls in available.items()
             if not cls.enabled(settings)
-            for field in field_names(cls.fields)
+            for field in (field_keys(cls.fields) if cls.fields is not None else {})
         }
 
     @property

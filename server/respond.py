@@ -15,8 +15,8 @@ from server.errors import APIError
 from server.images import encode_image
 from server.metrics import Metrics
 from server.plugins import PluginSet
-from server.protocol import ImageData, ImagesResponse
-from server.rules import Output
+from server.protocol import ImageData, ImagesResponse, Usage
+from server.rules import Output, image_tokens
 from server.spec import GenerationSpec
 from server.storage import ImageStore
 
@@ -28,6 +28,7 @@ class Finished:
     encoded: list[bytes | None]  # None: withheld by a plugin
     items: list[dict]
     size: str
+    usage: Usage
 
 
 def finish_images(
@@ -47,7 +48,14 @@ def finish_images(
     if metrics is not None:
         metrics.encode.observe(time.monotonic() - started)
     first = next(image for image in kept if image is not None)
-    return Finished(encoded, items, f"{first.width}x{first.height}")
+    return Finished(encoded, items, f"{first.width}x{first.height}", usage(spec))
+
+
+def usage(spec: GenerationSpec) -> Usage:
+    """What the model worked on (see `Usage`): an edit's input image and every image generated, withheld ones
+    included, at the size generated (before any upscale)."""
+    tokens = image_tokens(spec.width, spec.height)
+    return Usage.of_images(0 if spec.mode == "text2img" else tokens, tokens * spec.n)
 
 
 def assemble(finished: Finished, delivered: list[bool], output: Output, store: ImageStore) -> ImagesResponse:
@@ -60,9 +68,11 @@ def assemble(finished: Finished, delivered: list[bool], output: Output, store: I
     return ImagesResponse(
         created=int(time.time()),
         data=data,
+        background="opaque",
         output_format=output.format,
         size=finished.size,
         quality=output.quality,
+        usage=finished.usage,
     )
 
 
@@ -71,8 +81,8 @@ def _inline(encoded: bytes, output: Output, store: ImageStore) -> dict:
         return {"b64_json": b64(encoded)}
     try:
         return {"url": f"{output.base_url}/v1/images/{store.save(encoded, output.format)}"}
-    except ValueError as exc:  # larger than the whole IMAGE_DIR_MAX_MB: the image is not lost
-        return {"b64_json": b64(encoded), "url_error": str(exc)}
+    except ValueError:  # larger than the whole IMAGE_DIR_MAX_MB: the image is not lost
+        return {"b64_json": b64(encoded), "url_error": "the image is larger than IMAGE_DIR_MAX_MB; it is inline"}
 
 
 def b64(data: bytes) -> str:

@@ -6,11 +6,12 @@ Everything here runs before a request is queued, so that every limit is checked 
 import re
 import secrets
 from dataclasses import dataclass
+from fractions import Fraction
 
 from server.config import Settings, parse_size
 from server.errors import bad_request
+from server.families import Family, Video
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 _RANDOM_SEED_LIMIT = 2**31  # random seeds stay small enough for every tool to reproduce them
 
 # The encoders' largest side: WebP's format holds 14 bits, JPEG's 16 (PNG's 31 never binds here).
@@ -55,13 +56,20 @@ def steps(requested: int | None, preset: str, model_steps: int, configured: dict
 def requested_size(size: str | None, image_size: tuple[int, int] | None, s: Settings) -> tuple[int, int]:
     """The size to generate: the request's, or for `auto` the input image's (fitted) or DEFAULT_SIZE."""
     if size in (None, "auto"):
-        return fit(*image_size, s) if image_size is not None else parse_size(s.default_size)
-    match = _SIZE.match(size)
-    if not match:
+        return fit(*image_size, s) if image_size is not None else s.default_dimensions
+    return checked_size(size, 16, s)
+
+
+def checked_size(size: str, multiple: int, s: Settings) -> tuple[int, int]:
+    """WIDTHxHEIGHT, sides multiples of `multiple`, within MIN_PIXELS, MAX_PIXELS and MAX_SIDE."""
+    parsed = parse_size(size)
+    if parsed is None:
         raise bad_request(f"Invalid value for 'size': {size!r}; use WIDTHxHEIGHT, e.g. 1024x1024, or auto.", "size")
-    width, height = int(match[1]), int(match[2])
-    if width % 16 or height % 16:
-        raise bad_request(f"Invalid value for 'size': {size}; width and height must be multiples of 16.", "size")
+    width, height = parsed
+    if width % multiple or height % multiple:
+        raise bad_request(
+            f"Invalid value for 'size': {size}; width and height must be multiples of {multiple}.", "size"
+        )
     if not size_allowed(width, height, s):
         raise bad_request(
             f"Invalid value for 'size': {size}; width*height must be between {s.min_pixels} and "
@@ -69,6 +77,11 @@ def requested_size(size: str | None, image_size: tuple[int, int] | None, s: Sett
             "size",
         )
     return width, height
+
+
+def image_tokens(width: int, height: int) -> int:
+    """An image's tokens for `usage`: one per 16x16-pixel patch (a VAE's 8x and the transformer's 2x2 patches)."""
+    return (width // 16) * (height // 16)
 
 
 def size_allowed(width: int, height: int, s: Settings) -> bool:
@@ -135,3 +148,43 @@ def check_background(background: str | None) -> None:
             "background",
             "unsupported",
         )
+
+
+# -- videos ---------------------------------------------------------------------------
+
+_SECONDS = re.compile(r"[0-9]{1,4}(?:\.[0-9]{1,6})?")  # fullmatch: ASCII digits only
+
+
+def video_size(size: str | None, family: Family, s: Settings) -> tuple[int, int]:
+    """The request's WIDTHxHEIGHT in the family's multiples, or its video's default size."""
+    return family.video.default_size if size is None else checked_size(size, family.size_multiple, s)
+
+
+def video_frames(seconds: str | None, video: Video) -> int:
+    """`seconds` at the family's frame rate, plus the first frame: it must come out as 1 + frame_step * k frames.
+    A decimal within a tenth of a frame counts (at 24 fps, "0.167" is 4 frames past the first)."""
+    if seconds is None:
+        return video.default_frames
+    step = Fraction(video.frame_step, video.fps)  # the finest duration this family can make
+    longest = Fraction(video.max_frames - 1, video.fps)
+    after_first = Fraction(seconds) * video.fps if _SECONDS.fullmatch(seconds) else Fraction(-1)
+    frames = round(after_first)
+    if frames <= 0 or abs(after_first - frames) > Fraction(1, 10) or frames % video.frame_step:
+        raise bad_request(
+            f"Invalid value for 'seconds': {seconds!r}; this model makes {video.fps} frames per second in steps of "
+            f"{video.frame_step} frames, so 'seconds' must be a positive multiple of {seconds_text(step)}, "
+            f"up to {seconds_text(longest)}.",
+            "seconds",
+        )
+    if frames + 1 > video.max_frames:
+        raise bad_request(
+            f"Invalid value for 'seconds': {seconds!r}; this model makes at most {seconds_text(longest)} seconds "
+            f"({video.max_frames} frames).",
+            "seconds",
+        )
+    return frames + 1
+
+
+def seconds_text(value: Fraction) -> str:
+    """5 -> '5', 1/4 -> '0.25', 1/6 -> '0.167'."""
+    return str(int(value)) if value.denominator == 1 else f"{float(value):.3g}"

@@ -28,6 +28,8 @@ from server.spec import GenerationSpec
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER = 120  # seconds; the OpenAI SDK ignores longer hints
+# What a caller learns of an engine failure: the exception (its paths, its internals) goes to the log.
+ENGINE_FAILED = "The engine failed while generating; the server log has the reason."
 
 # Runs one batch (specs that share a BatchKey) on the engine; one list of images per spec.
 Execute = Callable[[list[GenerationSpec], Progress], Awaitable[list[list[Image.Image]]]]
@@ -48,6 +50,7 @@ class Job:
     bypassed: int = 0
     cancelled: bool = False
     previews: asyncio.Queue | None = None  # stream=true: (image index, render) as the engine takes previews
+    progress: float = 0.0  # the fraction of its denoising steps done (written on the engine thread)
 
     @property
     def queue_wait(self) -> float:
@@ -319,7 +322,11 @@ class Scheduler:
             if job.previews is not None and not job.cancelled:
                 loop.call_soon_threadsafe(job.previews.put_nowait, (image_index, render))
 
-        return await self._execute([j.spec for j in batch], Progress(should_stop, preview))
+        def step(done: int, total: int) -> None:  # engine thread: one float written per job
+            for job in batch:
+                job.progress = done / max(1, total)
+
+        return await self._execute([j.spec for j in batch], Progress(should_stop, preview, step))
 
     def _finish(self, batch: list[Job], results: list) -> None:
         now = time.monotonic()
@@ -336,7 +343,7 @@ class Scheduler:
                 _fail(job, result)
                 continue
             log.error("generation failed: %r", result, exc_info=result)
-            _fail(job, APIError(500, f"The engine failed to generate the image: {result}", code="engine_error"))
+            _fail(job, APIError(500, ENGINE_FAILED, code="engine_error"))
 
 
 def _fail(job: Job, error: Exception) -> None:

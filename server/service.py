@@ -25,7 +25,7 @@ from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.plugins import PluginSet
-from server.protocol import ImageRequest, ImagesResponse, StreamEvent, Usage, request_models
+from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
 from server.scheduler import Job, Scheduler
 from server.spec import GenerationSpec
@@ -173,8 +173,8 @@ class ImageService:
     async def _validate(self, call: ImageCall) -> ImageRequest:
         model = self.edit_model if call.edit else self.generation_model
         if call.body_bytes > LARGE_PAYLOAD:
-            return await asyncio.to_thread(validate, model, call.payload)
-        return validate(model, call.payload)
+            return await asyncio.to_thread(validate, model, call.payload, call.multipart)
+        return validate(model, call.payload, call.multipart)
 
     async def _inputs(self, request, call: ImageCall) -> EditInputs:
         if call.multipart:
@@ -346,9 +346,10 @@ class Previews:
         )
 
 
-def validate(model: type[BaseModel], payload: dict) -> ImageRequest:
+def validate(model: type[BaseModel], payload: dict, form: bool = False) -> ImageRequest:
+    """Strictly, as JSON is meant (`true` is not 1, "2" is not 2); a form's text is converted by type first."""
     try:
-        return model.model_validate(payload)
+        return model.model_validate(form_payload(model, payload) if form else payload, strict=True)
     except ValidationError as exc:
         raise from_validation(exc) from None
 
@@ -363,7 +364,7 @@ def completed_events(response: ImagesResponse, edit: bool) -> list[StreamEvent]:
             quality=response.quality,
             background=response.background,
             output_format=response.output_format,
-            usage=Usage(),
+            usage=response.usage,  # the request's, as the response carries it
             **{"b64_json": "", **item.model_dump(exclude_unset=True)},  # "": delivered elsewhere (upload)
         )
         for item in response.data

@@ -20,6 +20,7 @@ class BatchKey(NamedTuple):
     true_cfg: float | None
     strength: float | None
     negative_prompt: str | None
+    frames: int = 0
     loras: LoRASet = ()
 
 
@@ -35,7 +36,8 @@ class GenerationSpec:
     negative_prompt: str | None = None
     true_cfg: float | None = None
     strength: float | None = None
-    mode: str = "text2img"  # "img2img" with an input image, "inpaint" with a mask too
+    mode: str = "text2img"  # "img2img" with an input image (for a video: its first frame), "inpaint" with a mask too
+    frames: int = 0  # 0: n images; N > 0: one video of N frames (the spec's images are its frames)
     image: Image.Image | None = None
     mask: Image.Image | None = None
     loras: LoRASet = ()
@@ -53,5 +55,6 @@ class GenerationSpec:
             self.true_cfg,
             self.strength,
             self.negative_prompt,
+            self.frames,
             self.loras,
         )

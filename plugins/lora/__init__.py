@@ -5,7 +5,11 @@ How a set gets into the weights is the engine's business, asked through the `lor
 into the weights (`merge.LoRAMerger`), or, where the weights cannot be merged into (FP8, compiled), a
 hot-swapped slot reserved before compilation (`hotswap.HotswapLoRA`). Engines with a way of their own
 (Nunchaku, SGLang) bring their own applier. Every file is checked against the model before it is accepted,
-by the management API and for LORA_DEFAULTS.
+by the management API, for LORA_DEFAULTS and for each request before it queues, off the engine thread.
+
+Names: letters, digits and `. _ -`, starting with a letter or digit, not ending in `.`; unique ignoring case
+(an upload whose name differs from an existing one only by case is a 409), so that `Style`, `STYLE` and
+`style.` can never name three files. A `.safetensors` suffix, in any case, is not part of the name.
 """
 
 import asyncio
@@ -31,20 +35,21 @@ from server.auth import check_key, key_matches, presented_key, require_api_key
 from server.config import option
 from server.engines.base import LoRATarget
 from server.errors import APIError, bad_request
-from server.lora import LoRAApplier, LoRAError, LoRASet
+from server.lora import MAX_WEIGHT, MOST_LORAS, LoRAApplier, LoRAError, LoRASet
 from server.plugins import Plugin, RouteLimit
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUFFIX = ".safetensors"
+NAME_RULE = "letters, digits and . _ -, starting with a letter or digit, not ending in '.'"
 
 
 @dataclass(frozen=True)
 class LoRASettings:
     lora_dir: Path = option(Path("loras"), "folder of LoRA .safetensors files; a LoRA's name is its file name")
     lora_defaults: str = option("", "LoRA set used when a request names none, e.g. 'style:1.0,detail:0.7,grain:0.5'")
-    max_loras: int = option(3, "most LoRAs one request may merge", low=1, high=16)
+    max_loras: int = option(3, "most LoRAs one request may merge", low=1, high=MOST_LORAS)
     lora_max_mb: float = option(1024.0, "largest LoRA file accepted by POST /v1/loras, in MiB", low=0.01)
     lora_hotswap_rank: int = option(
         64, "with FP8 or COMPILE: rank of the hot-swapped LoRA slot (a set's ranks add up)", low=1
@@ -53,15 +58,25 @@ class LoRASettings:
 
 class LoRARef(BaseModel):
     name: str = Field(min_length=1, max_length=160)
-    weight: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False)
+    weight: float = Field(default=1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)
 
 
 class LoRAFields(BaseModel):
-    loras: list[LoRARef] | None = Field(default=None, max_length=16)
+    loras: list[LoRARef] | None = Field(default=None, max_length=MOST_LORAS)
 
 
 def valid_name(name: str) -> bool:
-    return _NAME.fullmatch(name) is not None and ".." not in name
+    return (
+        _NAME.fullmatch(name) is not None
+        and ".." not in name
+        and not name.endswith(".")
+        and not name.casefold().endswith(SUFFIX)
+    )
+
+
+def without_suffix(name: str) -> str:
+    """'x.safetensors' and 'x.SafeTensors' name the LoRA 'x'."""
+    return name[: -len(SUFFIX)] if name.casefold().endswith(SUFFIX) else name
 
 
 def parse_defaults(text: str) -> list[LoRARef]:
@@ -93,7 +108,7 @@ class LoRAPlugin(Plugin):
 
     def lora_applier(self, target: LoRATarget) -> LoRAApplier:
         if target.mergeable:
-            return LoRAMerger(target.pipe)
+            return LoRAMerger(target.pipe, target.shapes, target.dtype)
         return HotswapLoRA(target.pipe, self.config.lora_hotswap_rank, target.shapes, target.dtype)
 
     # -- lifecycle -------------------------------------------------------
@@ -106,10 +121,8 @@ class LoRAPlugin(Plugin):
             raise SystemExit(f"PLUGINS has lora, but this engine ({self.engine.info}) cannot apply LoRAs.")
         try:
             self.defaults = self.resolve(parse_defaults(self.config.lora_defaults), "LORA_DEFAULTS")
-            for path, _ in self.defaults:
-                self.applier.check(path)
-        except (APIError, LoRAError) as exc:
-            raise SystemExit(f"LORA_DEFAULTS={self.config.lora_defaults!r}: {getattr(exc, 'message', exc)}") from None
+        except APIError as exc:
+            raise SystemExit(f"LORA_DEFAULTS={self.config.lora_defaults!r}: {exc.message}") from None
         log.info("LoRA dir %s, default set %s", self.dir, [(p.stem, w) for p, w in self.defaults] or "none")
 
     @classmethod
@@ -123,12 +136,13 @@ class LoRAPlugin(Plugin):
         return self.dir / (name + SUFFIX)
 
     def resolve(self, refs: list[LoRARef], param: str) -> LoRASet:
+        """The set the refs name, each file read and checked against the model (in the caller's thread)."""
         if len(refs) > self.config.max_loras:
             raise bad_request(f"At most {self.config.max_loras} LoRAs may be merged per request.", param)
         entries: dict[str, float] = {}
         for i, ref in enumerate(refs):
             where = f"{param}[{i}].name" if param == "loras" else param
-            name = ref.name.removesuffix(SUFFIX)
+            name = without_suffix(ref.name)
             if not valid_name(name):
                 raise bad_request(f"{ref.name!r} is not a LoRA name (a file name in LORA_DIR, no path).", where)
             if not self.path(name).is_file():
@@ -140,12 +154,24 @@ class LoRAPlugin(Plugin):
             if not math.isfinite(ref.weight):
                 raise bad_request("LoRA weights must be finite numbers.", where.replace(".name", ".weight"))
             entries[name] = ref.weight
+            if ref.weight != 0:
+                self.check(name, where)
         return tuple(sorted((self.path(n), w) for n, w in entries.items() if w != 0))
 
+    def check(self, name: str, param: str) -> None:
+        """Off the engine thread: the file read and checked now, so that applying it reads nothing."""
+        try:
+            self.applier.check(self.path(name))
+        except LoRAError as exc:
+            raise bad_request(f"LoRA '{name}' cannot be applied to this model: {exc}", param, "lora_invalid") from None
+
     def option(self, request) -> LoRASet:
-        if request.loras is None:
-            return self.defaults
-        return self.resolve(request.loras, "loras")
+        """The plan's worker thread: the request's set, every file checked before the request queues."""
+        if request.loras is not None:
+            return self.resolve(request.loras, "loras")
+        for path, _ in self.defaults:  # a default file replaced on disk is read here, not by the engine
+            self.check(path.stem, "loras")
+        return self.defaults
 
     def loras(self, option: LoRASet) -> LoRASet:
         return option
@@ -185,9 +211,9 @@ class LoRAPlugin(Plugin):
             raise bad_request(
                 "Send the LoRA as a multipart file field named 'file'.", "file", "missing_required_parameter"
             )
-        name = str(form.get("name") or Path(upload.filename or "").name).removesuffix(SUFFIX)
+        name = without_suffix(str(form.get("name") or Path(upload.filename or "").name))
         if not valid_name(name):
-            raise bad_request(f"{name!r} is not a valid LoRA name (letters, digits, . _ -).", "name")
+            raise bad_request(f"{name[:200]!r} is not a valid LoRA name ({NAME_RULE}).", "name")
         if upload.size is not None and upload.size > self.max_bytes:
             raise bad_request(
                 f"The LoRA is larger than {self.config.lora_max_mb:g} MiB (LORA_MAX_MB).", "file", "file_too_large"
@@ -195,7 +221,7 @@ class LoRAPlugin(Plugin):
         with self._claim(name):
             staged = await asyncio.to_thread(self._stage, upload)
             try:
-                await self._check_on_engine(staged)
+                await self._check_file(staged)
                 self._publish(staged, name)
             finally:
                 staged.unlink(missing_ok=True)
@@ -204,18 +230,21 @@ class LoRAPlugin(Plugin):
 
     @contextmanager
     def _claim(self, name: str) -> Iterator[None]:
-        """One upload per name at a time, and none over an existing file: 409 for the others."""
-        if name in self._claimed or self.path(name).exists():
-            raise _exists(name)
-        self._claimed.add(name)
+        """One upload per name (ignoring case) at a time, and none over an existing one: 409 for the others."""
+        key = name.casefold()
+        existing = next((f.stem for f in self.dir.glob("*" + SUFFIX) if f.stem.casefold() == key), None)
+        if key in self._claimed or existing:
+            raise _exists(existing or name)
+        self._claimed.add(key)
         try:
             yield
         finally:
-            self._claimed.discard(name)
+            self._claimed.discard(key)
 
-    async def _check_on_engine(self, staged: Path) -> None:
+    async def _check_file(self, staged: Path) -> None:
+        """In a worker thread: an admin's file is untrusted bytes too, and the engine thread parses none."""
         try:
-            await self.engine.call(lambda: self.applier.check(staged))
+            await asyncio.to_thread(self.applier.check, staged)
         except LoRAError as exc:
             raise bad_request(f"The file cannot be applied to this model: {exc}", "file", "lora_invalid") from None
         finally:
@@ -241,7 +270,7 @@ class LoRAPlugin(Plugin):
             raise APIError(404, f"There is no LoRA named '{name}'.", param="name", code="lora_not_found")
         if self.path(name) in {p for p, _ in self.defaults}:
             raise bad_request(f"'{name}' is in the default set (LORA_DEFAULTS); it cannot be deleted.", "name")
-        self.path(name).unlink()
+        self.path(name).unlink(missing_ok=True)  # deleted by another call meanwhile: deleted all the same
         self.applier.forget(self.path(name))
         log.info("LoRA %s deleted", name)
         return {"id": name, "object": "lora", "deleted": True}
@@ -270,4 +299,9 @@ class LoRAPlugin(Plugin):
 
 
 def _exists(name: str) -> APIError:
-    return APIError(409, f"A LoRA named '{name}' exists; DELETE it first.", param="name", code="conflict")
+    return APIError(
+        409,
+        f"A LoRA named '{name}' exists (names are unique ignoring case); DELETE it first.",
+        param="name",
+        code="conflict",
+    )

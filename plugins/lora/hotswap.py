@@ -32,9 +32,10 @@ layers only the previous set touched get zeros, every other layer stays zero.
 a full state and copy tensor by tensor, hundreds of milliseconds per switch on
 FLUX.)
 
-All or nothing: the set's factors are built (every file parsed, every layer
-checked) before anything is written; if writing fails, every layer that may
-have been written is zeroed and the text encoders restored: the base model.
+All or nothing: every file was parsed and checked off the engine thread
+before its request queued, and the set's factors are built before anything
+is written; if writing fails, every layer that may have been written is
+zeroed and the text encoders restored: the base model.
 """
 
 import logging
@@ -103,7 +104,7 @@ class HotswapLoRA(LoRAApplier):
         self.transformer = pipe.transformer
         self.rank = rank
         self.dtype = dtype
-        self.encoders = LoRAMerger(pipe, shapes)  # parses and caches files; merges text-encoder layers
+        self.encoders = LoRAMerger(pipe, shapes, dtype)  # parses and caches files; merges text-encoder layers
         self.targets: dict[str, tuple[int, int]] = {}
         self.slot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> the slot's (A, B) tensors
         self.written: set[str] = set()  # layers whose slot may hold something other than zeros
@@ -135,13 +136,13 @@ class HotswapLoRA(LoRAApplier):
 
     def check(self, path: Path) -> None:
         """Parsing checks the layers and shapes; what is left is what only the slot refuses."""
-        self._transformer_parts([(self.encoders.files.layers(path), 1.0)])
+        self._transformer_parts([(self.encoders.files.parse(path), 1.0)])
 
     def forget(self, path: Path) -> None:
         self.encoders.forget(path)
 
     def _apply(self, loras: LoRASet) -> None:
-        parsed = [(self.encoders.files.layers(path), weight) for path, weight in loras]
+        parsed = [(self.encoders.files.parsed(path), weight) for path, weight in loras]
         factors = self._slot_factors(self._transformer_parts(parsed))  # everything checked before any write
         self._write(factors, [({k: v for k, v in layers.items() if k[0] != "transformer"}, w) for layers, w in parsed])
 

@@ -9,7 +9,8 @@ A switch writes each weight once: a layer of the new set gets base + delta strai
 layer only the old set touched gets its base back. The kept copies live on the weights' device while it has
 room for them (a switch then reads no host memory), else in pinned host memory.
 
-All or nothing: every file is parsed and checked before any weight changes, and a failure while writing
+All or nothing: every file was parsed and checked (`check`, off the engine thread) before its request queued,
+so a switch reads no file and nothing is left to refuse once a weight changes; a failure while writing
 (out of memory, say) restores every weight touched so far from the kept bases before the error goes on.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from server.lora import Layers, LoRAApplier, LoRALayer, LoRASet, ParsedFiles, Shapes
+from server.lora import Layers, LoRAApplier, LoRALayer, LoRASet, ParsedFiles, Shapes, parse_lora, weight_shapes
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +50,28 @@ def deltas(grouped: dict[tuple[str, str], list[tuple[LoRALayer, float]]]) -> dic
 
 
 class LoRAMerger(LoRAApplier):
-    """LoRA sets merged into `pipe`'s weights. `shapes` (taken before the pipeline was rewritten) name the
-    layers when its modules have changed since; the hot-swapped slot uses a merger for the text encoders."""
+    """LoRA sets merged into `pipe`'s weights, of `dtype`. `shapes` (taken when the pipeline was loaded) name
+    the layers, so that a check off the engine thread never walks the live modules; the hot-swapped slot uses a
+    merger for the text encoders."""
 
     how = "merged into the weights"
 
-    def __init__(self, pipe, shapes: Shapes | None = None) -> None:
+    def __init__(self, pipe, shapes: Shapes | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.pipe = pipe
-        self.files = ParsedFiles(pipe, shapes)
+        shapes = shapes if shapes is not None else weight_shapes(pipe)
+        self.files = ParsedFiles(lambda path: parse_lora(pipe, path, shapes, dtype))
         self._base: dict[ParamKey, torch.Tensor] = {}  # the base value of every parameter ever touched
         self._touched: set[ParamKey] = set()  # parameters that differ from their base now
 
     def check(self, path: Path) -> None:
-        self.files.layers(path)
+        self.files.parse(path)
 
     def forget(self, path: Path) -> None:
         self.files.forget(path)
 
     def _apply(self, loras: LoRASet) -> None:
-        parsed = [(self.files.layers(path), weight) for path, weight in loras]  # every file before any weight
+        parsed = [(self.files.parsed(path), weight) for path, weight in loras]  # every file before any weight
         self.merge(parsed)
 
     def merge(self, loras: list[tuple[Layers, float]]) -> None:

@@ -137,9 +137,9 @@ class NSFWPlugin(Plugin):
         except FutureTimeout:
             log.warning("NSFW check timed out after %.1fs: images flagged", time.monotonic() - started)
             return None, f"nsfw check timed out after {self.timeout:g}s"
-        except Exception as exc:
+        except Exception:
             log.exception("NSFW check failed: images flagged")
-            return None, f"nsfw check failed: {exc}"
+            return None, "nsfw check failed (the server log has the reason)"
 
 
 def _blur(image: Image.Image) -> Image.Image:

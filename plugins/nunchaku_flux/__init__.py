@@ -54,6 +54,11 @@ class NunchakuPlugin(Plugin):
         return super().enabled(settings) or bool(settings.section(cls.name).nunchaku_transformer)
 
     def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | EngineFallback:
+        if not context.family.name.startswith("FLUX.1"):
+            raise SystemExit(
+                f"NUNCHAKU_TRANSFORMER is a 4-bit FLUX.1 transformer; this model is {context.family.name}. "
+                "Unset NUNCHAKU_TRANSFORMER (and take nunchaku out of PLUGINS) to serve it."
+            )
         choice = self.choose(context.gpu)
         if isinstance(choice, Fallback):
             reason = f"{choice.to} (NUNCHAKU_FALLBACK): {choice.reason}"
@@ -64,7 +69,7 @@ class NunchakuPlugin(Plugin):
             dtype=_dtype(choice),
             offload="sequential" if choice.offload else "",
             info=describe(choice),
-            lora_applier=NunchakuLoRA(pipe.transformer),
+            lora_applier=NunchakuLoRA(pipe.transformer, _dtype(choice)),
             finish=lambda pipelines: finish(choice, pipelines),
         )
 

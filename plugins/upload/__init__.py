@@ -9,8 +9,9 @@ failed or late upload never loses the image: its `data[i]` carries the error and
 
 The server PUTs to URLs a caller chose, so it guards against SSRF (see `ssrf.py`): the host is resolved and
 every address must be public, redirects are not followed, and the connection goes to the address that was
-checked (no DNS rebinding between check and use). Only hosts in UPLOAD_ALLOWED_HOSTS (names or *.domain)
-skip the address check and may use plain http (an in-cluster MinIO).
+checked (no DNS rebinding between check and use). Only hosts in UPLOAD_ALLOWED_HOSTS (names or *.domain, on
+the scheme's default port unless an entry names a port or :*) skip the address check and may use plain http
+(an in-cluster MinIO: `minio.storage.svc:9000`).
 """
 
 import asyncio
@@ -24,7 +25,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from plugins.upload.ssrf import Target, UnsafeURL, check_url, resolve_checked
-from server.config import option, split
+from server.config import hosts_problem, option, split
 from server.errors import bad_request
 from server.images import CONTENT_TYPES
 from server.plugins import Plugin
@@ -38,7 +39,10 @@ MAX_URL_LENGTH = 8192
 @dataclass(frozen=True)
 class UploadSettings:
     upload_allowed_hosts: str = option(
-        "", "hosts (or *.domain) trusted for upload_urls: private addresses and plain http allowed"
+        "",
+        "hosts trusted for upload_urls (private addresses and plain http allowed): host (the scheme's default "
+        "port), host:port, host:* (any port), *.domain, [IPv6]",
+        check=hosts_problem,
     )
     upload_timeout: float = option(60.0, "seconds one upload attempt may take, from connecting to the answer", low=0.1)
     upload_retries: int = option(3, "retries of an upload after a connection error or a 5xx", low=0, high=10)
@@ -123,6 +127,7 @@ class UploadPlugin(Plugin):
             except UnsafeURL as exc:
                 return {"status": "failed", "error": str(exc), "attempts": attempts}
             except (httpx.HTTPError, TimeoutError) as exc:
+                log.info("upload to %s: attempt %d failed: %r", object_url(target.url), attempts, exc)
                 error, code = _transport_error(exc, self.timeout), None
                 continue
             code = response.status_code
@@ -157,9 +162,12 @@ class UploadPlugin(Plugin):
 
 
 def _transport_error(exc: Exception, timeout: float) -> str:
+    """What the caller learns of a failed attempt (the exception itself goes to the log)."""
     if isinstance(exc, TimeoutError):
         return f"the attempt did not finish within UPLOAD_TIMEOUT ({timeout:g}s) or the request's deadline"
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect to the upload target"
+    return "the connection to the upload target failed before its answer"
 
 
 async def _withheld() -> dict:

@@ -9,11 +9,16 @@ versions.
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import httpx
+
+from server.config import host_allowed
+
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -23,7 +28,8 @@ _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
 
 
 class UnsafeURL(ValueError):
-    pass
+    """Why a URL is refused, in words about the URL alone (the caller sees it; resolver errors and addresses
+    do not belong in it)."""
 
 
 @dataclass(frozen=True)
@@ -64,14 +70,6 @@ def public(address: str) -> bool:
         return False
 
 
-def host_allowed(host: str, patterns: tuple[str, ...]) -> bool:
-    host = host.lower().rstrip(".")
-    for pattern in (p.lower() for p in patterns):
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
-            return True
-    return False
-
-
 def _parts(url: str):
     """The URL's scheme, host and port, or UnsafeURL naming what is wrong with it."""
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
@@ -80,8 +78,8 @@ def _parts(url: str):
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port
         httpx.URL(url)
-    except (ValueError, httpx.InvalidURL) as exc:
-        raise UnsafeURL(f"is not a valid URL ({exc})") from None
+    except (ValueError, httpx.InvalidURL):
+        raise UnsafeURL("is not a valid URL") from None
     if not host or parts.scheme not in ("http", "https"):
         raise UnsafeURL("must be an https URL")
     try:
@@ -94,14 +92,14 @@ def _parts(url: str):
 def check_url(url: str, allowed: tuple[str, ...]) -> Target:
     """Refuse what an SSRF would use; returns where to connect (blocking: it resolves the host)."""
     scheme, host, port = _parts(url)
-    if host_allowed(host, allowed):
+    if host_allowed(allowed, scheme, host, port):
         return Target(url, host, port, None)
     if scheme != "https":
-        raise UnsafeURL(f"must use https ({host} is not in UPLOAD_ALLOWED_HOSTS)")
+        raise UnsafeURL(f"must use https ({host}:{port} is not in UPLOAD_ALLOWED_HOSTS)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError, OSError) as exc:
-        raise UnsafeURL(f"host {host} does not resolve ({exc})") from None
+    except (socket.gaierror, UnicodeError, OSError):
+        raise UnsafeURL(f"host {host} does not resolve") from None
     return _checked(Target(url, host, port, None), [info[4][0] for info in infos])
 
 
@@ -109,8 +107,8 @@ async def resolve_checked(target: Target) -> Target:
     """The same check on the event loop, before each attempt: the name may point elsewhere by now."""
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError, OSError) as exc:
-        raise UnsafeURL(f"host {target.host} does not resolve ({exc})") from None
+    except (socket.gaierror, UnicodeError, OSError):
+        raise UnsafeURL(f"host {target.host} does not resolve") from None
     return _checked(target, [info[4][0] for info in infos])
 
 
@@ -119,5 +117,6 @@ def _checked(target: Target, addresses: list[str]) -> Target:
         raise UnsafeURL(f"host {target.host} has no address")
     private = [a for a in addresses if not public(a)]
     if private:
-        raise UnsafeURL(f"host {target.host} resolves to a non-public address ({private[0]}); refused")
+        log.info("upload host %s resolves to %s: refused", target.host, private[0])
+        raise UnsafeURL(f"host {target.host} resolves to a non-public address; refused")  # which: our DNS's business
     return replace(target, address=addresses[0])

@@ -5,16 +5,29 @@ postprocess hook. The upscaled size is declared up front (`output_size`), so MAX
 encoders' limits are checked before generation.
 """
 
-from typing import Literal
+from typing import Annotated
 
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, WithJsonSchema
 
 from server.plugins import Plugin
 
+FACTORS = (1, 2, 4)
+
+
+def _factor(value: int) -> int:
+    if value not in FACTORS:
+        raise ValueError("must be 1, 2 or 4")
+    return value
+
+
+# an int checked against FACTORS, not Literal[1, 2, 4]: pydantic matches int literals by equality even in strict
+# mode, so `true` and 2.0 would pass as 1 and 2
+Factor = Annotated[int, AfterValidator(_factor), WithJsonSchema({"type": "integer", "enum": list(FACTORS)})]
+
 
 class UpscaleFields(BaseModel):
-    upscale: Literal[1, 2, 4] | None = None
+    upscale: Factor | None = None
 
 
 class UpscalePlugin(Plugin):

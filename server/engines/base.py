@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import torch
-from fastapi import APIRouter
 from PIL import Image
 
 from server.config import Settings
 from server.errors import bad_request
+from server.families import GENERIC, Family
 from server.lora import LoRAApplier, LoRAError, LoRASet, Shapes, describe
 from server.spec import GenerationSpec
 
@@ -35,11 +35,12 @@ PreviewSink = Callable[[int, int, Callable[[], Image.Image]], None]
 
 @dataclass
 class Progress:
-    """What a running batch reports and learns: previews as they form (stream=true), and that nobody waits for
-    it any more (stop at the next step)."""
+    """What a running batch reports and learns: previews as they form (stream=true), the denoising steps done
+    (a video job's `progress`), and that nobody waits for it any more (stop at the next step)."""
 
     should_stop: Callable[[], bool] = lambda: False
     preview: PreviewSink | None = None
+    step: Callable[[int, int], None] | None = None  # (steps done, steps in all), on the engine thread
 
 
 # -- what engines may ask the plugins ------------------------------------------------
@@ -47,13 +48,15 @@ class Progress:
 
 @dataclass(frozen=True)
 class PipelineContext:
-    """What a pipeline provider gets: the model folder, where it runs, and the engine's own loader."""
+    """What a pipeline provider gets: the model folder and its family, where it runs, and the engine's own
+    loader."""
 
     path: Path
     device: torch.device
     gpu: Any  # server.engines.fastpath.GPU or None
     settings: Settings
     load_pipeline: Callable[..., Any]  # (path, dtype, **components) -> pipeline
+    family: Family = GENERIC
 
 
 @dataclass
@@ -112,6 +115,9 @@ class Engine(ABC):
     info: dict
     can_batch: bool = True  # whether several requests may share one call
     lora_applier: LoRAApplier | None = None
+    # The model's family (server/families.py), known once loaded: its defaults, what it accepts, and for a video
+    # family (`family.video`) its frame rate, frame counts and sizes.
+    family: Family = GENERIC
 
     def __init__(self) -> None:
         self.info = {}
@@ -137,7 +143,7 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
-        """Engine thread: the images of each spec (all specs share one BatchKey)."""
+        """Engine thread: the images of each spec (all specs share one BatchKey); a video spec's are its frames."""
 
     def run(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
         """Engine thread: the batch's LoRA set, then its images."""
@@ -151,7 +157,7 @@ class Engine(ABC):
             return
         try:
             self.lora_applier.apply(loras)
-        except (LoRAError, FileNotFoundError) as exc:
+        except LoRAError as exc:  # its message names LoRAs and what is wrong with them, never a path
             raise bad_request(
                 f"The LoRA set [{describe(loras)}] cannot be applied: {exc}", "loras", "lora_invalid"
             ) from None
@@ -170,10 +176,6 @@ class Engine(ABC):
     def retry_after(self) -> int:
         """Seconds a client should wait while the engine is not healthy."""
         return 10
-
-    def routers(self) -> list[APIRouter]:
-        """Engine-specific endpoints (SGLang's /v1/videos)."""
-        return []
 
     def close(self) -> None:
         """After the drain: stop what the engine started."""

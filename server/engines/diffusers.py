@@ -1,8 +1,11 @@
 """The in-process engine: a diffusers pipeline on this process's GPU (or CPU).
 
-Text-to-image, image-to-image and inpainting share one set of weights: the img2img and inpaint pipelines
-are built with `from_pipe`, which reuses the loaded components. A plugin may build the pipeline instead
-(Nunchaku's 4-bit FLUX) and says how LoRA sets get into the weights; the engine asks through its hooks.
+The model's family (server/families.py, found from its model_index.json) says its defaults, how guidance and
+negative prompts reach the pipeline, its size multiple, and what it does from an input image. Text-to-image (or
+-video), edits and inpainting share one set of weights: the other modes' pipelines are built with `from_pipe`,
+which reuses the loaded components (the family's own edit pipeline, or diffusers' AutoPipeline img2img and
+inpaint where it has them). A plugin may build the pipeline instead (Nunchaku's 4-bit FLUX) and says how LoRA
+sets get into the weights; the engine asks through its hooks.
 """
 
 import inspect
@@ -19,8 +22,9 @@ from server.config import Settings
 from server.engines.base import Engine, EngineHooks, Fallback, LoRATarget, PipelineContext, Progress, ProvidedPipeline
 from server.engines.compile_cache import CompileCache
 from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu, installed_kernels
-from server.engines.previews import PreviewDecoder, predicted_clean, preview_steps
+from server.engines.previews import PreviewDecoder, decoder_problem, predicted_clean, preview_steps
 from server.errors import bad_request
+from server.families import CFG, DEFAULT_TRUE_CFG, GENERIC, NONE, TRUE_CFG, Family, detect_family
 from server.lora import weight_shapes
 from server.spec import GenerationSpec
 
@@ -28,11 +32,8 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Pipelines whose negative prompt only acts through "true CFG" (FLUX, Qwen-Image).
-DEFAULT_TRUE_CFG = 4.0
-
-# A request field -> the pipeline argument it needs.
-_ARGUMENTS = {"negative_prompt": "negative_prompt", "true_cfg_scale": "true_cfg_scale", "strength": "strength"}
+# What a mode needs from the request, named in a refusal.
+_MODE_FIELDS = {"text2img": "prompt", "img2img": "image", "inpaint": "mask"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,16 +49,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def model_folder(settings: Settings) -> Path:
-    if settings.model == "demo":
-        from server.engines.demo import demo_model_path
+    from server.engines.demos import demo_model_path, demo_name
 
-        return demo_model_path(settings.cache_dir)
+    demo = demo_name(settings.model)
+    if demo is not None:
+        return demo_model_path(settings.cache_dir, demo)
     path = Path(settings.model).expanduser()
     if not (path / "model_index.json").is_file():
         raise SystemExit(
             f"MODEL_PATH={settings.model!r} is not a diffusers model folder (no model_index.json). "
             "Point --model at a local folder such as one saved by `huggingface-cli download "
-            "black-forest-labs/FLUX.1-dev --local-dir ...`, or use --model demo."
+            "black-forest-labs/FLUX.1-dev --local-dir ...`, or use --model demo (or demo:FAMILY)."
         )
     return path
 
@@ -85,6 +87,18 @@ def _derived(factory, pipe):
         return None
 
 
+def served_name(settings: Settings) -> str:
+    """The model id in /v1/models: MODEL_NAME, else `flux-demo` / `FAMILY-demo`, else the folder's name."""
+    from server.engines.demos import DEFAULT, demo_name
+
+    demo = demo_name(settings.model)
+    if settings.model_name:
+        return settings.model_name
+    if demo is None:
+        return Path(settings.model).name
+    return "flux-demo" if demo == DEFAULT else f"{demo}-demo"
+
+
 class DiffusersEngine(Engine):
     """`build` loads a pipeline (path, dtype, **components); benchmarks hand in one built in memory."""
 
@@ -98,7 +112,7 @@ class DiffusersEngine(Engine):
         self.pipelines: dict[str, object] = {}
         self.previews: PreviewDecoder | None = None
         self._params: dict[str, set[str]] = {}
-        self.name = settings.model_name or ("flux-demo" if settings.model == "demo" else Path(settings.model).name)
+        self.name = served_name(settings)
         self.info = {"engine": "diffusers", "device": str(self.device), "precision": str(self.dtype)[6:]}
         self.compiled = False
         self.compile_cache: CompileCache | None = None
@@ -109,9 +123,11 @@ class DiffusersEngine(Engine):
         if not self.settings.allow_download:
             os.environ["HF_HUB_OFFLINE"] = "1"
         path = model_folder(self.settings)
+        self.family = detect_family(path)
         gpu = detect_gpu(self.device)
-        self.info.update(gpu=gpu.describe() if gpu else None, offload=None, fallback=None)
-        provided = hooks.provide_pipeline(PipelineContext(path, self.device, gpu, self.settings, self.build))
+        self.info.update(family=self.family.name, gpu=gpu.describe() if gpu else None, offload=None, fallback=None)
+        context = PipelineContext(path, self.device, gpu, self.settings, self.build, self.family)
+        provided = hooks.provide_pipeline(context)
         if isinstance(provided, ProvidedPipeline):
             self._adopt_provided(provided)
             return
@@ -126,7 +142,7 @@ class DiffusersEngine(Engine):
         if problems:
             fallback = f" [fallback: {self.info['fallback']}]" if self.info["fallback"] else ""
             raise SystemExit(" ".join(problems) + fallback)
-        log.info("loading %s on %s as %s", path, self.device, self.dtype)
+        log.info("loading %s (%s) on %s as %s", path, self.family.name, self.device, self.dtype)
         pipe = self.build(path, self.dtype)
         self.use_pipeline(pipe, offload="model" if options.offload else "")
         mergeable = not (options.fp8 or options.compile)  # FP8 weights and compiled graphs take a slot instead
@@ -149,53 +165,67 @@ class DiffusersEngine(Engine):
         self._log_path()
 
     def _log_path(self) -> None:
-        keys = ("gpu", "precision", "attention", "compile", "cache", "offload", "fallback", "lora")
+        keys = ("family", "gpu", "precision", "attention", "compile", "cache", "offload", "fallback", "lora")
         log.info("engine path: %s", "; ".join(f"{k}={self.info.get(k)}" for k in keys))
 
     def use_pipeline(self, pipe, offload: str = "") -> None:
-        """Adopt a built text-to-image pipeline; offload: "", "model" or "sequential" (diffusers' CPU offload)."""
-        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
-
+        """Adopt a built pipeline of this engine's family; offload: "", "model" or "sequential" (diffusers' CPU
+        offload)."""
         if offload == "model":
             pipe.enable_model_cpu_offload(device=self.device)
         elif offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipelines = {"text2img": pipe}
-        for mode, factory in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
-            derived = _derived(factory, pipe)
-            if derived is not None:
-                derived.set_progress_bar_config(disable=True)
-                self.pipelines[mode] = derived
+        self.pipelines = _mode_pipelines(pipe, self.family)
+        for mode_pipe in self.pipelines.values():
+            mode_pipe.set_progress_bar_config(disable=True)
         self._params = {m: set(inspect.signature(p.__call__).parameters) for m, p in self.pipelines.items()}
-        self.previews = _preview_decoder(pipe, self.settings.preview_decoder)
+        self.previews = self._preview_decoder(pipe)
+        if not self.family.batch:
+            self.max_batch = 1
         self.info.update(
             pipeline=type(pipe).__name__,
             modes=sorted(self.pipelines),
             previews=self.previews.kind if self.previews else None,
         )
 
+    def _preview_decoder(self, pipe) -> PreviewDecoder | None:
+        """Previews for a flow-matching family whose latents it knows; a decoder that cannot read them stops the
+        server."""
+        layout, kind = self.family.latents, self.settings.preview_decoder
+        if not layout or getattr(pipe, "vae", None) is None:
+            return None
+        problem = decoder_problem(kind, layout)
+        if problem:
+            raise SystemExit(f"{problem} ({self.family.name})")
+        return PreviewDecoder(pipe, kind, layout)
+
     @property
     def pipe(self):
-        return self.pipelines["text2img"]
+        """The loaded pipeline (for a family that only edits, its edit pipeline)."""
+        return next(iter(self.pipelines.values()))
 
     def defaults(self) -> tuple[int, float]:
-        """(steps, guidance) when a request names none: the pipeline's own, 4 and 0 for FLUX schnell."""
+        """(steps, guidance) when a request names none: the family's; for an unknown one the pipeline's own."""
+        if self.family is not GENERIC:
+            return self.family.steps, self.family.guidance
         signature = inspect.signature(self.pipe.__call__).parameters
         steps = signature["num_inference_steps"].default if "num_inference_steps" in signature else 28
         guidance = signature["guidance_scale"].default if "guidance_scale" in signature else 0.0
-        transformer = getattr(self.pipe, "transformer", None)
-        if "Flux" in type(self.pipe).__name__ and not getattr(transformer.config, "guidance_embeds", True):
-            steps, guidance = 4, 0.0  # FLUX.1-schnell: timestep-distilled, no guidance
-        return int(steps), float(guidance)
+        return int(steps), float(guidance or 0.0)
 
     def warmup(self) -> None:
         width, height = 256, 256
         if self.compiled:  # torch.compile specialises on the first shape: compile for the size most requests use
-            width, height = (int(side) for side in self.settings.default_size.lower().split("x"))
-        spec = GenerationSpec(prompt="warm up", n=1, width=width, height=height, steps=2, guidance=0.0, seeds=[0])
+            width, height = self.settings.default_dimensions
+        spec = GenerationSpec(
+            prompt="warm up", n=1, width=width, height=height, steps=2, guidance=self.defaults()[1], seeds=[0]
+        )
+        if self.family.video is not None:
+            spec.frames = self.family.video.frame_step + 1
+        if "text2img" not in self.pipelines:  # a family that only edits: edit a grey picture
+            spec.mode, spec.image = "img2img", Image.new("RGB", (width, height), (128, 128, 128))
         self.generate([spec], Progress())
         if self.compile_cache is not None:  # everything the warm-up compiled, for the next start
             self.info["compile_cache"] = self.compile_cache.save()
@@ -203,24 +233,67 @@ class DiffusersEngine(Engine):
     # -- requests --------------------------------------------------------
 
     def check(self, spec: GenerationSpec) -> None:
-        """What this pipeline cannot do is a 400 before the request queues, never a silently dropped field."""
-        if spec.mode not in self.pipelines:
+        """What this family and pipeline cannot do is a 400 before the request queues, never a silently dropped
+        field."""
+        self._check_output(spec)
+        self._check_mode(spec)
+        self._check_arguments(spec, self._params[spec.mode])
+
+    def _check_output(self, spec: GenerationSpec) -> None:
+        family, video = self.family, self.family.video
+        if video is None and spec.frames:
+            raise bad_request(f"This model ({family.name}) makes images, not videos.", "model", "unsupported")
+        if video is not None and not spec.frames:
+            raise bad_request(f"This model ({family.name}) makes videos: use /v1/videos.", "model", "unsupported")
+        if video is not None and spec.n != 1:
+            raise bad_request(f"A video request makes one video, not n={spec.n}.", "n", "unsupported")
+        problem = video.frames_problem(spec.frames) if video is not None else None
+        if problem:
+            raise bad_request(f"This model ({family.name}) makes {problem}.", "seconds", "unsupported")
+        multiple = family.size_multiple
+        if spec.width % multiple or spec.height % multiple:
             raise bad_request(
-                f"This model ({self.info['pipeline']}) does not support {spec.mode}.", "image", "unsupported"
+                f"Invalid value for 'size': {spec.width}x{spec.height}; this model ({family.name}) needs width and "
+                f"height in multiples of {multiple}.",
+                "size",
             )
-        params = self._params[spec.mode]
-        given = {"negative_prompt": spec.negative_prompt, "true_cfg_scale": spec.true_cfg, "strength": spec.strength}
-        for field, value in given.items():
-            if value is not None and _ARGUMENTS[field] not in params:
-                raise bad_request(
-                    f"'{field}' is not supported by this model ({self.info['pipeline']}).", field, "unsupported"
-                )
-        if "guidance_scale" not in params and spec.guidance != self.defaults()[1]:
+        if spec.previews and self.previews is None:
             raise bad_request(
-                f"'guidance_scale' is not supported by this model ({self.info['pipeline']}).",
-                "guidance_scale",
+                f"This model ({family.name}) has no partial images; ask without 'partial_images'.",
+                "partial_images",
                 "unsupported",
             )
+
+    def _check_mode(self, spec: GenerationSpec) -> None:
+        if spec.mode in self.pipelines:
+            return
+        reasons = {
+            "text2img": f"This model ({self._label}) needs an input image: use the edits endpoint.",
+            "img2img": f"This model ({self._label}) does not edit images.",
+            "inpaint": f"This model ({self._label}) does not inpaint: send no mask.",
+        }
+        raise bad_request(reasons[spec.mode], _MODE_FIELDS[spec.mode], "unsupported")
+
+    def _check_arguments(self, spec: GenerationSpec, params: set[str]) -> None:
+        family = self.family
+        accepted = {
+            "negative_prompt": bool(family.negative) and "negative_prompt" in params,
+            "true_cfg_scale": family.negative == TRUE_CFG and "true_cfg_scale" in params,
+            "strength": "strength" in params,
+        }
+        given = {"negative_prompt": spec.negative_prompt, "true_cfg_scale": spec.true_cfg, "strength": spec.strength}
+        for field, value in given.items():
+            if value is not None and not accepted[field]:
+                raise bad_request(f"'{field}' is not supported by this model ({self._label}).", field, "unsupported")
+        takes_guidance = family.guidance_mode != NONE and _guidance_argument(family) in params
+        if not takes_guidance and spec.guidance != self.defaults()[1]:
+            raise bad_request(
+                f"'guidance_scale' is not supported by this model ({self._label}).", "guidance_scale", "unsupported"
+            )
+
+    @property
+    def _label(self) -> str:
+        return self.info["pipeline"] if self.family is GENERIC else f"{self.family.name}, {self.info['pipeline']}"
 
     # -- generation (engine thread only) ---------------------------------
 
@@ -228,64 +301,109 @@ class DiffusersEngine(Engine):
         head = specs[0]
         pipe = self.pipelines[head.mode]
         per_image = [Row(i, j, s, seed) for i, s in enumerate(specs) for j, seed in enumerate(s.seeds)]
-        images: list[Image.Image] = []
-        for start in range(0, len(per_image), self.max_batch):
-            images += self._call(head.mode, pipe, per_image[start : start + self.max_batch], progress)
+        outputs: list = []
+        for chunk in self._chunks(head, per_image):
+            outputs += self._call(head.mode, pipe, chunk, progress)
+        if head.frames:  # one video per spec: its frames are the spec's images
+            return [list(video) for video in outputs]
         out, at = [], 0
         for s in specs:
-            out.append(images[at : at + s.n])
+            out.append(outputs[at : at + s.n])
             at += s.n
         return out
 
-    def _call(self, mode: str, pipe, rows: list["Row"], progress: Progress) -> list[Image.Image]:
-        chunk = [(row.spec, row.seed) for row in rows]
-        head = chunk[0][0]
+    def _chunks(self, head: GenerationSpec, rows: list["Row"]) -> list[list["Row"]]:
+        """The pipeline calls: up to max_batch images each; one video per call (a video fills the GPU alone); a
+        family's own edit pipeline takes one input image per call (several images would be references)."""
+        if not head.frames and not (head.mode == "img2img" and self.family.edits):
+            return [rows[i : i + self.max_batch] for i in range(0, len(rows), self.max_batch)]
+        size = 1 if head.frames else self.max_batch
+        by_spec: dict[int, list[Row]] = {}
+        for row in rows:
+            by_spec.setdefault(row.spec_index, []).append(row)
+        return [group[i : i + size] for group in by_spec.values() for i in range(0, len(group), size)]
+
+    def _call(self, mode: str, pipe, rows: list["Row"], progress: Progress) -> list:
+        head = rows[0].spec
         kwargs = {
-            "prompt": [s.prompt for s, _ in chunk],
+            "prompt": [row.spec.prompt for row in rows],
             "height": head.height,
             "width": head.width,
             "num_inference_steps": head.steps,
-            "generator": [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk],
+            "generator": [torch.Generator("cpu").manual_seed(row.seed) for row in rows],
             "output_type": "pil",
-            **_optional_arguments(head, self._params[mode]),
+            **_optional_arguments(head, self.family, self._params[mode]),
+            **_input_images(mode, rows, shared=self.family.edits),
         }
-        if mode != "text2img":
-            kwargs["image"] = [s.image for s, _ in chunk]
-        if mode == "inpaint":
-            kwargs["mask_image"] = [s.mask for s, _ in chunk]
+        if head.frames:
+            kwargs["num_frames"] = head.frames
         if "negative_prompt" in kwargs:
-            kwargs["negative_prompt"] = [head.negative_prompt] * len(chunk)
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(rows)
         watcher = StepWatcher(progress, rows, self.previews)
         if "callback_on_step_end" in self._params[mode]:
             kwargs["callback_on_step_end"] = watcher
         with torch.inference_mode():
-            images = list(pipe(**kwargs).images)
+            result = pipe(**kwargs)
         if watcher.stopped_after:
             log.info("batch stopped after %d of %d steps: nobody waits for it", watcher.stopped_after, head.steps)
-        return images
+        return list(result.frames if head.frames else result.images)
 
 
-def _optional_arguments(spec: GenerationSpec, params: set[str]) -> dict:
-    """The arguments only some pipelines take (`check` refused the request if it needs one that is missing)."""
+def _mode_pipelines(pipe, family: Family) -> dict[str, object]:
+    """mode -> its pipeline, all on the loaded weights: text2img (the loaded one, for a family that makes
+    anything from a prompt alone), img2img (the family's edit pipeline, or diffusers' img2img) and inpaint
+    (diffusers' inpainting, for image families)."""
+    import diffusers
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    if not family.text2img:
+        return {"img2img": pipe}
+    pipelines = {"text2img": pipe}
+    if family.edit_pipeline:
+        pipelines["img2img"] = getattr(diffusers, family.edit_pipeline).from_pipe(pipe)
+    elif family.video is None:
+        for mode, factory in (("img2img", AutoPipelineForImage2Image), ("inpaint", AutoPipelineForInpainting)):
+            derived = _derived(factory, pipe)
+            if derived is not None:
+                pipelines[mode] = derived
+    return pipelines
+
+
+def _guidance_argument(family: Family) -> str:
+    """The pipeline argument the request's guidance_scale goes to."""
+    return family.cfg_argument if family.guidance_mode == CFG else "guidance_scale"
+
+
+def _optional_arguments(spec: GenerationSpec, family: Family, params: set[str]) -> dict:
+    """The arguments only some families take (`check` refused the request if it needs one that is missing)."""
     kwargs = {}
-    if "guidance_scale" in params:
-        kwargs["guidance_scale"] = spec.guidance
-    if spec.negative_prompt is not None:
-        kwargs["negative_prompt"] = spec.negative_prompt
-        if "true_cfg_scale" in params:
-            kwargs["true_cfg_scale"] = spec.true_cfg if spec.true_cfg is not None else DEFAULT_TRUE_CFG
-    elif spec.true_cfg is not None:
-        kwargs["true_cfg_scale"] = spec.true_cfg
+    guidance = _guidance_argument(family)
+    if guidance in params:
+        kwargs[guidance] = spec.guidance
+    negative = spec.negative_prompt if spec.negative_prompt is not None else family.default_negative
+    if negative is not None and "negative_prompt" in params:
+        kwargs["negative_prompt"] = negative
+    if family.negative == TRUE_CFG and "true_cfg_scale" in params:
+        if spec.true_cfg is not None:
+            kwargs["true_cfg_scale"] = spec.true_cfg
+        elif spec.negative_prompt is not None:
+            kwargs["true_cfg_scale"] = DEFAULT_TRUE_CFG
     if spec.strength is not None:
         kwargs["strength"] = spec.strength
     return kwargs
 
 
-def _preview_decoder(pipe, kind: str) -> PreviewDecoder | None:
-    """Previews need FLUX-style packed latents and a VAE; other pipelines stream completed images only."""
-    if not (hasattr(pipe, "_unpack_latents") and getattr(pipe, "vae", None) is not None):
-        return None
-    return PreviewDecoder(pipe, kind)
+def _input_images(mode: str, rows: list["Row"], shared: bool) -> dict:
+    """The input image (and mask) of each image of the call; `shared`: one image for the whole call (a family's
+    own edit pipeline reads a list as several reference images)."""
+    if mode == "text2img":
+        return {}
+    if shared and mode == "img2img":
+        return {"image": rows[0].spec.image}
+    images = {"image": [row.spec.image for row in rows]}
+    if mode == "inpaint":
+        images["mask_image"] = [row.spec.mask for row in rows]
+    return images
 
 
 @dataclass(frozen=True)
@@ -319,6 +437,8 @@ class StepWatcher:
             pipe._interrupt = True
             self.stopped_after = step + 1
             return {}
+        if self.progress.step is not None:
+            self.progress.step(step + 1, pipe.num_timesteps)
         if not self.wanted:
             return {}
         done, latents = step + 1, callback_kwargs["latents"]

@@ -6,9 +6,14 @@ shows a recognisable image that sharpens step by step (what ComfyUI and AUTOMATI
 noisy latent itself would show noise. The engine thread only takes the latents (a copy per preview); decoding
 and encoding run on another thread.
 
-Decoders (PREVIEW_DECODER): `vae`, the pipeline's own (exact, a full decode per preview); `linear`, a
-16-channel-to-RGB projection fitted to that VAE when the engine loads (nearly free, blurry: upsampled from the
-latent grid); `tiny:PATH`, a tiny autoencoder for the model's latent space from a local folder (TAEF1 for FLUX).
+Each family holds its latents its own way while it denoises (server/families.py, `latents`): FLUX.1 and
+Qwen-Image pack 2x2 patches into tokens, FLUX.2 packs them as channels and normalizes them, Z-Image and GLM-Image
+keep them as images. `_vae_input` undoes what the pipeline itself undoes before its VAE decodes.
+
+Decoders (PREVIEW_DECODER): `vae`, the pipeline's own (exact, a full decode per preview); for FLUX.1 also
+`linear`, a 16-channel-to-RGB projection fitted to that VAE when the engine loads (nearly free, blurry: upsampled
+from the latent grid), and `tiny:PATH`, a tiny autoencoder for the model's latent space from a local folder
+(TAEF1).
 """
 
 import logging
@@ -17,6 +22,8 @@ from functools import partial
 
 import torch
 from PIL import Image
+
+from server.families import FLUX2_PACKED, FLUX_PACKED, PLAIN, PLAIN_NORMALIZED, QWEN_PACKED
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +51,75 @@ def predicted_clean(scheduler, before: torch.Tensor, after: torch.Tensor) -> tor
     return (after.float() - sigma_after * velocity).to(after.dtype)
 
 
-class PreviewDecoder:
-    """Packed FLUX latents (one image's) -> an RGB image of the generation's size."""
+def decoder_problem(kind: str, layout: str) -> str | None:
+    """Why PREVIEW_DECODER=`kind` cannot decode this family's latents, or None when it can."""
+    if kind != "vae" and layout != FLUX_PACKED:
+        return f"PREVIEW_DECODER={kind} is made for FLUX.1's latent space; this model previews with 'vae' only."
+    return None
 
-    def __init__(self, pipe, kind: str) -> None:
+
+class PreviewDecoder:
+    """One image's latents, as the pipeline holds them while it denoises -> an RGB image of the generation's size."""
+
+    def __init__(self, pipe, kind: str, layout: str) -> None:
         self.pipe = pipe
         self.vae = pipe.vae
         self.kind = kind
+        self.layout = layout
         self._project: Callable[[torch.Tensor], torch.Tensor] | None = None
         if kind == "linear":
             self._project = _fit_projection(pipe.vae)
         elif kind.startswith("tiny:"):
             self._project = _tiny_decoder(kind.removeprefix("tiny:"), pipe.vae)
 
-    def render(self, packed: torch.Tensor, width: int, height: int) -> Callable[[], Image.Image]:
+    def render(self, latents: torch.Tensor, width: int, height: int) -> Callable[[], Image.Image]:
         """What the preview thread calls; the engine thread only hands over a copy of the latents."""
-        return partial(self._decode, packed, width, height)
+        return partial(self._decode, latents, width, height)
 
     @torch.inference_mode()
-    def _decode(self, packed: torch.Tensor, width: int, height: int) -> Image.Image:
-        latents = self.pipe._unpack_latents(packed[None], height, width, self.pipe.vae_scale_factor)
+    def _decode(self, latents: torch.Tensor, width: int, height: int) -> Image.Image:
         if self._project is None:
-            image = self.vae.decode(_vae_space(self.vae, latents).to(self.vae.dtype), return_dict=False)[0]
+            vae_input = _vae_input(self.pipe, self.layout, latents[None], width, height)
+            image = self.vae.decode(vae_input.to(self.vae.dtype), return_dict=False)[0]
+            if self.layout == QWEN_PACKED:  # a video VAE: the one frame
+                image = image[:, :, 0]
             return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
-        rgb = self._project(latents.float()).clamp(-1, 1)
+        unpacked = self.pipe._unpack_latents(latents[None], height, width, self.pipe.vae_scale_factor)
+        rgb = self._project(unpacked.float()).clamp(-1, 1)
         picture = self.pipe.image_processor.postprocess(rgb, output_type="pil")[0]
         return picture if picture.size == (width, height) else picture.resize((width, height), Image.BILINEAR)
+
+
+def _vae_input(pipe, layout: str, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """A batch of one image's latents as the family's pipeline hands them to its VAE."""
+    config = pipe.vae.config
+    if layout == FLUX_PACKED:
+        return _vae_space(pipe.vae, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor))
+    if layout == QWEN_PACKED:
+        unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return unpacked * _per_channel(config.latents_std, unpacked) + _per_channel(config.latents_mean, unpacked)
+    if layout == FLUX2_PACKED:
+        return _flux2_vae_input(pipe, latents, width, height)
+    if layout == PLAIN:
+        return _vae_space(pipe.vae, latents)
+    if layout == PLAIN_NORMALIZED:
+        return latents * _per_channel(config.latents_std, latents) + _per_channel(config.latents_mean, latents)
+    raise ValueError(f"no preview for latents laid out as {layout!r}")
+
+
+def _per_channel(values, like: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (like.ndim - 2)
+    return torch.tensor(values, device=like.device, dtype=like.dtype).view(shape)
+
+
+def _flux2_vae_input(pipe, tokens: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """FLUX.2: one token per 2x2 patch, in rows; batch-normalized patch channels."""
+    side = pipe.vae_scale_factor * 2
+    grid = tokens.permute(0, 2, 1).reshape(tokens.shape[0], tokens.shape[2], height // side, width // side)
+    norm = pipe.vae.bn
+    std = torch.sqrt(norm.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    patches = grid * std.to(grid) + norm.running_mean.view(1, -1, 1, 1).to(grid)
+    return pipe._unpatchify_latents(patches)
 
 
 def _vae_space(vae, latents: torch.Tensor) -> torch.Tensor:

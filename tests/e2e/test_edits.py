@@ -177,7 +177,7 @@ def test_remote_image_url_from_an_allowed_host(make_server, tmp_path):
     files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=files.serve_forever, daemon=True).start()
     try:
-        srv = make_server({"REMOTE_IMAGE_HOSTS": "127.0.0.1"})
+        srv = make_server({"REMOTE_IMAGE_HOSTS": f"127.0.0.1:{files.server_address[1]}"})
         url = f"http://127.0.0.1:{files.server_address[1]}/source.png"
         response = httpx.post(
             srv.url + "/v1/images/edits", json={"prompt": "p", "images": [{"image_url": url}], **FAST}, timeout=60

@@ -123,7 +123,7 @@ def test_a_trickling_upload_target_stalls_no_one_and_its_image_comes_back(make_s
     target = Verifier()
     target.thread.start()
     target.trickle = 1.0
-    srv = make_server({"PLUGINS": "upload", "UPLOAD_ALLOWED_HOSTS": "127.0.0.1", "UPLOAD_TIMEOUT": "6",
+    srv = make_server({"PLUGINS": "upload", "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*", "UPLOAD_TIMEOUT": "6",
                        "UPLOAD_RETRIES": "0", "POSTPROCESS_WORKERS": "1"})  # fmt: skip
     client = srv.client(max_retries=0, timeout=120)
     try:

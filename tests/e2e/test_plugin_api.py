@@ -87,7 +87,7 @@ def test_all_builtins_in_one_request(make_server, moto, tmp_path):
             "LORA_DIR": str(lora_dir),
             "NSFW_MODEL_PATH": str(write_demo_classifier(tmp_path / "nsfw")),
             "NSFW_THRESHOLD": "1",
-            "UPLOAD_ALLOWED_HOSTS": "127.0.0.1",
+            "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*",
         }
     )
     urls = [presigned_put(endpoint, f"all/{i}.webp", content_type="image/webp") for i in range(2)]
@@ -127,7 +127,7 @@ def test_block_never_uploads_a_withheld_image(make_server, moto, tmp_path):
             "NSFW_MODEL_PATH": str(write_demo_classifier(tmp_path / "nsfw")),
             "NSFW_THRESHOLD": "0",
             "NSFW_ACTION": "block",
-            "UPLOAD_ALLOWED_HOSTS": "127.0.0.1",
+            "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*",
         }
     )
     with pytest.raises(openai.BadRequestError) as err:

@@ -134,6 +134,7 @@ def test_engine_failure_is_a_500_and_spares_batch_neighbours(make_server):
         t.join()
     assert isinstance(results["EXPLODE"], openai.InternalServerError)
     assert results["EXPLODE"].body["code"] == "engine_error"
+    assert "/srv" not in results["EXPLODE"].body["message"]  # the exception's text went to the log alone
     assert results["fine one"].data and results["fine two"].data
     assert srv.metric("image_server_engine_errors_total") >= 1
     assert client.images.generate(prompt="after", size="256x256", extra_body={"num_inference_steps": 2}).data

@@ -94,7 +94,7 @@ def sglang_server(sglang_bin, lora_dir, tmp_path_factory):
             "NSFW_MODEL_PATH": str(nsfw),
             "NSFW_CHECK": "false",  # on only where a test asks for it
             "NSFW_THRESHOLD": "0.0",  # every checked image is flagged: the random classifier's scores mean nothing
-            "UPLOAD_ALLOWED_HOSTS": "127.0.0.1",
+            "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*",
         }
     )
     srv.start(wait=False)
@@ -296,7 +296,7 @@ def kontext_model() -> Path:
     """The demo weights as a FluxKontextPipeline: a model with SGLang's image-edit task (TI2I)."""
     from diffusers import FluxKontextPipeline, FluxPipeline
 
-    from server.engines.demo import demo_model_path
+    from server.engines.demos import demo_model_path
     from tests.conftest import CACHE_DIR
 
     path = CACHE_DIR / "flux-kontext-tiny"

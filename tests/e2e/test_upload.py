@@ -8,7 +8,8 @@ import openai
 import pytest
 from PIL import Image
 
-from plugins.upload.ssrf import check_url, host_allowed
+from plugins.upload.ssrf import check_url
+from server.config import host_allowed
 from tests.support.images import decode_b64
 from tests.support.s3 import Verifier, presigned_put
 
@@ -27,7 +28,7 @@ def verifier():
 def upload_server():
     from tests.conftest import ServerProcess
 
-    srv = ServerProcess({"PLUGINS": "upload", "UPLOAD_ALLOWED_HOSTS": "127.0.0.1", "UPLOAD_RETRIES": "3"}).start()
+    srv = ServerProcess({"PLUGINS": "upload", "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*", "UPLOAD_RETRIES": "3"}).start()
     yield srv
     srv.stop()
 
@@ -137,8 +138,8 @@ def test_one_url_per_image(upload_server):
 
 
 def test_allowed_host_patterns():
-    assert host_allowed("minio.storage.svc", ("minio.storage.svc",))
-    assert host_allowed("bucket.s3.internal", ("*.s3.internal",))
-    assert not host_allowed("s3.internal", ("*.s3.internal",))
-    assert not host_allowed("evil-s3.internal", ("*.s3.internal",))
-    assert check_url("http://10.1.2.3:9000/b/k?sig=1", ("10.1.2.3",)).address is None  # trusted: used as given
+    assert host_allowed(("minio.storage.svc",), "https", "minio.storage.svc", None)
+    assert host_allowed(("*.s3.internal",), "https", "bucket.s3.internal", 443)
+    assert not host_allowed(("*.s3.internal",), "https", "s3.internal", None)
+    assert not host_allowed(("*.s3.internal",), "https", "evil-s3.internal", None)
+    assert check_url("http://10.1.2.3:9000/b/k?sig=1", ("10.1.2.3:9000",)).address is None  # trusted: as given

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from plugins.lora.demo import kohya_lora, peft_lora
-from server.engines.demo import demo_model_path
+from server.engines.demos import demo_model_path
 from server.engines.diffusers import load_pipeline
 from server.lora import LoRASet
 from tests.conftest import CACHE_DIR
@@ -45,6 +45,14 @@ def lora_sets(folder: Path) -> list[LoRASet]:
     """Sets of 0, 3, 1 and 1 weighted LoRAs, and none again."""
     style, detail, grain = (folder / f"{n}.safetensors" for n in ("style", "detail", "grain"))
     return [(), ((style, 1.0), (detail, 0.7), (grain, 0.5)), ((detail, -0.6),), ((style, 0.4),), ()]
+
+
+def switch(applier, entries: LoRASet) -> None:
+    """What the server does: every file checked (off the engine thread, before the request queues), then the
+    set applied (on the engine thread, reading no file)."""
+    for path, _ in entries:
+        applier.check(path)
+    applier.apply(entries)
 
 
 def slot(pipe, rank: int = 16):

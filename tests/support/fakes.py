@@ -6,10 +6,12 @@ queueing, batching, errors, streaming) is tested in milliseconds and without tim
 (tests/e2e) runs the same behaviour through real server processes and the real pipeline.
 """
 
+import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import openai
 from fastapi.testclient import TestClient
@@ -19,7 +21,10 @@ from server.app import create_app
 from server.config import from_env
 from server.engines.base import Engine, EngineHooks, Progress
 from server.errors import bad_request
+from server.families import CFG, Family, Video
 from server.spec import GenerationSpec
+
+FAILED_FILE = "/srv/models/flux/transformer/diffusion_pytorch_model.safetensors"  # in an EXPLODE's error
 
 
 @dataclass
@@ -28,15 +33,24 @@ class Call:
     progress: Progress
 
 
+# A family that makes images and videos, from text or a first image: 8 frames per second in 1 + 4k frames (as
+# Wan), sides multiples of 16: "0.5" seconds is 5 frames.
+FAKE_VIDEO = Video(fps=8, frame_step=4, default_frames=9, max_frames=17, default_size=(64, 64))
+FAKE_FAMILY = Family("fake", (), 8, 3.5, CFG, edits=True, video=FAKE_VIDEO)
+
+
 class FakeEngine(Engine):
-    """Images of one colour per (prompt, seed). `gate`: cleared, every call waits until the test sets it;
-    `entered` is released as each call starts. Prompts containing EXPLODE fail, as a CUDA error would."""
+    """Images of one colour per (prompt, seed); video frames too, one colour per (prompt, seed, frame), the
+    first frame being the reference image when there is one. `gate`: cleared, every call waits until the test
+    sets it, having reported one denoising step; `entered` is released as each call starts. Prompts containing
+    EXPLODE fail, as a CUDA error or a lost file would, with an exception that names a server path (FAILED_FILE)."""
 
     name = "fake-model"
 
-    def __init__(self, can_batch: bool = True) -> None:
+    def __init__(self, can_batch: bool = True, family: Family = FAKE_FAMILY) -> None:
         super().__init__()
         self.can_batch = can_batch
+        self.family = family
         self.info = {"engine": "fake"}
         self.calls: list[Call] = []
         self.gate = threading.Event()
@@ -56,11 +70,13 @@ class FakeEngine(Engine):
     def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
         self.calls.append(Call(specs, progress))
         self.entered.release()
+        if progress.step is not None:
+            progress.step(1, specs[0].steps)
         self.gate.wait(30)
         self._previews(specs, progress)
         if any("EXPLODE" in s.prompt for s in specs):
-            raise RuntimeError("injected engine failure")
-        return [[_painted(s, seed) for seed in s.seeds] for s in specs]
+            raise FileNotFoundError(2, "No such file or directory", FAILED_FILE)
+        return [_frames(s) if s.frames else [_painted(s, seed) for seed in s.seeds] for s in specs]
 
     @staticmethod
     def _previews(specs: list[GenerationSpec], progress: Progress) -> None:
@@ -78,6 +94,13 @@ def _preview(spec: GenerationSpec, seed: int, step: int) -> Image.Image:
     return _painted(spec, seed + 1000 * (step + 1))
 
 
+def _frames(spec: GenerationSpec) -> list[Image.Image]:
+    frames = [_painted(spec, spec.seeds[0] + 7919 * i) for i in range(spec.frames)]
+    if spec.image is not None:
+        frames[0] = spec.image.resize((spec.width, spec.height))
+    return frames
+
+
 def _painted(spec: GenerationSpec, seed: int) -> Image.Image:
     digest = zlib.crc32(f"{spec.prompt}|{seed}|{spec.loras}".encode())
     colour = (digest & 255, (digest >> 8) & 255, (digest >> 16) & 255)
@@ -89,6 +112,7 @@ class InProcess:
 
     def __init__(self, engine: FakeEngine | None = None, **settings) -> None:
         self.engine = engine or FakeEngine()
+        settings.setdefault("video_dir", Path(tempfile.mkdtemp(prefix="image-server-videos-")))  # not the user's cache
         self.settings = from_env(warmup=False, **settings)
         self.app = create_app(self.settings, engine=self.engine)
         self.http = TestClient(self.app, raise_server_exceptions=False)

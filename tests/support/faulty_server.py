@@ -13,7 +13,7 @@ _generate = DiffusersEngine.generate
 
 def generate(self, specs, progress):
     if any("EXPLODE" in spec.prompt for spec in specs):
-        raise RuntimeError("injected engine failure")
+        raise RuntimeError("injected engine failure at /srv/models/flux/transformer (a path callers must not see)")
     return _generate(self, specs, progress)
 
 

@@ -91,3 +91,55 @@ def _load(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+# Every dtype safetensors 0.8 names (its header parser lists them), and two it does not.
+SAFETENSORS_DTYPES = (
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+)  # fmt: skip
+UNKNOWN_DTYPES = ("C128", "X")
+_TORCH_FLOATS = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}  # fmt: skip
+
+
+def dtype_lora(path: Path, dtype: str) -> Path:
+    """The demo's style LoRA with every tensor in `dtype`: converted where torch has the dtype as a float, else
+    the header says `dtype` over bytes of the right count (an integer file, say, as a tool might write it)."""
+    state = _load(peft_lora(path, seed=1))
+    if dtype in _TORCH_FLOATS:
+        save_file({k: v.to(_TORCH_FLOATS[dtype]) for k, v in state.items()}, str(path))
+        return path
+    return raw_safetensors(path, {k: (dtype, list(v.shape), v.numel()) for k, v in state.items()})
+
+
+def raw_safetensors(path: Path, tensors: dict[str, tuple[str, list[int], int]], metadata: dict | None = None) -> Path:
+    """A safetensors file written by hand: name -> (dtype, shape, bytes of data, all ones)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (dtype, shape, size) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"\x01" * offset)
+    return path
+
+
+def metadata_lora(path: Path, metadata_bytes: int) -> Path:
+    """The demo's style LoRA with about `metadata_bytes` of training metadata in small entries (21 bytes each):
+    what froze the server (safetensors builds each entry holding the GIL)."""
+    state = _load(peft_lora(path, seed=1))
+    save_file(state, str(path), metadata={f"ss_tag_{i:07d}": "v" for i in range(metadata_bytes // 21)})
+    return path
+
+
+def scaled_lora(path: Path, up: float, seed: int = 1) -> Path:
+    """The demo's style LoRA with every lora_B scaled by `up`: finite, but at a large enough factor its merged
+    weights leave the model's dtype (all-black images before the range check)."""
+    state = _load(peft_lora(path, seed=seed))
+    save_file({k: v * up if ".lora_B." in k else v for k, v in state.items()}, str(path))
+    return path

@@ -6,7 +6,7 @@ import threading
 import openai
 import pytest
 
-from tests.support.fakes import InProcess
+from tests.support.fakes import FAILED_FILE, InProcess
 from tests.support.images import assert_openai_shape, decode_b64, gradient, png_bytes
 from tests.support.waiting import until
 
@@ -65,6 +65,14 @@ def test_a_bug_is_an_openai_shaped_500_with_a_request_id(app, monkeypatch):
 
 async def _explode(call):
     raise RuntimeError("a bug")
+
+
+def test_an_engine_failure_is_a_500_that_names_no_path_or_exception(app):
+    """Before: "The engine failed to generate the image: [Errno 2] No such file or directory: '/srv/...'"."""
+    response = app.http.post("/v1/images/generations", json={"prompt": "EXPLODE", "size": "64x64"})
+    error = assert_openai_shape(response.json())
+    assert response.status_code == 500 and error["code"] == "engine_error"
+    assert FAILED_FILE not in error["message"] and "No such file" not in error["message"]
 
 
 @pytest.mark.parametrize(

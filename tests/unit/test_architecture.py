@@ -39,3 +39,54 @@ def test_no_function_is_longer_than_fifty_lines():
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > MAX_LINES
     ]
     assert long == []
+
+
+# Exceptions whose text this project writes itself, in words about what the caller sent or what was decided.
+OWN_WORDS = {"APIError", "LoRAError", "UnsafeURL", "ConfigError", "_NotJSON", "JSONDecodeError", "ValidationError"}
+
+
+def _caught(handler: ast.ExceptHandler) -> set[str]:
+    types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return {t.attr if isinstance(t, ast.Attribute) else getattr(t, "id", "?") for t in types}
+
+
+def _logged(node: ast.AST) -> set[int]:
+    """The nodes inside log calls and SystemExit (the operator's eyes, not a caller's)."""
+    inside: set[int] = set()
+    for call in ast.walk(node):
+        func = getattr(call, "func", None)
+        owner = getattr(getattr(func, "value", None), "id", None)
+        if owner in ("log", "logging") or getattr(func, "id", None) == "SystemExit":
+            inside.update(id(n) for n in ast.walk(call))
+    return inside
+
+
+def _words_of(name: str, node: ast.AST) -> bool:
+    """`node` turns the exception called `name` into text: f"{exc}", str(exc), repr(exc), type(exc), "%s" % exc."""
+    named = lambda n: isinstance(n, ast.Name) and n.id == name  # noqa: E731
+    if isinstance(node, ast.FormattedValue):
+        return named(node.value)
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("str", "repr", "type", "format"):
+        return any(named(a) for a in node.args)
+    return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mod) and any(named(n) for n in ast.walk(node.right))
+
+
+def test_no_exception_text_reaches_a_caller():
+    """Issue 20, rule 7: an error message is built from what the caller sent and what the server decided, never
+    from a library's exception (an OSError's path, Pillow's object addresses, SGLang's traceback): those go to
+    the log. Inside an `except ... as exc` that catches anything but our own errors, `exc` becomes text only in
+    a log call or SystemExit."""
+    leaks = []
+    for package in ("server", "plugins"):
+        for path in modules(package):
+            for handler in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(handler, ast.ExceptHandler) or not handler.name or _caught(handler) <= OWN_WORDS:
+                    continue
+                allowed = _logged(handler)
+                leaks += [
+                    f"{path.relative_to(ROOT)}:{node.lineno}"
+                    for stmt in handler.body
+                    for node in ast.walk(stmt)
+                    if id(node) not in allowed and _words_of(handler.name, node)
+                ]
+    assert leaks == []

@@ -23,7 +23,7 @@ from server.engines.fastpath import (
     fuse_qkv,
     set_attention,
 )
-from tests.support.demo import demo_pipeline, lora_sets, render, slot
+from tests.support.demo import demo_pipeline, lora_sets, render, slot, switch
 
 H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0))
 B200 = GPU("NVIDIA B200", (10, 0))
@@ -154,8 +154,8 @@ def test_fp8_path_with_lora_slot_on_cpu(lora_dir):
     linears = [m for m in fast.transformer.modules() if hasattr(m, "base_layer")]
     assert linears and all(type(m.base_layer.weight).__name__ == "Float8Tensor" for m in linears)
     for entries in lora_sets(lora_dir)[:3]:
-        merger.apply(entries)
-        applier.apply(entries)
+        switch(merger, entries)
+        switch(applier, entries)
         expected, got = render(reference), render(fast)
         assert np.abs(expected - got).mean() < 6, entries  # FP8 weights: close, not equal
 

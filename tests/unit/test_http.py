@@ -1,17 +1,15 @@
 """server/http.py: uvicorn's protocol with a deadline for request headers and a bound on requests per
 connection, on a real socket."""
 
+import json
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
-from bench.harness import free_port
 from server.config import from_env
-from server.http import ServerProtocol
+from tests.support.loopback import exchange, serving
 
 
 async def app(scope, receive, send):
@@ -23,24 +21,9 @@ async def app(scope, receive, send):
 
 @pytest.fixture(scope="module")
 def url():
-    port = free_port()
     settings = from_env(header_timeout=1.0, max_requests_per_connection=3, keep_alive=1.0)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        http=ServerProtocol.configured(settings),
-        log_config=None,
-        timeout_keep_alive=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(app, settings, timeout_keep_alive=1) as running:
+        yield running
 
 
 def closed_by_server(sock: socket.socket, drip: bytes = b"") -> bool:
@@ -80,3 +63,25 @@ def test_the_nth_request_of_a_connection_closes_it(url):
     with httpx.Client() as client:
         answers = [client.get(url) for _ in range(4)]
     assert [r.headers.get("connection") for r in answers] == [None, None, "close", None]
+
+
+def test_content_length_with_transfer_encoding_is_a_400_and_the_connection_closes(url):
+    """RFC 9112 6.1: such a message may be refused; h11 alone lets Transfer-Encoding win, so a proxy that trusts
+    Content-Length would see the chunked body's next "request" where this server sees a body (smuggling)."""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer = exchange(url, head + body)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert answer.count(b"HTTP/1.1") == 1  # nothing else was answered on the connection: it closed
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert "Content-Length and Transfer-Encoding" in error["message"] and error["code"] == "invalid_http_request"
+
+
+@pytest.mark.parametrize(
+    "framing", [b"Content-Length: 2\r\n\r\nhi", b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"]
+)
+def test_either_framing_alone_is_served(url, framing):
+    answer = exchange(url, b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + framing)
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"2\r\nok\r\n0\r\n\r\n")

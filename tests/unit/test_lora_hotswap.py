@@ -8,7 +8,7 @@ import torch
 from plugins.lora.hotswap import HotswapLoRA, reduce_rank
 from plugins.lora.merge import LoRAMerger
 from server.lora import LoRAError, weight_shapes
-from tests.support.demo import demo_pipeline, lora_sets, render
+from tests.support.demo import demo_pipeline, lora_sets, render, switch
 
 
 def test_hot_swapped_slot_gives_the_merged_weights_images(lora_dir):
@@ -20,8 +20,8 @@ def test_hot_swapped_slot_gives_the_merged_weights_images(lora_dir):
     slot.install()
     base = render(reference)
     for entries in lora_sets(lora_dir):
-        merger.apply(entries)
-        slot.apply(entries)
+        switch(merger, entries)
+        switch(slot, entries)
         expected, got = render(reference), render(fast)
         assert np.abs(expected - got).max() <= 1, entries
         assert (np.abs(got - base).mean() > 1) == bool(entries)
@@ -72,12 +72,12 @@ def test_a_switch_writes_only_the_layers_that_change_and_a_failed_one_leaves_the
     slot.install()
     base = render(pipe)
     detail, style = lora_sets(lora_dir)[2:4]
-    slot.apply(detail)
+    switch(slot, detail)
     detail_layers = set(slot.written)
     copied: list[int] = []
     real_copy = torch._foreach_copy_
     monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: copied.append(len(dst)) or real_copy(dst, src))
-    slot.apply(style)
+    switch(slot, style)
     assert copied == [2 * len(slot.written)] and slot.written != detail_layers
     assert not any(slot.slot[name][0].any() for name in detail_layers - slot.written)
 
@@ -87,7 +87,7 @@ def test_a_switch_writes_only_the_layers_that_change_and_a_failed_one_leaves_the
 
     monkeypatch.setattr(torch, "_foreach_copy_", fail_halfway)
     with pytest.raises(RuntimeError, match="illegal memory"):
-        slot.apply(lora_sets(lora_dir)[1])
+        switch(slot, lora_sets(lora_dir)[1])
     assert slot.applied == () and not slot.broken
     assert not any(tensor.any() for pair in slot.slot.values() for tensor in pair)
     assert np.array_equal(render(pipe), base)

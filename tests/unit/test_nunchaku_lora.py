@@ -1,16 +1,20 @@
 """plugins/nunchaku_flux/lora.py: weighted LoRA sets through Nunchaku's own LoRA API.
 
-A recording stand-in replaces NunchakuFluxTransformer2dModel's LoRA methods and compose_lora (their CUDA
-kernels cannot run here); the set keys, the cache and the all-or-nothing rule run for real.
+Recording stand-ins replace NunchakuFluxTransformer2dModel's LoRA methods, to_diffusers and compose_lora (there
+is no Nunchaku without a CUDA GPU); the header bounds, the range check, the set keys, the caches and the
+all-or-nothing rule run for real.
 """
 
 import os
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from plugins.nunchaku_flux.lora import NunchakuLoRA, SetCache
 from server.lora import LoRAError, set_key
+from tests.support.demo import switch
 
 
 def _touch_later(path: Path) -> None:
@@ -59,49 +63,73 @@ class RecordingNunchakuTransformer:
         self.calls.append(("reset",))
 
 
+def convert(path: Path) -> dict:
+    """Stands in for nunchaku's to_diffusers: the file's tensors, and a marker naming it for the assertions."""
+    return {**load_file(str(path)), f"{path.stem}.marker": torch.zeros(1)}
+
+
+def names(loras) -> tuple:
+    """What a composed set was made of: (file, weight) pairs, from the markers `convert` left."""
+    return tuple((next(k for k in state if k.endswith(".marker")).removesuffix(".marker"), w) for state, w in loras)
+
+
+def nunchaku(transformer=None, compose=lambda loras: {"set": "x"}) -> NunchakuLoRA:
+    return NunchakuLoRA(transformer or RecordingNunchakuTransformer(), convert=convert, compose=compose)
+
+
 def test_nunchaku_applier_composes_each_set_once_and_resets_for_none(lora_dir):
     composed = []
 
     def compose(loras):  # stands in for nunchaku.lora.flux.compose.compose_lora
-        composed.append(loras)
-        return {"set": tuple((Path(p).stem, w) for p, w in loras)}
+        composed.append(names(loras))
+        return {"set": names(loras)}
 
     transformer = RecordingNunchakuTransformer()
-    applier = NunchakuLoRA(transformer, compose=compose)
+    applier = nunchaku(transformer, compose)
     style, detail, grain = (lora_dir / f"{n}.safetensors" for n in ("style", "detail", "grain"))
     three = ((style, 1.0), (detail, 0.7), (grain, 0.5))
-    applier.apply(three)
-    applier.apply(three)  # the same set again: nothing to do
-    applier.apply(((style, 0.5),))
-    applier.apply(())
-    applier.apply(three)  # composed before: from the cache
-    assert composed == [
-        [(str(style), 1.0), (str(detail), 0.7), (str(grain), 0.5)],
-        [(str(style), 0.5)],
-    ]
+    switch(applier, three)
+    switch(applier, three)  # the same set again: nothing to do
+    switch(applier, ((style, 0.5),))
+    switch(applier, ())
+    switch(applier, three)  # composed before: from the cache
+    assert composed == [(("style", 1.0), ("detail", 0.7), ("grain", 0.5)), (("style", 0.5),)]
     assert transformer.calls == [
         ("update", (("style", 1.0), ("detail", 0.7), ("grain", 0.5))),
         ("update", (("style", 0.5),)),
         ("reset",),
         ("update", (("style", 1.0), ("detail", 0.7), ("grain", 0.5))),
     ]
-    _touch_later(detail)  # a replaced file is composed again
-    applier.apply(())
-    applier.apply(three)
+    _touch_later(detail)  # a replaced file is converted and composed again
+    switch(applier, ())
+    with pytest.raises(LoRAError, match="'detail' was replaced"):
+        applier.apply(three)  # not checked since: the engine thread reads no file
+    switch(applier, three)
     assert len(composed) == 3
 
 
 def test_nunchaku_applier_turns_failures_into_lora_errors_and_never_keeps_half_a_set(lora_dir):
-    def broken(loras):
-        raise AssertionError("LoRA weights are in Nunchaku format")
+    def broken(path):
+        raise AssertionError(f"Key {path}.lora_A not found in new tensors.")
 
-    with pytest.raises(LoRAError, match="cannot compose"):
-        NunchakuLoRA(RecordingNunchakuTransformer(), compose=broken).check(lora_dir / "style.safetensors")
+    with pytest.raises(LoRAError, match="cannot convert") as refused:
+        NunchakuLoRA(RecordingNunchakuTransformer(), convert=broken).check(lora_dir / "style.safetensors")
+    assert str(lora_dir) not in str(refused.value)
     failing = RecordingNunchakuTransformer(fail=True)
-    applier = NunchakuLoRA(failing, compose=lambda loras: {"set": "x"})
+    applier = nunchaku(failing)
     with pytest.raises(LoRAError, match="could not load"):
-        applier.apply(((lora_dir / "style.safetensors", 1.0),))
+        switch(applier, ((lora_dir / "style.safetensors", 1.0),))
     assert failing.calls[-1] == ("reset",) and applier.applied == ()
+
+
+def test_nunchaku_refuses_a_lora_that_would_overflow_its_dtype(lora_dir, tmp_path):
+    """Converted, finite, but at weight 10 its product leaves fp16: refused when checked, before any set."""
+    state = load_file(str(lora_dir / "style.safetensors"))
+    path = tmp_path / "loud.safetensors"
+    save_file({k: v * 100 for k, v in state.items()}, str(path))
+    with pytest.raises(LoRAError, match="too large"):
+        NunchakuLoRA(RecordingNunchakuTransformer(), torch.float16, convert=convert).check(path)
+    NunchakuLoRA(RecordingNunchakuTransformer(), torch.bfloat16, convert=convert).check(path)  # bf16 holds it
 
 
 def test_the_lora_plugin_uses_the_engines_applier(lora_dir):
@@ -110,7 +138,7 @@ def test_the_lora_plugin_uses_the_engines_applier(lora_dir):
     from tests.support.fakes import FakeEngine
 
     engine = FakeEngine()
-    engine.lora_applier = NunchakuLoRA(RecordingNunchakuTransformer(), compose=lambda loras: {"set": "x"})
+    engine.lora_applier = nunchaku()
     plugin = LoRAPlugin(from_env(lora_dir=lora_dir, lora_defaults="style:0.8"), engine)
     plugin.load()
     assert plugin.applier is engine.lora_applier

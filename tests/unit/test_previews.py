@@ -5,6 +5,7 @@ import torch
 from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler
 
 from server.engines.previews import PreviewDecoder, predicted_clean, preview_steps
+from server.families import FLUX_PACKED
 from tests.support.demo import demo_pipeline
 
 
@@ -43,7 +44,7 @@ def test_every_decoder_gives_an_image_of_the_generation_size(pipe, kind, tmp_pat
         AutoencoderTiny(latent_channels=16, encoder_block_out_channels=(8, 8, 8, 8),
                         decoder_block_out_channels=(8, 8, 8, 8)).save_pretrained(folder)  # fmt: skip
         kind = f"tiny:{folder}"
-    decoder = PreviewDecoder(pipe, kind)
+    decoder = PreviewDecoder(pipe, kind, FLUX_PACKED)
     generator = torch.Generator().manual_seed(1)
     packed = torch.randn(2, (96 // 16) * (64 // 16), 64, generator=generator)  # FLUX packs 2x2 latent patches
     first, second = (decoder.render(packed[i], 64, 96)() for i in range(2))

@@ -2,8 +2,10 @@
 
 import pytest
 
+from server import rules
 from server.config import from_env
 from server.errors import APIError
+from server.families import FAMILIES
 from server.rules import check_output, fit, preset_steps, quality_preset, requested_size, seeds, steps
 
 S = from_env()
@@ -65,3 +67,40 @@ def test_seeds():
     assert seeds(2**63 - 1, 2) == [2**63 - 1, 0]
     assert len(set(seeds(None, 4))) >= 1
     assert refused(seeds, [1, 2], 3).param == "seed"
+
+
+def family_named(name: str):
+    return next(family for family in FAMILIES if family.name == name)
+
+
+WAN_A14B = family_named("Wan2.2-T2V").video
+WAN_TI2V_FAMILY = family_named("Wan2.2-TI2V")
+WAN_TI2V = WAN_TI2V_FAMILY.video
+
+
+@pytest.mark.parametrize(
+    ("seconds", "rules_", "frames"),
+    [
+        (None, WAN_A14B, 81),
+        ("5", WAN_A14B, 81),
+        ("0.25", WAN_A14B, 5),
+        ("1", WAN_TI2V, 25),
+        ("5", WAN_TI2V, 121),
+        ("0.167", WAN_TI2V, 5),  # 1/6 s has no exact decimal: a tenth of a frame off counts
+        ("0.1667", WAN_TI2V, 5),
+    ],
+)
+def test_seconds_map_to_1_plus_4k_frames(seconds, rules_, frames):
+    assert rules.video_frames(seconds, rules_) == frames
+
+
+@pytest.mark.parametrize("seconds", ["0", "0.3", "0.2", "0.16", "5.25", "6", "1/2", "1e1", " 1", "1.", "٣", "99999"])
+def test_seconds_that_do_not_fit_are_a_400_naming_seconds(seconds):
+    assert refused(rules.video_frames, seconds, WAN_A14B).param == "seconds"
+
+
+def test_a_video_size_keeps_the_family_multiple():
+    assert rules.video_size(None, WAN_TI2V_FAMILY, S) == (1280, 704)
+    assert rules.video_size("640x352", WAN_TI2V_FAMILY, S) == (640, 352)
+    error = refused(rules.video_size, "640x368", WAN_TI2V_FAMILY, S)  # 368 is a multiple of 16, not of 32
+    assert error.param == "size" and "multiples of 32" in error.message

@@ -2,7 +2,7 @@
 
 import pytest
 
-from plugins.upload.ssrf import UnsafeURL, check_url, host_allowed, public
+from plugins.upload.ssrf import UnsafeURL, check_url, public
 
 
 @pytest.mark.parametrize(
@@ -63,8 +63,18 @@ def test_urls_that_cannot_be_used_say_why(url, why):
 
 
 def test_trusted_hosts_skip_the_address_check():
-    assert check_url("http://127.0.0.1:9000/b/k", ("127.0.0.1",)).address is None
-    assert host_allowed("minio.svc.cluster.local", ("*.cluster.local",))
-    assert not host_allowed("evilcluster.local", ("*.cluster.local",))
+    assert check_url("http://127.0.0.1:9000/b/k", ("127.0.0.1:9000",)).address is None
+    assert check_url("http://127.0.0.1:9000/b/k", ("127.0.0.1:*",)).address is None
+    assert check_url("http://minio.svc.cluster.local/b/k", ("*.cluster.local",)).address is None
     with pytest.raises(UnsafeURL, match="whitespace"):
-        check_url("http://127.0.0.1\t:9000/b/k", ("127.0.0.1",))
+        check_url("http://127.0.0.1\t:9000/b/k", ("127.0.0.1:*",))
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9000/b/k", "http://127.0.0.1:9001/b/k", "http://evilcluster.local/b/k"],
+)
+def test_a_trusted_host_is_trusted_on_its_listed_port_only(url):
+    """An entry without a port trusts the scheme's default port: not the host's other services."""
+    with pytest.raises(UnsafeURL, match="must use https"):
+        check_url(url, ("127.0.0.1", "127.0.0.1:9001x", "minio:9000", "*.cluster.local"))

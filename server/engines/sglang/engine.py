@@ -24,26 +24,19 @@ from PIL import Image
 
 from server.config import Settings
 from server.engines.base import Engine, EngineHooks, Progress
-from server.engines.sglang.errors import error_text
+from server.engines.diffusers import served_name
+from server.engines.sglang.errors import error_text, refused
 from server.engines.sglang.lora import LoRAChecker, SGLangLoRAApplier
-from server.engines.sglang.models import (
-    EDIT_TASKS,
-    EMBEDDED,
-    IMAGE_TASKS,
-    NONE,
-    VIDEO_TASKS,
-    Family,
-    detect_family,
-    version_tuple,
-)
+from server.engines.sglang.models import EDIT_TASKS, IMAGE_TASKS, VIDEO_TASKS, version_tuple
 from server.engines.sglang.process import Ports, SGLangProcess
+from server.engines.sglang.video import SGLangVideos
 from server.errors import APIError, bad_request, unavailable
+from server.families import DEFAULT_TRUE_CFG, EMBEDDED, NONE, detect_family
 from server.spec import GenerationSpec
 
 log = logging.getLogger("server.engines.sglang")
 
 SGLANG_VERSION = "0.5.23"  # the version these adapters were written and tested against
-DEFAULT_TRUE_CFG = 4.0  # as the diffusers engine: the CFG weight when a negative prompt comes without one
 _QUIET_ROUTES = ("/health", "/server_info", "/v1/models")  # polled by us; kept out of SGLang's access log
 
 
@@ -111,13 +104,13 @@ class SGLangEngine(Engine):
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.settings = settings
-        self.name = settings.model_name or ("flux-demo" if settings.model == "demo" else Path(settings.model).name)
+        self.name = served_name(settings)
         self.info: dict = {"engine": "sglang"}
-        self.family: Family | None = None
         self.folder: Path | None = None
         self.process: SGLangProcess | None = None
         self.version = ""
         self.tasks: set[str] = set()
+        self.videos: SGLangVideos | None = None
         self.extra_args = shlex.split(settings.sglang_args)
         self._http = httpx.Client(
             trust_env=False,  # loopback: never through a proxy
@@ -148,12 +141,8 @@ class SGLangEngine(Engine):
         self.process.wait_ready()
         self._describe()
         self.lora_applier = SGLangLoRAApplier(self._post, self.process, LoRAChecker(self.folder), scratch)
-
-    def routers(self) -> list:
-        """/v1/videos, answered for video models (a 400 for the others)."""
-        from server.engines.sglang.video import VideoRoutes
-
-        return [VideoRoutes(self).router()]
+        if self.family.video:
+            self.videos = SGLangVideos(self._request, self._raise_for, Path(self._output_path()))
 
     def close(self) -> None:
         """Stops the child (after the service has drained)."""
@@ -195,16 +184,17 @@ class SGLangEngine(Engine):
 
     @property
     def can_generate(self) -> bool:
-        return self.family.text2img and bool(self.tasks & IMAGE_TASKS)
+        return self.family.text2img and self.family.video is None and bool(self.tasks & IMAGE_TASKS)
 
     @property
     def can_edit(self) -> bool:
-        new_enough = version_tuple(self.version) >= version_tuple(self.family.edits_since or "0")
-        return self.family.edits and new_enough and bool(self.tasks & EDIT_TASKS)
+        new_enough = version_tuple(self.version) >= version_tuple(self.family.sglang_edits_since or "0")
+        images = self.family.edits and self.family.video is None
+        return images and new_enough and bool(self.tasks & EDIT_TASKS)
 
     @property
     def can_video(self) -> bool:
-        return self.family.video and bool(self.tasks & VIDEO_TASKS)
+        return self.family.video is not None and bool(self.tasks & VIDEO_TASKS)
 
     # -- the child's command line ----------------------------------------
 
@@ -218,7 +208,7 @@ class SGLangEngine(Engine):
 
     def _output_path(self) -> str:
         """Images come back as b64_json and are never saved; videos must be saved for SGLang to serve them."""
-        if not self.family.video:
+        if self.family.video is None:
             return ""
         path = self.settings.cache_dir / "sglang-videos"
         path.mkdir(parents=True, exist_ok=True)
@@ -236,10 +226,10 @@ class SGLangEngine(Engine):
             "--output-path", self._output_path(), "--input-save-path", "",
             "--uvicorn-access-log-exclude-prefixes", *_QUIET_ROUTES,
         ]  # fmt: skip
-        if family.model_id:
+        if family.sglang_model_id:
             # a local folder is matched to a native pipeline by its name; without --backend sglang a
             # miss falls back silently to SGLang's diffusers backend, which has no LoRA
-            args += ["--backend", "sglang", "--model-id", family.model_id]
+            args += ["--backend", "sglang", "--model-id", family.sglang_model_id]
         if family.guidance_mode == EMBEDDED:
             args += ["--embedded-cfg-scale", f"{self.default_guidance:g}"]
         return args + self.extra_args  # last, so that SGLANG_ARGS overrides any of ours
@@ -262,13 +252,13 @@ class SGLangEngine(Engine):
             "engine": "sglang",
             "sglang_version": self.version,
             "family": self.family.name,
-            "sglang_model_id": self.family.model_id or None,
+            "sglang_model_id": self.family.sglang_model_id or None,
             "pipeline": card.get("pipeline_class"),
             "task_types": sorted(self.tasks),
             "generations": self.can_generate,
             "edits": self.can_edit,
             "videos": self.can_video,
-            "family_verified": self.family.verified,
+            "family_verified": self.family.sglang_verified,
         }
         log.info("SGLang %s serving %s: %s", self.version, self.name, self.info)
 
@@ -280,11 +270,14 @@ class SGLangEngine(Engine):
         )
 
     def _post(self, path: str, **kwargs) -> httpx.Response:
-        """POST to the child; a dead or unreachable child is a 503 with Retry-After, never a hang."""
+        return self._request("POST", path, **kwargs)
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        """A call to the child; a dead or unreachable child is a 503 with Retry-After, never a hang."""
         if not self.healthy:
             raise self._unavailable("SGLang is not running")
         try:
-            return self._http.post(self.process.base_url + path, **kwargs)
+            return self._http.request(method, self.process.base_url + path, **kwargs)
         except httpx.TimeoutException:
             raise APIError(
                 504,
@@ -293,7 +286,8 @@ class SGLangEngine(Engine):
                 code="timeout",
             ) from None
         except httpx.TransportError as exc:
-            raise self._unavailable(f"lost the connection to SGLang: {type(exc).__name__}") from None
+            log.warning("lost the connection to SGLang: %r", exc)
+            raise self._unavailable("lost the connection to SGLang") from None
 
     def _get(self, path: str) -> dict:
         response = self._http.get(self.process.base_url + path, timeout=10)
@@ -303,6 +297,9 @@ class SGLangEngine(Engine):
     # -- generation (engine thread) --------------------------------------
 
     def generate(self, specs: list[GenerationSpec], progress: Progress) -> list[list[Image.Image]]:
+        if specs[0].frames:
+            guidance = self.family.guidance_mode not in (EMBEDDED, NONE)
+            return [self.videos.make(spec, self.family.video.fps, guidance, progress) for spec in specs]
         return [self._images(spec, progress) for spec in specs]
 
     def _images(self, spec: GenerationSpec, progress: Progress) -> list[Image.Image]:
@@ -316,15 +313,10 @@ class SGLangEngine(Engine):
     def check(self, spec: GenerationSpec) -> None:
         """What SGLang cannot do for this family is a 400 before the request queues."""
         family = self.family.name
-        if spec.mode == "inpaint":
-            raise bad_request("Masks (inpainting) are not supported by the SGLang engine.", "mask", "unsupported")
-        if spec.mode == "img2img" and not self.can_edit:
-            raise bad_request(f"This model ({family}) has no edit endpoint in SGLang.", "image", "unsupported")
-        if spec.mode == "text2img" and not self.can_generate:
-            where = "/v1/videos" if self.can_video else "/v1/images/edits with an input image"
-            raise bad_request(
-                f"This model ({family}) does not generate images from text; use {where}.", None, "unsupported"
-            )
+        if spec.frames and not self.can_video:  # the family's video rules are /v1/videos' to check
+            raise bad_request(f"This model ({family}) makes no video in SGLang.", "model", "unsupported")
+        if not spec.frames:
+            self._check_image_mode(spec)
         if spec.strength is not None:
             raise bad_request("'strength' is not supported by the SGLang engine.", "strength", "unsupported")
         if spec.negative_prompt is not None and not self.family.negative_prompt:
@@ -335,6 +327,18 @@ class SGLangEngine(Engine):
                 "(DEFAULT_GUIDANCE, or --embedded-cfg-scale in SGLANG_ARGS); omit 'guidance_scale' or send that value.",
                 "guidance_scale",
                 "unsupported",
+            )
+
+    def _check_image_mode(self, spec: GenerationSpec) -> None:
+        family = self.family.name
+        if spec.mode == "inpaint":
+            raise bad_request("Masks (inpainting) are not supported by the SGLang engine.", "mask", "unsupported")
+        if spec.mode == "img2img" and not self.can_edit:
+            raise bad_request(f"This model ({family}) has no edit endpoint in SGLang.", "image", "unsupported")
+        if spec.mode == "text2img" and not self.can_generate:
+            where = "/v1/videos" if self.can_video else "/v1/images/edits with an input image"
+            raise bad_request(
+                f"This model ({family}) does not generate images from text; use {where}.", None, "unsupported"
             )
 
     def _fields(self, spec: GenerationSpec, seed: int, count: int) -> dict:
@@ -374,12 +378,12 @@ class SGLangEngine(Engine):
         status = response.status_code
         if status == 200:
             return
-        detail = error_text(response)
         if status in (400, 422):
-            raise bad_request(f"SGLang refused the request: {detail}", None, "invalid_value")
+            raise bad_request(refused("the request", response), None, "invalid_value")
         if status == 503:
-            raise self._unavailable(detail or "SGLang is unavailable")
-        log.error("SGLang answered %d: %s", status, detail)
+            log.warning("SGLang answered 503: %s", error_text(response))
+            raise self._unavailable("SGLang is unavailable")
+        log.error("SGLang answered %d: %s", status, error_text(response))
         raise APIError(
             500,
             f"SGLang failed to generate the image (HTTP {status}; the server log has its reason).",

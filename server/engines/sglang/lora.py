@@ -2,7 +2,8 @@
 
 Why a check of our own: SGLang accepts a LoRA whose keys match no layer of the model with a 200 and a log
 line, and one whose shapes do not fit leaves the model broken until its weights are unmerged. So every file
-is checked first, with the reader the diffusers engine uses (`server.lora.parse_lora`), against the model's
+is checked first, off the engine thread, with the reader the diffusers engine uses (`server.lora.parse_lora`,
+its bounds, and the range check in bf16, SGLang's dtype for DiTs), against the model's
 transformer(s) built from their configs on PyTorch's meta device: every module name and weight shape, no
 weights loaded, no memory used. Keys are converted by the model's own diffusers pipeline class (kohya, xlabs
 and PEFT formats), and only the keys for the transformer(s) count, as SGLang applies LoRAs to its DiT alone.
@@ -25,14 +26,25 @@ again.
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import torch
 
-from server.engines.sglang.errors import error_text
-from server.lora import LoRAApplier, LoRAError, LoRASet, file_stamp, parse_lora, weight_shapes
+from server.engines.sglang.errors import refused
+from server.lora import (
+    LoRAApplier,
+    LoRAError,
+    LoRASet,
+    ParsedFiles,
+    check_header,
+    file_stamp,
+    parse_lora,
+    weight_shapes,
+)
 
 log = logging.getLogger("server.engines.sglang")
 
@@ -42,7 +54,6 @@ RESET = "image-server-reset"  # the nickname of the adapter that matches no laye
 
 def _meta_module(folder: Path, class_name: str):
     import diffusers
-    import torch
 
     cls = getattr(diffusers, class_name, None)
     if cls is None:
@@ -78,40 +89,39 @@ class ModelSkeleton:
 
 
 class LoRAChecker:
-    """Checks LoRA files against the model; the skeleton is built at the first check, verdicts cached by stamp."""
+    """Checks LoRA files against the model off the engine thread; the skeleton is built at the first check,
+    verdicts kept by stamp (the parsed layers are not: SGLang reads the file itself)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._skeleton: ModelSkeleton | bool | None = False  # False: not built yet; None: cannot be built
         self._shapes: dict = {}
-        self._verdicts: dict[Path, tuple[tuple, str]] = {}
+        self._building = threading.Lock()
+        self.files = ParsedFiles(self._verdict)
 
     def check(self, path: Path) -> None:
-        stamp = file_stamp(path)  # FileNotFoundError: the caller answers a 400
-        cached = self._verdicts.get(path)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, self._verdict(path))
-            self._verdicts[path] = cached
-        if cached[1]:
-            raise LoRAError(cached[1])
+        """Any thread but the engine's (LoRAError: why the file cannot apply)."""
+        self.files.parse(path)
+
+    def checked(self, path: Path) -> None:
+        """The engine thread: the file as it is now passed `check` (it is not read again)."""
+        self.files.parsed(path)
 
     def forget(self, path: Path) -> None:
-        self._verdicts.pop(path, None)
+        self.files.forget(path)
 
-    def _verdict(self, path: Path) -> str:
-        """'' when the file fits the model, else why not."""
+    def _verdict(self, path: Path) -> None:
         skeleton = self._build()
         if skeleton is None:
-            return ""
-        try:
-            parse_lora(skeleton, path, self._shapes)
-        except LoRAError as exc:
-            return str(exc)
-        return ""
+            check_header(path)  # without the model's layers, at least the bounds and the dtypes
+            return
+        parse_lora(skeleton, path, self._shapes, torch.bfloat16)
 
     def _build(self) -> ModelSkeleton | None:
-        if self._skeleton is not False:
-            return self._skeleton
+        with self._building:
+            return self._skeleton if self._skeleton is not False else self._build_now()
+
+    def _build_now(self) -> ModelSkeleton | None:
         started = time.monotonic()
         try:
             self._skeleton = ModelSkeleton(self.folder)
@@ -127,7 +137,6 @@ class LoRAChecker:
 
 def write_reset_lora(path: Path) -> Path:
     """A LoRA whose one layer exists in no model."""
-    import torch
     from safetensors.torch import save_file
 
     save_file({f"{RESET}.lora_A.weight": torch.zeros(1, 1), f"{RESET}.lora_B.weight": torch.zeros(1, 1)}, str(path))
@@ -171,7 +180,7 @@ class SGLangLoRAApplier(LoRAApplier):
 
     def _apply(self, loras: LoRASet) -> None:
         for path, _ in loras:
-            self._checker.check(path)
+            self._checker.checked(path)
         if not loras:
             self._reset()
             return
@@ -187,7 +196,7 @@ class SGLangLoRAApplier(LoRAApplier):
             body["merge_mode"] = "merge"  # SGLang's dynamic mode takes one adapter per target
         response = self._post("/v1/set_lora", json=body)
         if response.status_code != 200:
-            raise LoRAError(f"SGLang refused it: {error_text(response)}")
+            raise LoRAError(refused("the LoRA set", response))
         self._loaded.update(nicknames)
 
     def _clear_layers(self) -> None:
@@ -195,11 +204,11 @@ class SGLangLoRAApplier(LoRAApplier):
         reset_path = None if RESET in self._loaded else str(self._reset_path)
         response = self._post("/v1/set_lora", json={"lora_nickname": RESET, "lora_path": reset_path})
         if response.status_code != 200:
-            raise LoRAError(f"SGLang could not clear the previous set: {error_text(response)}")
+            raise LoRAError(refused("to clear the previous LoRA set", response))
         self._loaded.add(RESET)
 
     def _reset(self) -> None:
         """Unmerging gives the base weights back bit for bit (and clears a failed set_lora, SGLang 0.5.23)."""
         response = self._post("/v1/unmerge_lora_weights", json={})
         if response.status_code != 200:
-            raise LoRAError(f"SGLang could not restore the base weights: {error_text(response)}")
+            raise LoRAError(refused("to restore the base weights", response))

@@ -1,147 +1,96 @@
-"""/v1/videos for video models (Wan 2.2 T2V, I2V, TI2V): SGLang's asynchronous video jobs, passed through.
+"""Videos through the SGLang child (Wan 2.2 T2V, I2V, TI2V): one video spec becomes one of SGLang's asynchronous
+video jobs, made on the engine thread like any generation.
 
-image-server adds what SGLang lacks: the API key, readiness (503 while loading, restarting or draining) and a
-bound on unfinished jobs (429 with Retry-After, MAX_QUEUE, counted from SGLang's own job list). Only the
-documented request fields go through: SGLang would also take server file paths (`output_path`, `video_path`,
-model paths), which a client must not choose. Server paths are taken out of the answers.
-
-A model without video answers 400 here. Not run on this project's CI: video models need GPUs and their
-weights.
+The routes, the job store and the encoding are the server's (/v1/videos in server/video_api.py), the same as
+for the diffusers engine: SGLang only makes the frames. Its job is created with the spec's exact frame count,
+size, seed and steps, polled (its `progress` becomes the steps done), its MP4 downloaded and decoded to
+frames, and the job and its file deleted: SGLang keeps nothing. Only the documented fields are sent; SGLang
+would also take server file paths, which no client chooses here.
 """
 
-import json
-import re
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
-from starlette.datastructures import UploadFile
+from PIL import Image
 
-from server.auth import require_api_key
-from server.bodies import parse_json
-from server.engines.sglang.errors import error_text
-from server.errors import APIError, bad_request, unavailable
+from server.engines.base import Progress
+from server.errors import APIError
+from server.images import encode_image
+from server.spec import GenerationSpec
+from server.video_encode import frames_of
 
-FIELDS = {
-    "prompt", "model", "n", "seconds", "size", "fps", "num_frames", "seed", "width", "height",
-    "num_inference_steps", "guidance_scale", "guidance_scale_2", "true_cfg_scale", "negative_prompt",
-    "input_reference",
-}  # fmt: skip
-_PRIVATE = ("file_path", "file_paths")  # server paths in SGLang's job objects
-_FINISHED = {"completed", "failed"}
-_VIDEO_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+
+# (method, path, **httpx arguments) -> the child's answer; 503/504 for a child that is gone or silent
+Request = Callable[..., httpx.Response]
 
 
-def _job(body: dict) -> dict:
-    return {k: v for k, v in body.items() if k not in _PRIVATE}
+class SGLangVideos:
+    def __init__(self, request: Request, raise_for: Callable[[httpx.Response], None], output: Path) -> None:
+        self.request = request
+        self.raise_for = raise_for
+        self.output = output  # SGLang's --output-path: the only folder whose files are deleted here
 
-
-def relay(response: httpx.Response) -> Response:
-    """SGLang's answer in our shapes: the job without server paths, or an OpenAI-shaped error."""
-    if response.status_code == 200:
-        body = response.json()
-        if isinstance(body.get("data"), list):
-            body["data"] = [_job(job) for job in body["data"]]
-        return Response(json.dumps(_job(body)), media_type="application/json")
-    detail = error_text(response)
-    if response.status_code in (400, 404, 422):
-        raise APIError(400 if response.status_code == 422 else response.status_code, detail, code="sglang_refused")
-    raise APIError(502, f"SGLang answered {response.status_code}: {detail[:300]}", code="engine_error")
-
-
-class VideoRoutes:
-    """The /v1/videos routes of one SGLang engine."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.client = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(60.0, connect=5.0))
-
-    def base_url(self, request: Request) -> str:
-        request.app.state.service.lifecycle.check_accepting()
-        if not self.engine.can_video:
-            family = self.engine.info.get("family")
-            raise bad_request(f"This model ({family}) does not generate video.", None, "unsupported")
-        return self.engine.process.base_url + "/v1/videos"
-
-    def video_url(self, request: Request, video_id: str) -> str:
-        if not _VIDEO_ID.match(video_id):
-            raise APIError(404, f"No video {video_id!r}.", code="not_found")
-        return f"{self.base_url(request)}/{video_id}"
-
-    async def send(self, method: str, url: str, stream: bool = False, **kwargs) -> httpx.Response:
-        """A dead or unreachable child is a 503 with Retry-After, as for images."""
+    def make(self, spec: GenerationSpec, fps: int, guidance: bool, progress: Progress) -> list[Image.Image]:
+        """Engine thread: the spec's frames."""
+        job = self._create(spec, fps, guidance)
         try:
-            return await self.client.send(self.client.build_request(method, url, **kwargs), stream=stream)
-        except httpx.TransportError as exc:
-            message = f"The generation engine is restarting (lost the connection: {type(exc).__name__}); retry shortly."
-            raise unavailable(message, "engine_restarting", self.engine.retry_after) from None
+            self._wait(job["id"], spec.steps, progress)
+            response = self.request("GET", f"/v1/videos/{job['id']}/content")
+            self.raise_for(response)
+            return frames_of(response.content)
+        finally:
+            self._forget(job)
 
-    async def check_capacity(self, url: str, limit: int) -> None:
-        response = await self.send("GET", url, params={"limit": 100})
-        if response.status_code != 200:
-            relay(response)
-        listed = response.json().get("data", [])
-        unfinished = sum(1 for job in listed if job.get("status") not in _FINISHED)
-        if unfinished >= limit:
-            raise APIError(
-                429,
-                f"{unfinished} video jobs are unfinished (the limit is {limit}); retry later.",
-                code="queue_full",
-                headers={"Retry-After": "30"},
-            )
+    def _create(self, spec: GenerationSpec, fps: int, guidance: bool) -> dict:
+        fields = {
+            "prompt": spec.prompt,
+            "size": f"{spec.width}x{spec.height}",
+            "num_frames": spec.frames,
+            "fps": fps,
+            "seed": spec.seeds[0],
+            "num_inference_steps": spec.steps,
+        }
+        if guidance:
+            fields["guidance_scale"] = spec.guidance
+        if spec.negative_prompt is not None:
+            fields["negative_prompt"] = spec.negative_prompt
+        if spec.image is None:
+            response = self.request("POST", "/v1/videos", json=fields)
+        else:
+            files = {"input_reference": ("reference.png", encode_image(spec.image, "png", 0), "image/png")}
+            response = self.request("POST", "/v1/videos", data={k: str(v) for k, v in fields.items()}, files=files)
+        self.raise_for(response)
+        return response.json()
 
-    async def create(self, request: Request) -> Response:
-        url = self.base_url(request)
-        await self.check_capacity(url, request.app.state.settings.max_queue)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return await self._create_multipart(request, url)
-        body = parse_json(await request.body())
-        reference = body.get("input_reference")
-        if reference is not None and not str(reference).startswith("data:"):
-            raise bad_request(
-                "'input_reference' must be a data: URL, or a file in a multipart body.", "input_reference"
-            )
-        return relay(await self.send("POST", url, json={k: v for k, v in body.items() if k in FIELDS}))
+    def _wait(self, job_id: str, steps: int, progress: Progress) -> None:
+        while not progress.should_stop():
+            response = self.request("GET", f"/v1/videos/{job_id}")
+            self.raise_for(response)
+            job = response.json()
+            if progress.step is not None:
+                progress.step(round(steps * int(job.get("progress") or 0) / 100), steps)
+            if job.get("status") == "completed":
+                return
+            if job.get("status") == "failed":
+                reason = (job.get("error") or {}).get("message") or "no reason given"
+                log.error("SGLang failed to make video job %s: %s", job_id, str(reason)[:500])
+                message = "SGLang failed to make the video; the server log has its reason."
+                raise APIError(500, message, code="engine_error")
+            time.sleep(POLL_SECONDS)
+        raise APIError(503, "The video was stopped: nobody waits for it any more.", code="stopped")
 
-    async def _create_multipart(self, request: Request, url: str) -> Response:
-        form = await request.form(max_files=1, max_fields=50)
-        data = {k: v for k, v in form.items() if k in FIELDS and isinstance(v, str)}
-        upload = form.get("input_reference")
-        files = None
-        if isinstance(upload, UploadFile):
-            files = {"input_reference": (upload.filename or "reference", await upload.read(), upload.content_type)}
-        return relay(await self.send("POST", url, data=data, files=files))
-
-    async def content(self, request: Request, video_id: str) -> Response:
-        params = {"variant": request.query_params["variant"]} if "variant" in request.query_params else {}
-        upstream = await self.send("GET", self.video_url(request, video_id) + "/content", stream=True, params=params)
-        if upstream.status_code != 200:
-            await upstream.aread()
-            await upstream.aclose()
-            return relay(upstream)
-        return StreamingResponse(
-            upstream.aiter_bytes(),
-            media_type=upstream.headers.get("content-type", "video/mp4"),
-            background=BackgroundTask(upstream.aclose),
-        )
-
-    def router(self) -> APIRouter:
-        router = APIRouter(dependencies=[Depends(require_api_key)])
-        router.add_api_route("/v1/videos", self.create, methods=["POST"])
-        router.add_api_route("/v1/videos/{video_id}/content", self.content, methods=["GET"])
-
-        @router.get("/v1/videos")
-        async def list_videos(request: Request) -> Response:
-            params = {k: v for k, v in request.query_params.items() if k in ("after", "limit", "order")}
-            return relay(await self.send("GET", self.base_url(request), params=params))
-
-        @router.get("/v1/videos/{video_id}")
-        async def get_video(request: Request, video_id: str) -> Response:
-            return relay(await self.send("GET", self.video_url(request, video_id)))
-
-        @router.delete("/v1/videos/{video_id}")
-        async def delete_video(request: Request, video_id: str) -> Response:
-            return relay(await self.send("DELETE", self.video_url(request, video_id)))
-
-        return router
+    def _forget(self, job: dict) -> None:
+        """SGLang's record and file of the job; a failure here costs disk, never the video."""
+        try:
+            self.request("DELETE", f"/v1/videos/{job['id']}")
+        except APIError as exc:
+            log.warning("could not delete SGLang's video job %s: %s", job["id"], exc.message)
+        path = Path(job.get("file_path") or "")
+        if path.is_file() and path.resolve().is_relative_to(self.output.resolve()):
+            path.unlink(missing_ok=True)
