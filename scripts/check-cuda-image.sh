@@ -115,7 +115,9 @@ EOF
 [ "$attention" = "flash (FlashAttention 4)" ] || fail "ATTENTION=flash on Hopper: $attention"
 check "ATTENTION=flash on Hopper sets $attention in diffusers"
 
-in_image image-server serve --help | grep -q -- --model || fail "image-server serve --help"
+# Into a variable, not `| grep -q`: grep's early exit would break docker's pipe and fail the check.
+serve_help=$(in_image image-server serve --help)
+[[ $serve_help == *--model* ]] || fail "image-server serve --help: $serve_help"
 check "image-server serve --help"
 
 # -- the server, on the demo model, on the CPU ------------------------------------------------------------------
