@@ -21,7 +21,7 @@ from PIL import Image
 from server.config import Settings
 from server.engines.base import Engine, EngineHooks, Fallback, LoRATarget, PipelineContext, Progress, ProvidedPipeline
 from server.engines.compile_cache import CompileCache
-from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu
+from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu, installed_kernels
 from server.engines.previews import PreviewDecoder, decoder_problem, predicted_clean, preview_steps
 from server.errors import bad_request
 from server.families import (
@@ -150,7 +150,7 @@ class DiffusersEngine(Engine):
         self._load_diffusers(options, gpu, path, hooks)
 
     def _load_diffusers(self, options: FastOptions, gpu, path: Path, hooks: EngineHooks) -> None:
-        problems = check_options(options, gpu)
+        problems = check_options(options, gpu, installed_kernels())
         if problems:
             fallback = f" [fallback: {self.info['fallback']}]" if self.info["fallback"] else ""
             raise SystemExit(" ".join(problems) + fallback)

@@ -20,9 +20,9 @@ import pytest
 
 from plugins.nsfw.demo import write_demo_classifier
 from server.engines.demos import demo_model_path
-from tests.support.server import CACHE_DIR, ServerProcess
 from tests.support.images import assert_other_image, assert_same_image, decode_b64, gradient, pixels, png_bytes
 from tests.support.loras import transformer_lora
+from tests.support.server import CACHE_DIR, ServerProcess
 
 FAST = {"num_inference_steps": 2, "seed": 5}
 

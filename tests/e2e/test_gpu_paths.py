@@ -45,7 +45,8 @@ def test_fp8_on_a_cpu_machine_refuses_to_start_with_the_reason():
 
 @pytest.mark.parametrize("backend", ["_flash_3", "flash"])
 def test_an_attention_kernel_that_cannot_run_is_refused(backend):
-    """FlashAttention 3, and flash-attn (the image's WITH_FLASH_ATTN=1), are not installed here: refused with why."""
+    """FlashAttention 3 is not installed here, and flash (FlashAttention 4 or flash-attn 2) needs a GPU: refused with
+    why."""
     exits_with({"ATTENTION": backend}, f"ATTENTION={backend} cannot run here")
 
 
