@@ -172,7 +172,7 @@ def test_first_block_cache_on_the_diffusers_path():
 def family_pipeline(demo: str):
     from server.engines.demos import demo_model_path
     from server.engines.diffusers import load_pipeline
-    from tests.conftest import CACHE_DIR
+    from tests.support.server import CACHE_DIR
 
     pipe = load_pipeline(demo_model_path(CACHE_DIR, demo), torch.float32)
     pipe.set_progress_bar_config(disable=True)
