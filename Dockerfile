@@ -1,6 +1,8 @@
 # image-server, installable offline. Build with ./build.sh once ./download-packages.sh has filled the wheelhouse
-# (docs/DEPLOYMENT.md). One file, two variants:
+# (docs/DEPLOYMENT.md). One file, three variants:
 #   CUDA (the default): the NVIDIA devel base, Ubuntu 24.04's Python 3.12, the CUDA lock, and the SGLang engine;
+#   CUDA on Debian (./build.sh --debian): a Debian 12 base, its Python 3.11, the CUDA lock for it, which adds CUDA's
+#     devel toolchain from PyPI wheels (for builders that cannot pull the NVIDIA base), and the SGLang engine;
 #   CPU (./build.sh --cpu): a Debian 12 base, its Python 3.11, the CPU lock (CI runs this one for real).
 # One stage on purpose: the CUDA devel base keeps gcc, nvcc and ninja in the image, which Triton's JIT (torch.compile)
 # and flash-attn/Nunchaku source builds need at run or build time.
@@ -14,15 +16,17 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # PYTHON is the base's own Python, named as its packages are: python3.12 on Ubuntu 24.04, python3.11 on Debian 12
 # (both ship python3.X, python3.X-venv and python3.X-dev). -dev because Triton compiles its launcher stubs against
 # Python.h at run time. libnuma1: SGLang's kernels link against it. ninja-build: torch extension builds (flash-attn).
-# curl: the HEALTHCHECK. apt-get clean: a base made with mmdebstrap (docker/debian-base.sh) would keep the
-# downloaded packages (100 MB); the official images delete them by themselves. Not pinned to versions: the base
-# image's tag is the pin, and the archives drop superseded versions, so exact pins would break the build at the next
-# security update.
+# COMPILER: the host compiler of nvcc and Triton's JIT; the NVIDIA devel base has it already, a Debian base does
+# not (the CPU variant leaves it out). curl: the HEALTHCHECK. apt-get clean: a base made with mmdebstrap
+# (docker/debian-base.sh) would keep the downloaded packages (100 MB); the official images delete them by themselves.
+# Not pinned to versions: the base image's tag is the pin, and the archives drop superseded versions, so exact pins
+# would break the build at the next security update.
 ARG PYTHON=python3.12
-# hadolint ignore=DL3008
+ARG COMPILER=g++
+# hadolint ignore=DL3008,SC2086
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      "${PYTHON}" "${PYTHON}-venv" "${PYTHON}-dev" libnuma1 ninja-build curl ca-certificates \
+      "${PYTHON}" "${PYTHON}-venv" "${PYTHON}-dev" ${COMPILER} libnuma1 ninja-build curl ca-certificates \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
@@ -33,7 +37,8 @@ RUN useradd --uid 1001 --gid 0 --no-create-home --home-dir /app/state/home --she
 
 # One writable path, /app/state: HOME and every cache (Hugging Face, torch, Inductor, Triton, CUDA JIT) and the
 # images served by URL. In Kubernetes it is an emptyDir; the root filesystem can then be read-only.
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PATH=/opt/venv/bin:/usr/local/cuda/bin:$PATH \
+    CUDA_HOME=/usr/local/cuda \
     USER=image-server \
     HOME=/app/state/home \
     XDG_CACHE_HOME=/app/state/cache \
@@ -65,13 +70,27 @@ RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     MAX_JOBS=${MAX_JOBS} /app/docker/install.sh --python "${PYTHON}" --venv /opt/venv \
       --wheelhouse /wheelhouse --lock "/app/src/${LOCK}" ${WHEELS:+--wheels "/app/src/${WHEELS}"}
 
-# flash-attn (ATTENTION=flash), optional: built here from its PyPI sdist against the image's torch with nvcc, MAX_JOBS
-# jobs (hours at 2; each job may take 8-9 GB of memory). Its list (URL SHA256: einops, wheel, the sdist) is fetched
-# by ./download-packages.sh. FORCE_BUILD: never fetch a prebuilt wheel from GitHub, the wheelhouse is the only
-# source. FLASH_ATTN_CUDA_ARCHS: the GPU generations compiled for; fewer is faster (e.g. 90 for H100/H200 only).
+# A base without CUDA's toolkit (./build.sh --debian) has it from the lock's PyPI wheels
+# (requirements/cuda-toolchain.in), under the venv's site-packages/nvidia/cu13: /usr/local/cuda points there, where
+# the NVIDIA base keeps its own, as PATH and CUDA_HOME (torch's extension builds, flashinfer's JIT) expect. The wheels
+# put the libraries in lib/, where nvcc's profile links from lib64/ (libcudart_static): that link too.
+ARG CUDA_FROM_WHEELS=0
+RUN if [ "${CUDA_FROM_WHEELS}" = 1 ]; then \
+      toolkit="/opt/venv/lib/${PYTHON}/site-packages/nvidia/cu13" \
+      && ln -s "${toolkit}" /usr/local/cuda \
+      && ln -s lib "${toolkit}/lib64" \
+      && nvcc --version; \
+    fi
+
+# flash-attn 2 (ATTENTION=flash where FlashAttention 4 does not run: Ampere, Ada), optional: built here from its PyPI
+# sdist against the image's torch with nvcc, MAX_JOBS jobs (hours at 2; each job may take 8-9 GB of memory). Its list
+# (URL SHA256: einops, wheel, the sdist, then FA4 again over the files flash-attn 2 overwrites) is fetched by
+# ./download-packages.sh. FORCE_BUILD: never fetch a prebuilt wheel from GitHub, the wheelhouse is the only source.
+# FLASH_ATTN_CUDA_ARCHS: the GPU generations compiled for, by default Ampere's (8.0; Ada runs it too): Hopper and
+# Blackwell take FA4, so compiling for them (90;100;120) only costs build time.
 ARG WITH_FLASH_ATTN=0
 ARG FLASH_ATTN=requirements/flash-attn-cuda.txt
-ARG FLASH_ATTN_CUDA_ARCHS="80;90;100;120"
+ARG FLASH_ATTN_CUDA_ARCHS="80"
 RUN --mount=type=bind,source=wheelhouse,target=/wheelhouse \
     if [ "${WITH_FLASH_ATTN}" = 1 ]; then \
       FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS="${FLASH_ATTN_CUDA_ARCHS}" MAX_JOBS=${MAX_JOBS} \

@@ -3,13 +3,16 @@
 # image-server:<git tag of HEAD, else its short hash>[-variant]. Never tags `latest`: a tag names exactly one build,
 # which is what a rollout needs.
 #
-#   ./build.sh [--cpu] [--lean] [--flash-attn] [--wheelhouse DIR] [--save] [extra docker build flags...]
+#   ./build.sh [--cpu | --debian] [--lean] [--flash-attn] [--wheelhouse DIR] [--save] [extra docker build flags...]
 #
 #   (none)            the CUDA image with the SGLang engine (ENGINE=sglang), from wheelhouse/
 #   --lean            without SGLang (several GB smaller); tag suffix -lean
 #   --flash-attn      flash-attn compiled in (ATTENTION=flash; hours at MAX_JOBS=2); tag suffix -flash-attn
 #   --cpu             the CPU variant: debian:bookworm-slim, Python 3.11, CPU torch, no SGLang, from wheelhouse-cpu/;
 #                     tag suffix -cpu. Without a registry: --build-arg BASE_IMAGE="$(docker/debian-base.sh)"
+#   --debian          the CUDA image on debian:bookworm-slim instead of the NVIDIA base: Python 3.11, CUDA's toolchain
+#                     (nvcc) from PyPI wheels, with SGLang, from wheelhouse-debian/; tag suffix -debian. Without a
+#                     registry, as --cpu: --build-arg BASE_IMAGE="$(docker/debian-base.sh)"
 #   --wheelhouse DIR  the wheels (default $WHEELHOUSE, else the folder download-packages.sh fills by default)
 #   --save            also write out/image-server-<tag>.tar.gz (docker save) for an offline cluster, and print the
 #                     `docker load` line that brings it in there
@@ -22,11 +25,12 @@ root=$(cd "$(dirname "$0")" && pwd)
 cd "$root"
 docker=${DOCKER:-docker}
 
-save=0 cpu=0 lean=0 flash_attn=0 wheelhouse=${WHEELHOUSE:-}
+save=0 cpu=0 debian=0 lean=0 flash_attn=0 wheelhouse=${WHEELHOUSE:-}
 while [ $# -gt 0 ]; do
   case $1 in
     --save) save=1 ;;
     --cpu) cpu=1 ;;
+    --debian) debian=1 ;;
     --lean) lean=1 ;;
     --flash-attn) flash_attn=1 ;;
     --wheelhouse) wheelhouse=${2?} && shift ;;
@@ -34,8 +38,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ $cpu -eq 1 ] && [ $flash_attn -eq 1 ]; then
-  echo "build.sh: --flash-attn needs the CUDA image (nvcc), not --cpu" >&2
+if [ $cpu -eq 1 ] && [ $((flash_attn + debian)) -gt 0 ]; then
+  echo "build.sh: --flash-attn and --debian need the CUDA image (nvcc), not --cpu" >&2
   exit 2
 fi
 
@@ -43,13 +47,25 @@ fi
 if [ $cpu -eq 1 ]; then
   : "${wheelhouse:=wheelhouse-cpu}"
   variant=(--build-arg BASE_IMAGE=debian:bookworm-slim --build-arg PYTHON=python3.11
-    --build-arg LOCK=requirements/cpu-py311.txt --build-arg WHEELS= --build-arg WITH_SGLANG=0)
-  suffix=-cpu description="CPU"
+    --build-arg LOCK=requirements/cpu-py311.txt --build-arg WHEELS= --build-arg WITH_SGLANG=0 --build-arg COMPILER=)
+  suffix=-cpu description="CPU" download=--cpu
 else
-  : "${wheelhouse:=wheelhouse}"
   variant=(--build-arg "WITH_SGLANG=$((1 - lean))")
-  suffix="" description="CUDA"
-  if [ $lean -eq 1 ]; then suffix=-lean description+=", lean (no SGLang)"; else description+=", with SGLang"; fi
+  if [ $debian -eq 1 ]; then
+    : "${wheelhouse:=wheelhouse-debian}"
+    variant+=(--build-arg BASE_IMAGE=debian:bookworm-slim --build-arg PYTHON=python3.11
+      --build-arg LOCK=requirements/cuda-py311.txt --build-arg WHEELS= --build-arg CUDA_FROM_WHEELS=1
+      --build-arg SGLANG_LOCK=requirements/sglang-cuda-py311.txt)
+    suffix=-debian description="CUDA on Debian 12 (toolchain from PyPI)" download=--debian
+  else
+    : "${wheelhouse:=wheelhouse}"
+    suffix="" description="CUDA" download=""
+  fi
+  if [ $lean -eq 1 ]; then
+    suffix+=-lean description+=", lean (no SGLang)" download+=" --lean"
+  else
+    description+=", with SGLang"
+  fi
 fi
 variant+=(--build-arg "WITH_FLASH_ATTN=$flash_attn")
 if [ $flash_attn -eq 1 ]; then suffix+=-flash-attn description+=", flash-attn"; fi
@@ -66,7 +82,7 @@ if [ "$tag" = latest ]; then
   exit 1
 fi
 if [ ! -d "$wheelhouse" ] || [ -z "$(find "$wheelhouse" -maxdepth 1 -name '*.whl' -print -quit)" ]; then
-  echo "build.sh: $wheelhouse is empty: run ./download-packages.sh$([ $cpu -eq 1 ] && echo " --cpu") first" >&2
+  echo "build.sh: $wheelhouse is empty: run ./download-packages.sh${download:+ $download} first" >&2
   exit 1
 fi
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine that reaches the package index: fill the wheelhouse that the image build installs from offline.
 #
-#   ./download-packages.sh [--cpu] [--lean] [--lock FILE]... [--wheels LIST]... [--dest DIR]
+#   ./download-packages.sh [--cpu | --debian] [--lean] [--lock FILE]... [--wheels LIST]... [--dest DIR]
 #                          [--python-version X.Y] [--glibc 2.NN]
 #
 # Defaults are the CUDA image's (./build.sh): requirements/cuda-py312.txt and the SGLang engine's
@@ -10,6 +10,9 @@
 # into wheelhouse/ (or $WHEELHOUSE).
 #   --cpu    the CPU image's instead (./build.sh --cpu): requirements/cpu-py311.txt for CPython 3.11 and glibc 2.36
 #            (Debian 12), no off-index wheels, into wheelhouse-cpu/ (or $WHEELHOUSE)
+#   --debian the CUDA image on a Debian 12 base (./build.sh --debian): requirements/cuda-py311.txt (with CUDA's
+#            toolchain) and sglang-cuda-py311.txt for CPython 3.11 and glibc 2.36, flash-attn's sources, no
+#            off-index wheels (wheels-cuda.txt's are cp312), into wheelhouse-debian/ (or $WHEELHOUSE)
 #   --lean   without the SGLang lock (./build.sh --lean): several GB less
 #   --lock, --wheels  replace the default locks / lists (repeat them for several; '' for none)
 # Two parts:
@@ -24,11 +27,12 @@ root=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=docker/wheel-list.sh
 source "$root/docker/wheel-list.sh"
 
-cpu=0 lean=0 dest=${WHEELHOUSE:-} python_version="" glibc=""
+cpu=0 debian=0 lean=0 dest=${WHEELHOUSE:-} python_version="" glibc=""
 locks=() lists=() locks_given=0 lists_given=0
 while [ $# -gt 0 ]; do
   case $1 in
     --cpu) cpu=1 ;;
+    --debian) debian=1 ;;
     --lean) lean=1 ;;
     --lock) locks_given=1 locks+=("${2?}") && shift ;;
     --wheels) lists_given=1 lists+=("${2?}") && shift ;;
@@ -44,6 +48,11 @@ done
 if [ $cpu -eq 1 ]; then
   default_locks=("$root/requirements/cpu-py311.txt") default_lists=()
   : "${dest:=$root/wheelhouse-cpu}" "${python_version:=3.11}" "${glibc:=2.36}"
+elif [ $debian -eq 1 ]; then
+  default_locks=("$root/requirements/cuda-py311.txt")
+  [ $lean -eq 1 ] || default_locks+=("$root/requirements/sglang-cuda-py311.txt")
+  default_lists=("$root/requirements/flash-attn-cuda.txt")
+  : "${dest:=$root/wheelhouse-debian}" "${python_version:=3.11}" "${glibc:=2.36}"
 else
   default_locks=("$root/requirements/cuda-py312.txt")
   [ $lean -eq 1 ] || default_locks+=("$root/requirements/sglang-cuda-py312.txt")

@@ -4,6 +4,7 @@ The tools run as scripts (`python bench/pressure.py`), so this module is importe
 It imports no torch: the pressure tool must stay light enough to drive a server from the same small machine.
 """
 
+import argparse
 import json
 import os
 import platform
@@ -43,6 +44,41 @@ def env_pairs(pairs: list[str] | None) -> dict[str, str]:
             raise SystemExit(f"--env wants KEY=VALUE, got {pair!r}")
         out[key] = value
     return out
+
+
+def size_arg(text: str) -> str:
+    """argparse type of a tool's --size: WIDTHxHEIGHT as the server takes it, refused before anything loads."""
+    from server.config import size_problem
+
+    if problem := size_problem(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {problem}")
+    return text
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type of an integer option that must be >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}")
+        return value
+
+    return parse
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a tool's --body: a JSON object of request fields."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of request fields")
+    return value
 
 
 def exit_on_sigterm() -> None:
@@ -157,8 +193,8 @@ def scrape(url: str, name: str, labels: str = "") -> float:
 class LoopbackS3:
     """A moto S3 server on loopback with one bucket, for the upload plugin's pre-signed PUT URLs."""
 
-    def __init__(self, bucket: str = "bench") -> None:
-        self.port = free_port()
+    def __init__(self, bucket: str = "bench", port: int = 0) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.bucket = bucket
         self.proc: subprocess.Popen | None = None
@@ -167,6 +203,12 @@ class LoopbackS3:
     def __enter__(self) -> "LoopbackS3":
         import boto3
 
+        with socket.socket() as probe:  # on a taken port moto would exit, and whatever is there would answer
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", self.port))
+            except OSError:
+                raise RuntimeError(f"port {self.port} is taken") from None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
@@ -198,6 +240,11 @@ class LoopbackS3:
         return self._client.generate_presigned_url(
             "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
         )
+
+    def objects(self) -> dict[str, int]:
+        """The bucket's objects: key -> size in bytes."""
+        listing = self._client.list_objects_v2(Bucket=self.bucket)
+        return {entry["Key"]: entry["Size"] for entry in listing.get("Contents", [])}
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:

@@ -17,7 +17,7 @@ import numpy as np
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="1024x1024")
+    p.add_argument("--size", type=harness.size_arg, default="1024x1024", help="WIDTHxHEIGHT, multiples of 16")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--pairs", type=int, default=8, help="pairs of requests measured per decoder (after a warm-up)")
     p.add_argument("--decoders", default="vae,linear", help="PREVIEW_DECODER values, comma-separated")

@@ -21,7 +21,7 @@ from throughput import closed_loop
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="256x256")
+    parser.add_argument("--size", type=harness.size_arg, default="256x256", help="WIDTHxHEIGHT, multiples of 16")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--requests", type=int, default=24, help="requests per measurement")
     parser.add_argument("--clients", default="1,4", help="closed-loop client counts")

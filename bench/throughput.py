@@ -34,7 +34,7 @@ DEFAULT_LORA_SETS = [[{"name": "bench_a", "weight": 0.8}], [{"name": "bench_b", 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default="serial,sweep,lora", help="any of serial,sweep,lora")
-    p.add_argument("--size", default="512x512")
+    p.add_argument("--size", type=harness.size_arg, default="512x512", help="WIDTHxHEIGHT, multiples of 16")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--concurrency", default="1,2,4,8,16", help="client counts of the sweep")
     p.add_argument("--requests", type=int, default=48, help="requests per measurement (at least 3 per client)")
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the median run is reported")
     p.add_argument("--threads", type=int, default=harness.cpu_count(), help="torch threads, everywhere")
     p.add_argument("--env", action="append", help="KEY=VALUE for the servers and the engine (repeatable)")
-    p.add_argument("--body", default="{}", help="extra request fields, JSON")
+    p.add_argument("--body", type=harness.json_object, default={}, help="extra request fields, JSON")
     p.add_argument("--lora-dir", type=Path, help="LoRA files (default: two random LoRAs made for the demo model)")
     p.add_argument("--lora-sets", default=json.dumps(DEFAULT_LORA_SETS), help="JSON list of `loras` values")
     p.add_argument("--lora-clients", type=int, default=16, help="concurrent clients of the LoRA mode")
@@ -64,7 +64,7 @@ def request_body(args, index: int, extra: dict | None = None) -> dict:
         "num_inference_steps": args.steps,
         "guidance_scale": 3.5,
         "seed": index,
-        **json.loads(args.body),
+        **args.body,
         **(extra or {}),
     }
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install into a virtual environment from a local wheelhouse only: pinned, hash-checked, no network.
-# The Dockerfile runs it; tests/test_deploy_install.py runs it too (fresh venv, CPU lock), so this path is tested
+# The Dockerfile runs it; tests/e2e/test_deploy_scripts.py runs it too (fresh venv, CPU lock), so this path is tested
 # without Docker.
 #
 #   docker/install.sh --venv DIR [--python PYTHON] [--wheelhouse DIR --lock FILE [--wheels LIST]] [--project DIR]
@@ -44,7 +44,11 @@ pip=("$venv/bin/python" -m pip)
 
 if [ -n "$lock" ]; then
   echo "install.sh: $lock from $wheelhouse"
-  "${pip[@]}" install --find-links "$wheelhouse" --only-binary=:all: --require-hashes -r "$lock"
+  # --no-deps: the lock is the whole set, so exactly its pins are installed, whatever other versions the wheelhouse
+  # holds (the server's and SGLang's locks share one). Resolving again would let a dependency with an extra
+  # (nvidia-cutlass-dsl[cu13]) take another lock's newer wheel, which --require-hashes refuses. pip check below
+  # proves the set complete.
+  "${pip[@]}" install --find-links "$wheelhouse" --only-binary=:all: --require-hashes --no-deps -r "$lock"
 fi
 
 if [ -n "$wheels" ]; then
@@ -54,7 +58,9 @@ if [ -n "$wheels" ]; then
     echo "install.sh: $file (off-index)"
     # Checked again here: the wheelhouse travelled from another machine.
     echo "$sha  $wheelhouse/$file" | sha256sum --check --quiet -
-    "${pip[@]}" install --find-links "$wheelhouse" --no-deps --no-build-isolation "$wheelhouse/$file"
+    # --force-reinstall: the listed file is what ends up installed, even over the same version (flash-attn-cuda.txt
+    # puts FA4 back over the files flash-attn 2 overwrote).
+    "${pip[@]}" install --find-links "$wheelhouse" --no-deps --no-build-isolation --force-reinstall "$wheelhouse/$file"
   done <<<"$entries"
 fi
 

@@ -1,4 +1,7 @@
-"""Edit an image with the official OpenAI SDK. Usage: python examples/edit.py INPUT.png [MASK.png] [OUT_FILE]"""
+"""Edit an image with the official OpenAI SDK.
+
+Usage: .venv/bin/python examples/edit.py INPUT.png [MASK.png] [OUT_FILE]
+"""
 
 import base64
 import os
@@ -7,8 +10,8 @@ from pathlib import Path
 
 try:
     from openai import OpenAI
-except ImportError:  # scripts/setup.sh installs the server, not the SDK its clients use
-    sys.exit("examples/edit.py needs the OpenAI SDK: .venv/bin/pip install openai (scripts/setup.sh --test has it)")
+except ImportError:  # run by a Python other than the venv's
+    sys.exit(f"{sys.argv[0]} needs the OpenAI SDK, which scripts/setup.sh installs: .venv/bin/python {sys.argv[0]}")
 
 client = OpenAI(
     base_url=os.environ.get("BASE_URL", "http://localhost:8000") + "/v1",

@@ -16,4 +16,4 @@ fi
 curl -sS --fail-with-body "$base_url/v1/images/edits" \
   -H "Authorization: Bearer ${OPENAI_API_KEY:-none}" \
   "${args[@]}" \
-  | python3 -c 'import base64, json, sys; d = json.load(sys.stdin)["data"][0]; open(sys.argv[1], "wb").write(base64.b64decode(d["b64_json"])); print(sys.argv[1])' "$out"
+  | python3 "$(dirname "$0")/save.py" "$out"

@@ -1,4 +1,4 @@
-"""Generate images with the official OpenAI SDK. Usage: python examples/generate.py [OUT_PREFIX]
+"""Generate images with the official OpenAI SDK. Usage: .venv/bin/python examples/generate.py [OUT_PREFIX]
 
 Extensions (seed, num_inference_steps, ...) go in `extra_body`.
 """
@@ -9,8 +9,8 @@ import sys
 
 try:
     from openai import OpenAI
-except ImportError:  # scripts/setup.sh installs the server, not the SDK its clients use
-    sys.exit("examples/generate.py needs the OpenAI SDK: .venv/bin/pip install openai (scripts/setup.sh --test has it)")
+except ImportError:  # run by a Python other than the venv's
+    sys.exit(f"{sys.argv[0]} needs the OpenAI SDK, which scripts/setup.sh installs: .venv/bin/python {sys.argv[0]}")
 
 client = OpenAI(
     base_url=os.environ.get("BASE_URL", "http://localhost:8000") + "/v1",

@@ -18,4 +18,4 @@ curl -sS --fail-with-body "$base_url/v1/images/generations" \
         "num_inference_steps": 8,
         "seed": 1234
       }' \
-  | python3 -c 'import base64, json, sys; d = json.load(sys.stdin)["data"][0]; open(sys.argv[1], "wb").write(base64.b64decode(d["b64_json"])); print(sys.argv[1], "seed", d["seed"])' "$out"
+  | python3 "$(dirname "$0")/save.py" "$out"

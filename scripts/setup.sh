@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for image-server: system packages, and a virtual environment in .venv holding the server and
-# its bench tools (with --test: the test tools too, and Docker and mmdebstrap for tests/test_container.py).
+# its bench tools.
 #
-#   scripts/setup.sh [--test]
+#   scripts/setup.sh           the server, the OpenAI SDK and the bench tools (the `bench` extra)
+#   scripts/setup.sh --unit    the server and what the in-process tests need (tests/unit): no system package
+#                              beyond Python's venv and curl, no e2e tool
+#   scripts/setup.sh --test    everything the whole suite needs: the test tools, nginx (the multi-GPU host), and
+#                              Docker, mmdebstrap and pigz for tests/e2e/test_container.py
 #
 # Idempotent: a second run only checks. .venv/.setup-stamp records what was installed (pyproject.toml's hash, the
 # extras, the torch wanted); while it matches, nothing is installed again.
@@ -12,13 +16,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want_test=0
-[ "${1:-}" = "--test" ] && want_test=1
+case "${1:-}" in
+  "") extras="bench" ;;
+  --unit) extras="unit" ;;
+  --test) extras="test" ;; # the test extra includes the others
+  *)
+    echo "usage: scripts/setup.sh [--unit | --test]" >&2
+    exit 2
+    ;;
+esac
 python=${PYTHON:-python3}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
 cpu_index=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-extras=bench
-[ $want_test -eq 1 ] && extras="test" # the test extra includes bench
 stamp=.venv/.setup-stamp
 
 step() { echo "setup: [$1/3] $2"; }
@@ -38,7 +47,7 @@ apt_install() {
 
 system_packages() {
   local packages=(python3-venv curl)
-  if [ $want_test -eq 1 ]; then
+  if [ "$extras" = test ]; then
     # nginx: the multi-GPU host's balancer; docker.io, mmdebstrap and pigz: the container test (build, Debian base,
     # build.sh --save). docker.io only where no Docker engine is installed (Docker CE's own packages would conflict).
     packages+=(nginx shellcheck mmdebstrap pigz)
@@ -87,7 +96,7 @@ stamp_text() {
 
 project_up_to_date() {
   [ -f "$stamp" ] && venv_has image-server || return 1
-  # What test installs includes bench, so a --test setup covers a plain one.
+  # One line per extra installed since pyproject.toml last changed; what test installs includes the others.
   grep -qxF -e "$(stamp_text "$extras")" -e "$(stamp_text test)" "$stamp"
 }
 
@@ -117,7 +126,7 @@ if project_up_to_date; then
 else
   step 3 "installing image-server[$extras] and its dependencies (editable)"
   .venv/bin/python -m pip install -e ".[$extras]"
-  stamp_text "$extras" >"$stamp"
+  stamp_text "$extras" >>"$stamp"
 fi
 
 versions=$(.venv/bin/python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "diffusers", v("diffusers"))')

@@ -9,6 +9,7 @@ Bodies are parsed off the event loop: JSON above LARGE_BODY and every multipart 
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -42,24 +43,21 @@ _RESPONSES = {
 }
 
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(accepting)])
+Tenant = Annotated[str, Depends(require_api_key)]  # the same call as the router's: FastAPI runs it once
 
 
 @router.post("/v1/images/generations", responses=_RESPONSES)
-async def create_image(request: Request) -> Response:
-    body = await request.body()
-    payload = await json_body(request, body)
-    return await _answer(request, ImageCall(False, payload, _base_url(request), deadline_of(request), len(body)))
+async def create_image(request: Request, tenant: Tenant) -> Response:
+    return await _answer(request, await _json_call(request, False, tenant))
 
 
 @router.post("/v1/images/edits", responses=_RESPONSES)
-async def edit_image(request: Request) -> Response:
+async def edit_image(request: Request, tenant: Tenant) -> Response:
     media_type = media_type_of(request.headers.get("content-type"))
     if media_type == "multipart/form-data":
-        call = await _multipart_edit(request)
+        call = await _multipart_edit(request, tenant)
     elif media_type == "application/json":
-        body = await request.body()
-        payload = await json_body(request, body)
-        call = ImageCall(True, payload, _base_url(request), deadline_of(request), len(body))
+        call = await _json_call(request, True, tenant)
     else:
         raise bad_request("Send the edit as multipart/form-data or application/json.", None, "unsupported_media_type")
     return await _answer(request, call)
@@ -128,6 +126,12 @@ def deadline_of(request: Request) -> float:
     return _life(request).deadline
 
 
+async def _json_call(request: Request, edit: bool, tenant: str) -> ImageCall:
+    body = await request.body()
+    payload = await json_body(request, body)
+    return ImageCall(edit, payload, _base_url(request), deadline_of(request), len(body), tenant=tenant)
+
+
 async def json_body(request: Request, body: bytes) -> dict:
     """A JSON body, parsed off the event loop when large (server/bodies.py), by the request's deadline."""
     return await read_json(body, _service(request).decoders, deadline_of(request))
@@ -139,7 +143,7 @@ async def form_parts(request: Request, limits: FormLimits) -> list[FormPart]:
     return await read_form(await request.body(), content_type, limits, _service(request).decoders, deadline_of(request))
 
 
-async def _multipart_edit(request: Request) -> ImageCall:
+async def _multipart_edit(request: Request, tenant: str) -> ImageCall:
     settings = _service(request).settings
     limits = FormLimits(MAX_INPUT_IMAGES + 1, 200, 2**20, int(settings.max_image_mb * 2**20), "image_too_large")
     parts = await form_parts(request, limits)
@@ -158,6 +162,7 @@ async def _multipart_edit(request: Request) -> ImageCall:
         multipart=True,
         uploads=files,
         mask_upload=masks[0].data if masks else None,
+        tenant=tenant,
     )
 
 

@@ -2,24 +2,34 @@
 
 The container is configured by environment, a developer by flags; a flag wins over its variable, the
 variable over the default. The server's settings are `Settings`; a plugin declares its own in a dataclass
-of `option`s (`Plugin.Settings`), so a third-party plugin adds flags without touching this file, and
-`image-server serve --help` lists them all. A value that does not parse, or is outside what its setting
+of `option`s, registered in the `image_server.settings` entry-point group under the plugin's name, so a
+third-party plugin adds flags without touching this file, and `image-server serve --help` lists them all
+without importing any plugin (nor torch). A value that does not parse, or is outside what its setting
 accepts, stops the server with one line naming the variable and what it accepts.
+
+This module imports nothing heavy: the CLI reads it before it knows whether it will serve.
 """
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 # ASCII digits only (`\d` and `$` would take "６４x６４" and a trailing newline), no leading zeros, 5 digits at most
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a gateway's tenant header, a TENANT_WEIGHTS name
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+MAX_WEIGHT = 1000.0
+SETTINGS_GROUP = "image_server.settings"
+MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 
 
 class ConfigError(ValueError):
@@ -74,6 +84,33 @@ def quality_steps_problem(value: str) -> str | None:
     except ValueError:
         return "PRESET:STEPS pairs, e.g. 'low:12,medium:20,high:28'"
     return None
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """'key-3f2a9c1b0d4e:2,batch:0.5' -> {'key-3f2a9c1b0d4e': 2.0, 'batch': 0.5}; ValueError naming what is wrong."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = (x.strip() for x in part.partition(":"))
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not TENANT_NAME.fullmatch(name) or not 0 < value <= MAX_WEIGHT:
+            raise ValueError(f"{part!r} is not NAME:WEIGHT with a weight above 0 and at most {MAX_WEIGHT:g}")
+        weights[name] = value
+    return weights
+
+
+def weights_problem(value: str) -> str | None:
+    try:
+        parse_weights(value)
+    except ValueError:
+        return f"NAME:WEIGHT pairs with weights above 0 and at most {MAX_WEIGHT:g}, e.g. 'key-3f2a9c1b0d4e:2,batch:0.5'"
+    return None
+
+
+def header_problem(value: str) -> str | None:
+    return None if not value or _HEADER_NAME.fullmatch(value) else "an HTTP header name, e.g. X-Tenant"
 
 
 # An allow-list entry (UPLOAD_ALLOWED_HOSTS, REMOTE_IMAGE_HOSTS): a name, *.domain, IPv4 or [IPv6] address, with
@@ -278,6 +315,22 @@ class Settings:
         100, "most scans of an input JPEG (a progressive one has about 10; each costs a pass over every block)", low=1
     )
 
+    # Tenants: fair shares of the queue and the engine (docs/SECURITY.md, "Fair shares")
+    tenant_header: str = option(
+        "",
+        "a header, set by a trusted gateway, that names the caller: each name is a tenant (off: each API key is one; "
+        "see docs/SECURITY.md before turning it on)",
+        check=header_problem,
+    )
+    tenant_weights: str = option(
+        "",
+        "tenants' shares of the engine as NAME:WEIGHT pairs, e.g. 'key-3f2a9c1b0d4e:2,batch:0.5' (others weigh 1)",
+        check=weights_problem,
+    )
+    tenant_queue_share: float = option(
+        0.5, "the most of MAX_QUEUE one tenant may hold, when requests can come from several", low=0.01, high=1
+    )
+
     # Plugins
     plugins: str = option("", "comma-separated plugins to enable, e.g. lora,nsfw,upload,upscale")
     admin_api_key: str = option("", "comma-separated keys allowed to manage LoRAs (POST/DELETE /v1/loras)")
@@ -288,6 +341,17 @@ class Settings:
     @property
     def api_keys(self) -> tuple[str, ...]:
         return split(self.api_key)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return parse_weights(self.tenant_weights)
+
+    @property
+    def several_tenants(self) -> bool:
+        """Whether requests can come from more than one tenant: several keys (admins' included; without API_KEY no
+        key is checked, so none names a tenant), or a gateway naming the callers."""
+        keys = set(self.api_keys + self.admin_keys) if self.api_keys else set()
+        return bool(self.tenant_header) or len(keys) > 1
 
     @property
     def default_dimensions(self) -> tuple[int, int]:
@@ -389,12 +453,19 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Mapping[str, type])
         group = parser.add_argument_group(title if title == "server" else f"plugin {title}")
         for f in options(section):
             kind = field_type(section, f)
-            default = "none" if f.default in ("", Path("")) else f.default
-            text = f"{f.metadata['help']} [env {env_name(f)}; default {default!s}]"
             if kind is bool:
-                group.add_argument(flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+                group.add_argument(
+                    flag_name(f), dest=f.name, action=argparse.BooleanOptionalAction, help=_flag_help(kind, f)
+                )
             else:
-                group.add_argument(flag_name(f), dest=f.name, metavar=env_name(f), help=text)
+                group.add_argument(flag_name(f), dest=f.name, metavar=env_name(f), help=_flag_help(kind, f))
+
+
+def _flag_help(kind: type, f: dataclasses.Field) -> str:
+    """Its help, then what it accepts (every value of a choice), its variable and its default."""
+    default = "none" if f.default in ("", Path("")) else f.default
+    accepts = "" if kind in (bool, str, Path) and not f.metadata.get("choices") else f"{_accepts(kind, f)}; "
+    return f"{f.metadata['help']} [{accepts}env {env_name(f)}; default {default!s}]"
 
 
 def _values(section: type, flags: Mapping[str, Any], environ: Mapping[str, str], problems: list[str]) -> dict:
@@ -459,9 +530,11 @@ def load(
     return settings
 
 
+def plugin_sections() -> dict[str, type]:
+    """Each installed plugin's settings class, by plugin name: the `image_server.settings` entry points."""
+    return {ep.name: ep.load() for ep in entry_points(group=SETTINGS_GROUP)}
+
+
 def from_env(**overrides: Any) -> Settings:
     """Settings from the environment alone, with every installed plugin's section (tests, benchmarks)."""
-    from server.plugins import discover
-
-    sections = {name: cls.Settings for name, cls in discover().items() if cls.Settings is not None}
-    return load(sections, **overrides)
+    return load(plugin_sections(), **overrides)

@@ -10,6 +10,7 @@ The steps, guidance, frame rates and sizes come from the model cards and SGLang 
 (`configs/pipeline_configs`, `configs/sample`).
 """
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,13 @@ QWEN_PACKED = "qwen"  # packed as FLUX.1, a 3D (video) VAE with per-channel mean
 PLAIN = "plain"  # (C, H, W) latents, a 2D VAE with scaling and shift (Z-Image)
 PLAIN_NORMALIZED = "plain-normalized"  # (C, H, W) latents, a 2D VAE with per-channel mean and std (GLM-Image)
 
+# Why some families need torchvision, which the server itself does not.
+TORCHVISION = (
+    "its text encoder's processor comes from transformers, which (5.4 and later) builds vision-language processors "
+    "only with torchvision; install the torchvision built for this torch (CPU torch: pip install torchvision "
+    "--index-url https://download.pytorch.org/whl/cpu; the CUDA image has it)"
+)
+
 # Wan's negative prompt (Wan 2.2's sample_neg_prompt, in the English its model cards and SGLang use).
 WAN_NEGATIVE = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
@@ -49,11 +57,6 @@ class Video:
     default_frames: int
     max_frames: int
     default_size: tuple[int, int]  # (width, height)
-
-    def frames(self, seconds: float) -> int:
-        """The frame count nearest to `seconds` at this frame rate that the model makes, within max_frames."""
-        steps = round((seconds * self.fps - 1) / self.frame_step)
-        return min(self.max_frames, max(1, steps * self.frame_step + 1))
 
     def frames_problem(self, frames: int) -> str | None:
         """Why this model cannot make `frames` frames, or None when it can."""
@@ -81,6 +84,7 @@ class Family:
     edits: bool = False  # from an input image: an edit, or for a video family the video's first frame
     edit_pipeline: str = ""  # diffusers' class for edits, built on the loaded weights ("": the loaded one)
     video: Video | None = None
+    needs_torchvision: bool = False  # its pipeline's processor does (TORCHVISION says why)
     latents: str = ""  # how its latents are laid out for previews ("": no previews)
     # how it is told apart from other families of the same pipeline class
     config: dict = field(default_factory=dict)  # model_index.json keys and values
@@ -131,6 +135,8 @@ FAMILIES: tuple[Family, ...] = (
         1.0,
         NONE,
         edits=True,
+        edit_pipeline="Flux2KleinPipeline",  # the same pipeline, given reference images
+        needs_torchvision=True,
         latents=FLUX2_PACKED,
         sglang_model_id="FLUX.2-klein-4B",
     ),
@@ -141,6 +147,8 @@ FAMILIES: tuple[Family, ...] = (
         4.0,
         EMBEDDED,
         edits=True,
+        edit_pipeline="Flux2Pipeline",  # the same pipeline, given reference images
+        needs_torchvision=True,
         latents=FLUX2_PACKED,
         sglang_model_id="FLUX.2-dev",
     ),
@@ -153,7 +161,9 @@ FAMILIES: tuple[Family, ...] = (
         negative=WITH_CFG,
         cfg_argument="true_cfg_scale",
         default_negative=" ",
+        batch=False,  # its pipeline takes one prompt per call
         text2img=False,
+        needs_torchvision=True,
         edits=True,
         latents=QWEN_PACKED,
         sglang_model_id="Qwen-Image-Edit-2509",
@@ -167,7 +177,9 @@ FAMILIES: tuple[Family, ...] = (
         negative=WITH_CFG,
         cfg_argument="true_cfg_scale",
         default_negative=" ",
+        batch=False,  # its pipeline takes one prompt per call
         text2img=False,
+        needs_torchvision=True,
         edits=True,
         latents=QWEN_PACKED,
         sglang_model_id="Qwen-Image-Edit",
@@ -192,7 +204,8 @@ FAMILIES: tuple[Family, ...] = (
         CFG,
         size_multiple=32,
         batch=False,  # its autoregressive stage samples a whole batch from the first image's seed
-        edits=True,
+        edits=True,  # SGLang's; diffusers 0.42.1's edit path fails on transformers 5's image features, so the
+        # diffusers engine has no edit pipeline for it
         latents=PLAIN_NORMALIZED,
         needs_name="glm-image",
         sglang_edits_since="0.5.19",
@@ -293,3 +306,14 @@ def detect_family(folder: Path, model_id: str = "") -> Family:
         return named[0] if named else Family(model_id, (), 28, 3.5, CFG, negative=TRUE_CFG, sglang_model_id=model_id)
     index = _read_json(folder / "model_index.json")
     return next((f for f in FAMILIES if _matches(f, index, folder)), GENERIC)
+
+
+def family_named(name: str) -> Family:
+    return next(family for family in FAMILIES if family.name == name)
+
+
+def missing_requirement(family: Family) -> str | None:
+    """Why this family cannot load here (a package its pipeline needs is not installed), or None when it can."""
+    if family.needs_torchvision and importlib.util.find_spec("torchvision") is None:
+        return f"{family.name} needs torchvision, which is not installed: {TORCHVISION}."
+    return None

@@ -15,6 +15,10 @@ _NOISY = ("httpx", "httpcore", "urllib3", "diffusers", "transformers", "torch", 
 _IRRELEVANT = (
     "requires torchvision (not installed)",  # transformers' image processors fall back to PIL, which we use
     "Detected no triton",  # torchao on a machine without a GPU
+    # torchao's optional kernels (MX formats, CUTLASS for Hopper) that its wheel builds for one Python and GPU;
+    # the FP8 path (torch._scaled_mm) does not use them
+    "/torchao/_C_mxfp8.",
+    "/torchao/_C_cutlass_90a.",
     "register_constant() on Enum subclasses is deprecated",  # torchao's, at import
     "Unable to import `torchao` Tensor objects",  # diffusers': for torchao-serialized checkpoints, never loaded here
 )
@@ -44,6 +48,9 @@ class DropIrrelevant(logging.Filter):
 
 
 def configure(json_lines: bool, level: str) -> None:
+    # First, as it imports torch, transformers and diffusers: their loggers get their own handlers at import,
+    # which are taken away below.
+    _route_hugging_face()
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JSONFormatter())
@@ -58,7 +65,6 @@ def configure(json_lines: bool, level: str) -> None:
         library.handlers.clear()  # transformers and torch print through handlers of their own
         library.propagate = True
         library.setLevel(max(logging.WARNING, root.level))
-    _route_hugging_face()
 
 
 def _route_hugging_face() -> None:

@@ -36,12 +36,13 @@ from typing import Generic, TypeVar
 import torch
 from safetensors.torch import load_file
 
+from server.config import MOST_LORAS
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 MAX_WEIGHT = 10.0  # the largest |weight| a request may give one LoRA (the `loras` field's bound)
-MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 # A LoRA's tensor table is a few hundred KB (FLUX with its text encoders: ~2,000 tensors); training metadata
 # adds some. Parsing 2 MiB of JSON holds the GIL for tens of milliseconds; more is refused unread.
 MAX_HEADER_BYTES = 2 * 2**20
@@ -219,10 +220,12 @@ def normalize_keys(state: dict[str, torch.Tensor], transformer_modules: set[str]
 def _convert(pipe, raw: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
     """The pipeline's own conversion to diffusers keys (kohya, xlabs, PEFT...)."""
     try:
-        state, alphas = pipe.lora_state_dict(raw, return_alphas=True)
+        converted = pipe.lora_state_dict(raw, return_alphas=True)
     except Exception as exc:  # the converters assert, index and reshape freely on files they do not expect
         log.info("LoRA key conversion failed: %r", exc)
         raise LoRAError("not a LoRA this model's loader understands (its keys are in no format it converts)") from None
+    # FLUX's loader returns (state, alphas); the other families' fold alphas into the weights and return the state
+    state, alphas = converted if isinstance(converted, tuple) else (converted, {})
     return state, alphas or {}
 
 

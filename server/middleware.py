@@ -75,14 +75,15 @@ class RequestLog:
         label = route.path if route is not None else "unmatched"
         self.metrics.requests.labels(label, str(status)).inc()
         path = scope["path"]
-        timings = scope.get("state", {}).get("timings", {})
+        state = scope.get("state", {})
         fields = {
             "request_id": rid,
             "method": scope["method"],
             "path": path,
             "status": status,
             "seconds": round(seconds, 4),
-            **{f"{k}_seconds": round(v, 4) for k, v in timings.items()},
+            **({"tenant": state["tenant"]} if "tenant" in state else {}),  # a key's label, never the key
+            **{f"{k}_seconds": round(v, 4) for k, v in state.get("timings", {}).items()},
         }
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         text = " ".join(f"{k}={v}" for k, v in fields.items())

@@ -2,8 +2,9 @@
 
 A plugin is a class registered in the `image_server.plugins` entry-point group (the built-ins in `plugins/`
 register the same way, see pyproject.toml), enabled by name with PLUGINS=lora,nsfw,upload. It declares its
-settings (`Settings`, a dataclass of `server.config.option`s: flags and variables like the server's own) and
-its request fields (`fields`, a pydantic model). Hooks, in the order they run:
+request fields (`fields`, a pydantic model); its settings (a dataclass of `server.config.option`s: flags and
+variables like the server's own) are registered under the same name in the `image_server.settings` group, from a
+light module (`server.config.plugin_sections`), and reach it as `self.config`. Hooks, in the order they run:
 
   engine, while it loads (engine thread)
     provide_pipeline(context)   build the pipeline instead of the engine (Nunchaku), or name a fallback
@@ -52,7 +53,6 @@ class RouteLimit:
 class Plugin:
     name: ClassVar[str] = ""
     fields: ClassVar[type[BaseModel] | None] = None
-    Settings: ClassVar[type | None] = None
     order: ClassVar[int] = 50  # postprocess order: lower runs first (NSFW before upscale)
 
     @classmethod

@@ -53,11 +53,14 @@ def steps(requested: int | None, preset: str, model_steps: int, configured: dict
     return chosen
 
 
-def requested_size(size: str | None, image_size: tuple[int, int] | None, s: Settings) -> tuple[int, int]:
-    """The size to generate: the request's, or for `auto` the input image's (fitted) or DEFAULT_SIZE."""
+def requested_size(
+    size: str | None, image_size: tuple[int, int] | None, s: Settings, multiple: int = 16
+) -> tuple[int, int]:
+    """The size to generate, sides in the family's `multiple`: the request's, or for `auto` the input image's
+    (fitted) or DEFAULT_SIZE (checked against the family when the model loads)."""
     if size in (None, "auto"):
-        return fit(*image_size, s) if image_size is not None else s.default_dimensions
-    return checked_size(size, 16, s)
+        return fit(*image_size, s, multiple) if image_size is not None else s.default_dimensions
+    return checked_size(size, multiple, s)
 
 
 def checked_size(size: str, multiple: int, s: Settings) -> tuple[int, int]:
@@ -90,13 +93,13 @@ def size_allowed(width: int, height: int, s: Settings) -> bool:
     )
 
 
-def fit(width: int, height: int, s: Settings) -> tuple[int, int]:
-    """An input image's size scaled into the allowed range, sides rounded down to multiples of 16.
+def fit(width: int, height: int, s: Settings, multiple: int = 16) -> tuple[int, int]:
+    """An input image's size scaled into the allowed range, sides rounded down to `multiple` (the family's).
 
     An image too long and thin for any allowed size keeps no shape worth keeping: 400, asking for a size."""
     scale = min(1.0, (s.max_pixels / (width * height)) ** 0.5, s.max_side / max(width, height))
     scale = max(scale, (s.min_pixels / (width * height)) ** 0.5)
-    fitted = max(16, int(width * scale) // 16 * 16), max(16, int(height * scale) // 16 * 16)
+    fitted = tuple(max(multiple, int(side * scale) // multiple * multiple) for side in (width, height))
     if not size_allowed(*fitted, s):
         raise bad_request(
             f"size=auto cannot fit a {width}x{height} input image into the allowed sizes ({s.min_pixels} to "

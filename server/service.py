@@ -20,11 +20,13 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from server import respond, rules
+from server.auth import DEFAULT_TENANT
 from server.bodies import LARGE_BODY
 from server.config import Settings, parse_quality_steps
 from server.decoders import DecoderPool
 from server.engines.base import Engine
 from server.errors import from_validation, timed_out
+from server.families import NONE, Family
 from server.images import InputImage, decode_job, encode_image
 from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
@@ -32,7 +34,7 @@ from server.metrics import Metrics
 from server.plugins import PluginSet
 from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
-from server.scheduler import Admission, Job, Scheduler
+from server.scheduler import Admission, Job, Scheduler, cost
 from server.spec import GenerationSpec
 from server.storage import ImageStore
 
@@ -53,6 +55,7 @@ class ImageCall:
     multipart: bool = False
     uploads: list[bytes] = field(default_factory=list)  # multipart edits: the image files
     mask_upload: bytes | None = None
+    tenant: str = DEFAULT_TENANT  # who the request is queued as (server/auth.py)
 
     def has_mask(self, request: ImageRequest) -> bool:
         return self.mask_upload is not None if self.multipart else request.mask is not None  # an edit request
@@ -66,9 +69,10 @@ class Plan:
     max_pixels: int = 0  # of each image: its size, or for an auto-sized edit the most it may get (MAX_PIXELS)
 
     @property
-    def cost(self) -> int:
-        """Images x pixels x steps, known before any input is read (an upper bound until it is)."""
-        return self.spec.n * self.max_pixels * self.spec.steps
+    def cost(self) -> float:
+        """What the request costs the engine (scheduler.cost), known before any input is read: at the most
+        pixels it may get until its input's header is read."""
+        return cost(self.spec) * self.max_pixels / (self.spec.width * self.spec.height)
 
 
 @dataclass
@@ -121,6 +125,8 @@ class ImageService:
             max_batch=s.max_batch,
             batch_window=s.batch_window_ms / 1000,
             max_bypass=s.max_bypass,
+            weights=s.weights,
+            tenant_share=s.tenant_queue_share if s.several_tenants else 1.0,
             can_batch=self.engine.can_batch,
             expect_company=lambda: self.in_flight > 1,
         )
@@ -136,6 +142,7 @@ class ImageService:
         """Blocking (the engine thread, or a benchmark that drives the engine itself)."""
         started = time.monotonic()
         self.engine.load(self.plugins)
+        check_family_settings(self.engine.family, self.settings)
         steps, guidance = self.engine.defaults()
         self.default_steps = self.settings.default_steps or steps
         self.default_guidance = guidance if self.settings.default_guidance < 0 else self.settings.default_guidance
@@ -180,7 +187,7 @@ class ImageService:
     async def _request(self, call: ImageCall) -> Result | EventStream:
         request = await self._validate(call)
         plan = await self.off_loop(self.plan, request, _mode(call, request), call.base_url)
-        admission = self._admit(plan)  # before anything is fetched or decoded: a full queue costs nothing
+        admission = self._admit(call, plan)  # before anything is fetched or decoded: a full queue costs nothing
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
@@ -216,7 +223,8 @@ class ImageService:
         s = self.settings
         rules.check_background(request.background)
         sized_by_input = mode != "text2img" and request.size in (None, "auto")
-        width, height = rules.requested_size(request.size, None, s)  # for auto, DEFAULT_SIZE until `resized`
+        multiple = self.engine.family.size_multiple
+        width, height = rules.requested_size(request.size, None, s, multiple)  # for auto: DEFAULT_SIZE till `resized`
         preset = rules.quality_preset(request.quality)
         steps = rules.steps(request.num_inference_steps, preset, self.default_steps, self.quality_steps, s.max_steps)
         strength = request.strength if mode != "text2img" else None  # a generation's `strength` is an unknown field
@@ -248,7 +256,7 @@ class ImageService:
     def resized(self, plan: Plan, image_size: tuple[int, int]) -> Plan:
         """Worker thread: an auto-sized edit at its input's size (read from the header), every size rule
         checked again."""
-        width, height = rules.requested_size("auto", image_size, self.settings)
+        width, height = rules.requested_size("auto", image_size, self.settings, self.engine.family.size_multiple)
         output_size = self.plugins.output_size(plan.spec.options, (width, height))
         rules.check_output(*output_size, plan.output.format, self.settings)
         spec = replace(plan.spec, width=width, height=height)
@@ -263,10 +271,10 @@ class ImageService:
         response_format = "b64_json" if request.stream else request.response_format or "b64_json"  # events carry b64
         return Output(fmt, compression, response_format, base_url, preset, request.partial_images or 0)
 
-    def _admit(self, plan: Plan) -> Admission:
-        """A place in the queue, held while the inputs are read; `plan.cost` is what fair shares between
-        callers weigh it by (known before any input is fetched: an upper bound for size=auto)."""
-        return self.scheduler.admit()
+    def _admit(self, call: ImageCall, plan: Plan) -> Admission:
+        """The caller's place in the queue, held (against its share) while its inputs are read, weighed by
+        what the request may cost before any input is fetched."""
+        return self.scheduler.admit(call.tenant, plan.cost)
 
     async def _submit(self, admission: Admission, plan: Plan, request: ImageRequest, call: ImageCall) -> Job:
         """The input images read in the request's queue place (held against it meanwhile), then the job."""
@@ -425,6 +433,18 @@ class Previews:
             partial_image_index=self.count[index] - 1,
             seed=self.seeds[index],  # which image of the request, as in its completed event
         )
+
+
+def check_family_settings(family: Family, s: Settings) -> None:
+    """Settings that every request of this family would break on stop the server at startup instead."""
+    width, height = s.default_dimensions
+    if width % family.size_multiple or height % family.size_multiple:
+        raise SystemExit(
+            f"DEFAULT_SIZE={s.default_size}: {family.name} needs width and height in multiples of "
+            f"{family.size_multiple}."
+        )
+    if family.guidance_mode == NONE and s.default_guidance >= 0 and s.default_guidance != family.guidance:
+        raise SystemExit(f"DEFAULT_GUIDANCE={s.default_guidance:g}: {family.name} takes no guidance; unset it.")
 
 
 def validate(model: type[BaseModel], payload: dict, form: bool = False) -> ImageRequest:

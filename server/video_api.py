@@ -10,7 +10,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
-from server.api import accepting, deadline_of, form_parts, json_body
+from server.api import Tenant, accepting, deadline_of, form_parts, json_body
 from server.auth import owner, require_api_key
 from server.bodies import FormLimits, form_fields, media_type_of
 from server.errors import bad_request
@@ -28,12 +28,13 @@ def _videos(request: Request) -> VideoService:
 
 
 @router.post("/v1/videos", dependencies=[Depends(accepting)])
-async def create_video(request: Request) -> Video:
+async def create_video(request: Request, tenant: Tenant) -> Video:
     media_type = media_type_of(request.headers.get("content-type"))
     if media_type == "multipart/form-data":
-        call = await _multipart(request)
+        call = await _multipart(request, tenant)
     elif media_type == "application/json":
-        call = VideoCall(owner(request), await json_body(request, await request.body()), deadline_of(request))
+        payload = await json_body(request, await request.body())
+        call = VideoCall(owner(request), payload, deadline_of(request), tenant=tenant)
     else:
         raise bad_request(
             "Send the video request as multipart/form-data or application/json.", None, "unsupported_media_type"
@@ -41,13 +42,13 @@ async def create_video(request: Request) -> Video:
     return await _videos(request).create(call)
 
 
-async def _multipart(request: Request) -> VideoCall:
+async def _multipart(request: Request, tenant: str) -> VideoCall:
     """The form parsed in a decode process, as an edit's is."""
     limits = FormLimits(1, 50, 2**20, int(request.app.state.settings.max_image_mb * 2**20), "image_too_large")
     parts = await form_parts(request, limits)
     payload = form_fields([(p.name, p.text) for p in parts if p.filename is None])
     data = next((p.data for p in parts if p.name == "input_reference" and p.filename is not None), None)
-    return VideoCall(owner(request), payload, deadline_of(request), data, multipart=True)
+    return VideoCall(owner(request), payload, deadline_of(request), data, multipart=True, tenant=tenant)
 
 
 @router.get("/v1/videos")
@@ -79,6 +80,6 @@ async def video_content(
 
 
 @router.post("/v1/videos/{video_id}/remix", dependencies=[Depends(accepting)])
-async def remix_video(request: Request, video_id: str) -> Video:
+async def remix_video(request: Request, video_id: str, tenant: Tenant) -> Video:
     payload = await json_body(request, await request.body())
-    return await _videos(request).remix(owner(request), video_id, payload, deadline_of(request))
+    return await _videos(request).remix(owner(request), tenant, video_id, payload, deadline_of(request))

@@ -22,12 +22,13 @@ from pathlib import Path
 from PIL import Image
 
 from server import rules
+from server.auth import DEFAULT_TENANT
 from server.errors import APIError, bad_request
 from server.families import Family
 from server.images import check_pixels, inspect
 from server.inputs import ref_bytes
 from server.protocol import Video, VideoDeleted, VideoList, VideoRemixRequest, VideoRequest
-from server.scheduler import Job
+from server.scheduler import Job, cost
 from server.service import ImageService, by_deadline, validate
 from server.spec import GenerationSpec
 from server.video_encode import video_files
@@ -47,6 +48,7 @@ class VideoCall:
     deadline: float  # the HTTP request's (monotonic): the reference image is read and decoded by then
     upload: bytes | None = None  # multipart: the input_reference file
     multipart: bool = False  # the payload is a form's text, converted by each field's type
+    tenant: str = DEFAULT_TENANT  # who the job is queued as (server/auth.py)
 
 
 @dataclass
@@ -125,9 +127,9 @@ class VideoService:
                 return None
             return await ref_bytes(request.input_reference, "input_reference", s, call.deadline, self.images.off_loop)
 
-        return await self._start(call.owner, request.prompt, params, seconds, reference, call.deadline)
+        return await self._start(call.owner, call.tenant, request.prompt, params, seconds, reference, call.deadline)
 
-    async def remix(self, owner: str, video_id: str, payload: dict, deadline: float) -> Video:
+    async def remix(self, owner: str, tenant: str, video_id: str, payload: dict, deadline: float) -> Video:
         """The source's video again (size, length, seed, steps, reference image) from a new prompt."""
         source = self._job(owner, video_id)
         request = validate(VideoRemixRequest, payload)
@@ -139,7 +141,7 @@ class VideoService:
             return await asyncio.to_thread(self.store.reference, source)
 
         return await self._start(
-            owner, request.prompt, source.params, source.video.seconds, reference, deadline, video_id
+            owner, tenant, request.prompt, source.params, source.video.seconds, reference, deadline, video_id
         )
 
     def _rules(self, image_to_video: bool) -> Family:
@@ -159,6 +161,7 @@ class VideoService:
     async def _start(
         self,
         owner: str,
+        tenant: str,
         prompt: str,
         params: VideoParams,
         seconds: str,
@@ -169,7 +172,7 @@ class VideoService:
         """A place in the queue first (429 fetches and decodes nothing), then the reference, the job, the task."""
         spec = _spec(prompt, params)
         self.images.engine.check(spec)
-        admission = self.images.scheduler.admit()
+        admission = self.images.scheduler.admit(tenant, cost(spec))
         try:
             data = await reference()
             image = await self._decoded(data, deadline) if data is not None else None

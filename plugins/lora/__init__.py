@@ -20,7 +20,6 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -31,7 +30,6 @@ from plugins.lora.hotswap import HotswapLoRA
 from plugins.lora.merge import LoRAMerger
 from server.auth import check_key, key_matches, presented_key, require_api_key
 from server.bodies import FormLimits, FormPart, form_file_job, spool
-from server.config import option
 from server.engines.base import LoRATarget
 from server.errors import APIError, bad_request
 from server.lora import MAX_WEIGHT, MOST_LORAS, LoRAApplier, LoRAError, LoRASet
@@ -42,17 +40,6 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUFFIX = ".safetensors"
 NAME_RULE = "letters, digits and . _ -, starting with a letter or digit, not ending in '.'"
-
-
-@dataclass(frozen=True)
-class LoRASettings:
-    lora_dir: Path = option(Path("loras"), "folder of LoRA .safetensors files; a LoRA's name is its file name")
-    lora_defaults: str = option("", "LoRA set used when a request names none, e.g. 'style:1.0,detail:0.7,grain:0.5'")
-    max_loras: int = option(3, "most LoRAs one request may merge", low=1, high=MOST_LORAS)
-    lora_max_mb: float = option(1024.0, "largest LoRA file accepted by POST /v1/loras, in MiB", low=0.01)
-    lora_hotswap_rank: int = option(
-        64, "with FP8 or COMPILE: rank of the hot-swapped LoRA slot (a set's ranks add up)", low=1
-    )
 
 
 class LoRARef(BaseModel):
@@ -93,7 +80,6 @@ def parse_defaults(text: str) -> list[LoRARef]:
 class LoRAPlugin(Plugin):
     name = "lora"
     fields = LoRAFields
-    Settings = LoRASettings
 
     def __init__(self, settings, engine) -> None:
         super().__init__(settings, engine)

@@ -12,39 +12,16 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageFilter
 from pydantic import AliasChoices, BaseModel, Field
 
 from plugins.nsfw.demo import write_demo_classifier
-from server.config import option
+from plugins.settings import CHECK_MODES
 from server.plugins import Plugin
 
 log = logging.getLogger(__name__)
-
-_CHECK = {"always": "always", "true": "on", "on": "on", "yes": "on", "1": "on", "false": "off", "off": "off",
-          "no": "off", "0": "off"}  # fmt: skip
-
-
-def _check_problem(value: str) -> str | None:
-    return None if value.lower() in _CHECK else "true (check unless the request says no), false, or always"
-
-
-@dataclass(frozen=True)
-class NSFWSettings:
-    nsfw_model_path: Path = option(Path(""), "local folder of the NSFW classifier (Falconsai/nsfw_image_detection)")
-    nsfw_check: str = option(
-        "true",
-        "check images: true (unless the request says nsfw_check=false), false (only when it asks), always",
-        check=_check_problem,
-    )
-    nsfw_threshold: float = option(0.5, "nsfw probability at or above which an image is flagged", low=0, high=1)
-    nsfw_timeout: float = option(
-        5.0, "seconds the NSFW check may take; past it the image is flagged (fail closed)", low=0.0001
-    )
-    nsfw_action: str = option("flag", "what to do with a flagged image", choices=("flag", "blur", "block"))
 
 
 class NSFWFields(BaseModel):
@@ -77,7 +54,6 @@ class NSFWClassifier:
 class NSFWPlugin(Plugin):
     name = "nsfw"
     fields = NSFWFields
-    Settings = NSFWSettings
     order = 10  # before upscale: classify what the model made, at the classifier's size
 
     def __init__(self, settings, engine) -> None:
@@ -85,7 +61,7 @@ class NSFWPlugin(Plugin):
         self.timeout = self.config.nsfw_timeout
         self.threshold = self.config.nsfw_threshold
         self.action = self.config.nsfw_action
-        self.check = _CHECK[self.config.nsfw_check.lower()]
+        self.check = CHECK_MODES[self.config.nsfw_check.lower()]
         self.classifier: NSFWClassifier | None = None
         # One thread: the classifier runs one batch at a time; a stuck check makes the next ones time out too.
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="nsfw")

@@ -12,7 +12,6 @@ a GPU nor the package; only `build_pipeline` and `finish` import Nunchaku.
 
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +19,6 @@ import torch
 from plugins.nunchaku_flux.lora import NunchakuLoRA
 from plugins.nunchaku_flux.package import detect
 from plugins.nunchaku_flux.plan import Fallback, Plan, Refusal, decide
-from server.config import option
 from server.engines.base import Fallback as EngineFallback
 from server.engines.base import PipelineContext, ProvidedPipeline
 from server.plugins import Plugin
@@ -28,26 +26,8 @@ from server.plugins import Plugin
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class NunchakuSettings:
-    nunchaku_transformer: str = option(
-        "", "Nunchaku 4-bit FLUX transformer: an svdq-{int4|fp4}_r32-flux.1-*.safetensors file or a folder of both"
-    )
-    nunchaku_fallback: str = option(
-        "none",
-        "where Nunchaku cannot run (Hopper, B200, no GPU, no package): none (refuse to start), "
-        "fp8 (FP8 + compile), bf16",
-        choices=("none", "fp8", "bf16"),
-    )
-    nunchaku_fp16_attention: bool = option(
-        False, "Nunchaku's FP16 attention (faster on RTX 30/40/50; always on Turing)"
-    )
-    nunchaku_t5: str = option("", "Nunchaku's 4-bit T5 text encoder file (awq-int4-flux.1-t5xxl.safetensors)")
-
-
 class NunchakuPlugin(Plugin):
     name = "nunchaku"
-    Settings = NunchakuSettings
 
     @classmethod
     def enabled(cls, settings) -> bool:

@@ -27,7 +27,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from plugins.upload.ssrf import Target, UnsafeURL, check_url, resolve_checked
-from server.config import hosts_problem, option, split
+from server.config import split
 from server.errors import bad_request
 from server.images import CONTENT_TYPES
 from server.plugins import Plugin
@@ -37,18 +37,6 @@ log = logging.getLogger(__name__)
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
 MAX_URL_LENGTH = 8192
 MAX_ANSWER_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class UploadSettings:
-    upload_allowed_hosts: str = option(
-        "",
-        "hosts trusted for upload_urls (private addresses and plain http allowed): host (the scheme's default "
-        "port), host:port, host:* (any port), *.domain, [IPv6]",
-        check=hosts_problem,
-    )
-    upload_timeout: float = option(60.0, "seconds one upload attempt may take, from connecting to the answer", low=0.1)
-    upload_retries: int = option(3, "retries of an upload after a connection error or a 5xx", low=0, high=10)
 
 
 class UploadFields(BaseModel):
@@ -87,7 +75,6 @@ async def read_head(response: httpx.Response, limit: int) -> bytes:
 class UploadPlugin(Plugin):
     name = "upload"
     fields = UploadFields
-    Settings = UploadSettings
 
     def __init__(self, settings, engine) -> None:
         super().__init__(settings, engine)

@@ -21,10 +21,19 @@ from PIL import Image
 from server.config import Settings
 from server.engines.base import Engine, EngineHooks, Fallback, LoRATarget, PipelineContext, Progress, ProvidedPipeline
 from server.engines.compile_cache import CompileCache
-from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu
+from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu, installed_kernels
 from server.engines.previews import PreviewDecoder, decoder_problem, predicted_clean, preview_steps
 from server.errors import bad_request
-from server.families import CFG, DEFAULT_TRUE_CFG, GENERIC, NONE, TRUE_CFG, Family, detect_family
+from server.families import (
+    CFG,
+    DEFAULT_TRUE_CFG,
+    GENERIC,
+    NONE,
+    TRUE_CFG,
+    Family,
+    detect_family,
+    missing_requirement,
+)
 from server.lora import weight_shapes
 from server.spec import GenerationSpec
 
@@ -33,7 +42,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # What a mode needs from the request, named in a refusal.
-_MODE_FIELDS = {"text2img": "prompt", "img2img": "image", "inpaint": "mask"}
+_MODE_FIELDS = {"text2img": "image", "img2img": "image", "inpaint": "mask"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,6 +133,9 @@ class DiffusersEngine(Engine):
             os.environ["HF_HUB_OFFLINE"] = "1"
         path = model_folder(self.settings)
         self.family = detect_family(path)
+        problem = missing_requirement(self.family)
+        if problem:
+            raise SystemExit(problem)
         gpu = detect_gpu(self.device)
         self.info.update(family=self.family.name, gpu=gpu.describe() if gpu else None, offload=None, fallback=None)
         context = PipelineContext(path, self.device, gpu, self.settings, self.build, self.family)
@@ -138,7 +150,7 @@ class DiffusersEngine(Engine):
         self._load_diffusers(options, gpu, path, hooks)
 
     def _load_diffusers(self, options: FastOptions, gpu, path: Path, hooks: EngineHooks) -> None:
-        problems = check_options(options, gpu)
+        problems = check_options(options, gpu, installed_kernels())
         if problems:
             fallback = f" [fallback: {self.info['fallback']}]" if self.info["fallback"] else ""
             raise SystemExit(" ".join(problems) + fallback)
@@ -151,9 +163,12 @@ class DiffusersEngine(Engine):
             identity = (str(gpu), repr(options), str(path), self.settings.default_size, str(self.dtype))
             self.compile_cache = CompileCache(self.settings.compile_cache_dir, *identity)
             self.compile_cache.load()
-        info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype, lambda: hooks.lora_applier(target))
+        ask = (lambda: hooks.lora_applier(target)) if _loads_loras(pipe) else (lambda: None)
+        info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype, ask)
         self.compiled = options.compile
         self.info.update(info, offload="model CPU offload" if options.offload else None)
+        if not _loads_loras(pipe):
+            self.info["lora"] = f"none: diffusers has no LoRA loader for {type(pipe).__name__}"
         self._log_path()
 
     def _adopt_provided(self, provided: ProvidedPipeline) -> None:
@@ -250,13 +265,6 @@ class DiffusersEngine(Engine):
         problem = video.frames_problem(spec.frames) if video is not None else None
         if problem:
             raise bad_request(f"This model ({family.name}) makes {problem}.", "seconds", "unsupported")
-        multiple = family.size_multiple
-        if spec.width % multiple or spec.height % multiple:
-            raise bad_request(
-                f"Invalid value for 'size': {spec.width}x{spec.height}; this model ({family.name}) needs width and "
-                f"height in multiples of {multiple}.",
-                "size",
-            )
         if spec.previews and self.previews is None:
             raise bad_request(
                 f"This model ({family.name}) has no partial images; ask without 'partial_images'.",
@@ -269,7 +277,7 @@ class DiffusersEngine(Engine):
             return
         reasons = {
             "text2img": f"This model ({self._label}) needs an input image: use the edits endpoint.",
-            "img2img": f"This model ({self._label}) does not edit images.",
+            "img2img": f"This model ({self._label}) has no edit pipeline in this engine.",
             "inpaint": f"This model ({self._label}) does not inpaint: send no mask.",
         }
         raise bad_request(reasons[spec.mode], _MODE_FIELDS[spec.mode], "unsupported")
@@ -323,7 +331,8 @@ class DiffusersEngine(Engine):
             by_spec.setdefault(row.spec_index, []).append(row)
         return [group[i : i + size] for group in by_spec.values() for i in range(0, len(group), size)]
 
-    def _call(self, mode: str, pipe, rows: list["Row"], progress: Progress) -> list:
+    def arguments(self, mode: str, rows: list["Row"]) -> dict:
+        """The pipeline call for these images (one BatchKey), as this family's pipeline takes it."""
         head = rows[0].spec
         kwargs = {
             "prompt": [row.spec.prompt for row in rows],
@@ -333,12 +342,17 @@ class DiffusersEngine(Engine):
             "generator": [torch.Generator("cpu").manual_seed(row.seed) for row in rows],
             "output_type": "pil",
             **_optional_arguments(head, self.family, self._params[mode]),
-            **_input_images(mode, rows, shared=self.family.edits),
+            **_input_images(mode, rows, shared=self.family.edits, video=bool(head.frames)),
         }
         if head.frames:
             kwargs["num_frames"] = head.frames
         if "negative_prompt" in kwargs:
             kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(rows)
+        return kwargs
+
+    def _call(self, mode: str, pipe, rows: list["Row"], progress: Progress) -> list:
+        head = rows[0].spec
+        kwargs = self.arguments(mode, rows)
         watcher = StepWatcher(progress, rows, self.previews)
         if "callback_on_step_end" in self._params[mode]:
             kwargs["callback_on_step_end"] = watcher
@@ -369,6 +383,13 @@ def _mode_pipelines(pipe, family: Family) -> dict[str, object]:
     return pipelines
 
 
+def _loads_loras(pipe) -> bool:
+    """Whether diffusers loads LoRAs for this pipeline (its LoRA loader converts the files people ship)."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+
+    return isinstance(pipe, LoraBaseMixin)
+
+
 def _guidance_argument(family: Family) -> str:
     """The pipeline argument the request's guidance_scale goes to."""
     return family.cfg_argument if family.guidance_mode == CFG else "guidance_scale"
@@ -393,13 +414,15 @@ def _optional_arguments(spec: GenerationSpec, family: Family, params: set[str]) 
     return kwargs
 
 
-def _input_images(mode: str, rows: list["Row"], shared: bool) -> dict:
-    """The input image (and mask) of each image of the call; `shared`: one image for the whole call (a family's
-    own edit pipeline reads a list as several reference images)."""
+def _input_images(mode: str, rows: list["Row"], shared: bool, video: bool) -> dict:
+    """The input image (and mask) of each image of the call; `shared`: one image for the whole call, a list of one
+    (a family's own edit pipeline reads a list as the reference images of each prompt)."""
     if mode == "text2img":
         return {}
+    if shared and mode == "img2img" and video:
+        return {"image": rows[0].spec.image}  # a video's first frame
     if shared and mode == "img2img":
-        return {"image": rows[0].spec.image}
+        return {"image": [rows[0].spec.image]}
     images = {"image": [row.spec.image for row in rows]}
     if mode == "inpaint":
         images["mask_image"] = [row.spec.mask for row in rows]

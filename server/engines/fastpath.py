@@ -1,9 +1,10 @@
 """The diffusers engine's fast paths: FP8, torch.compile, the attention kernel, first-block cache, CPU offload.
 
-What may run where is decided by pure functions of the settings and the GPU
-(`check_options`, `fp8_refusal`, `choose_attention`), so it is tested without
-a GPU; `accelerate` then applies the choices to a loaded pipeline, in the
-only order that works:
+What may run where is decided by pure functions of the settings, the GPU and
+the attention packages installed (`check_options`, `fp8_refusal`,
+`flash_refusal`, `choose_attention`), so it is tested without a GPU;
+`accelerate` then applies the choices to a loaded pipeline, in the only order
+that works:
 
   attention kernel -> fused QKV (compile without a LoRA slot) -> FP8 (torchao
   quantizes the fused linears) -> LoRA slot (PEFT wraps the FP8 linears; the
@@ -18,6 +19,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
@@ -77,6 +79,55 @@ class FastOptions:
         return dataclasses.replace(self, fp8=fp8, compile=compile)
 
 
+@dataclass(frozen=True)
+class AttentionKernels:
+    """The attention packages installed here (whether this GPU runs them is `choose_attention`'s question)."""
+
+    fa2: bool = False  # flash-attn 2, compiled into images built with --flash-attn: diffusers' "flash"
+    fa3: bool = False  # flash_attn_3, built from flash-attention's hopper/ folder: "_flash_3"
+    fa4: bool = False  # flash-attn-4, the CuTe DSL package of the CUDA image (no compiled code: it JITs)
+
+
+def installed_kernels() -> AttentionKernels:
+    from diffusers.utils import is_flash_attn_3_available, is_flash_attn_available
+
+    return AttentionKernels(is_flash_attn_available(), is_flash_attn_3_available(), installed("flash-attn-4"))
+
+
+def installed(distribution: str) -> bool:
+    try:
+        version(distribution)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+# FlashAttention 4 is written for Hopper (9.x) and Blackwell (10.x, 11.x, 12.x); flash-attn 2 for Ampere and newer.
+FA4_MAJORS = (9, 10, 11, 12)
+FA2_MIN_CAPABILITY = (8, 0)
+# diffusers runs FA4 as its flash_4_hub backend, whose kernel it would download from the Hub: `use_installed_fa4`
+# hands it the installed package's function instead.
+FA4_BACKEND = "flash_4_hub"
+
+
+def flash_refusal(gpu: GPU | None, kernels: AttentionKernels) -> str | None:
+    """Why ATTENTION=flash cannot run here, or None when FA4 or flash-attn 2 can."""
+    need = (
+        "ATTENTION=flash cannot run here: it needs FlashAttention 4 (flash-attn-4, in the CUDA image) on a Hopper or "
+        "Blackwell GPU, or flash-attn 2 (images built with ./build.sh --flash-attn) on Ampere or newer"
+    )
+    if gpu is None:
+        return f"{need}, and this machine has no CUDA GPU."
+    if fa4_runs(gpu, kernels) or (kernels.fa2 and gpu.capability >= FA2_MIN_CAPABILITY):
+        return None
+    present = [name for name, there in (("flash-attn-4", kernels.fa4), ("flash-attn 2", kernels.fa2)) if there]
+    return f"{need}; this machine has {gpu.describe()} and {' and '.join(present) or 'neither package'}."
+
+
+def fa4_runs(gpu: GPU | None, kernels: AttentionKernels) -> bool:
+    return kernels.fa4 and gpu is not None and gpu.capability[0] in FA4_MAJORS
+
+
 def fp8_refusal(gpu: GPU | None) -> str | None:
     """Why FP8 cannot run here, or None when it can."""
     if gpu is None:
@@ -93,10 +144,12 @@ def fp8_refusal(gpu: GPU | None) -> str | None:
     return None
 
 
-def check_options(options: FastOptions, gpu: GPU | None) -> list[str]:
+def check_options(options: FastOptions, gpu: GPU | None, kernels: AttentionKernels) -> list[str]:
     """Every reason these options cannot run on this machine (empty: they can)."""
     problems = []
     if options.fp8 and (why := fp8_refusal(gpu)):
+        problems.append(why)
+    if options.attention == "flash" and (why := flash_refusal(gpu, kernels)):
         problems.append(why)
     if options.offload and gpu is None:
         problems.append("CPU_OFFLOAD moves each model onto the GPU when it runs, and this machine has no CUDA GPU.")
@@ -108,34 +161,43 @@ def check_options(options: FastOptions, gpu: GPU | None) -> list[str]:
     return problems
 
 
-def fa3_installed() -> bool:
-    from diffusers.utils import is_flash_attn_3_available
-
-    return is_flash_attn_3_available()
-
-
-def choose_attention(setting: str, gpu: GPU | None, fa3: bool) -> str:
-    """The diffusers attention backend: FlashAttention 3 on Hopper where installed, else PyTorch SDPA ("native")."""
+def choose_attention(setting: str, gpu: GPU | None, kernels: AttentionKernels) -> str:
+    """The diffusers attention backend. auto: FlashAttention 3 on Hopper where installed, else PyTorch SDPA
+    ("native"). flash: FlashAttention 4 where it runs (Hopper, Blackwell), else flash-attn 2."""
+    if setting == "flash" and fa4_runs(gpu, kernels):
+        return FA4_BACKEND
     if setting != "auto":
         return setting
-    if gpu is not None and gpu.capability[0] == 9 and fa3:
+    if gpu is not None and gpu.capability[0] == 9 and kernels.fa3:
         return "_flash_3"
     return "native"
 
 
-def set_attention(model, backend: str, explicit: bool) -> str:
-    """Put `backend` in place; an explicit choice that cannot run stops the server, "auto" falls back to SDPA."""
+def use_installed_fa4() -> str:
+    """Put the installed FA4 where diffusers' flash_4_hub backend keeps the kernel it downloads, so nothing is
+    downloaded (the Hub's flash-attn4 kernel is built from the same package, with the same function). That slot is
+    private to diffusers: tests/unit/test_fastpath.py fails when a diffusers upgrade moves it. Returns the label."""
+    from diffusers.models.attention_dispatch import _HUB_KERNELS_REGISTRY, AttentionBackendName
+    from flash_attn.cute import flash_attn_func
+
+    _HUB_KERNELS_REGISTRY[AttentionBackendName.FLASH_4_HUB].kernel_fn = flash_attn_func
+    return "flash (FlashAttention 4)"
+
+
+def set_attention(model, backend: str, setting: str) -> str:
+    """Put `backend` in place; an explicit setting that cannot run stops the server, "auto" falls back to SDPA."""
     if backend == "native":
         return "native (PyTorch SDPA)"  # diffusers' default: nothing to set
     try:
+        label = use_installed_fa4() if backend == FA4_BACKEND else backend
         model.set_attention_backend(backend)
     except (RuntimeError, ValueError, ImportError) as exc:
-        if explicit:
-            raise SystemExit(f"ATTENTION={backend} cannot run here: {exc}") from None
+        if setting != "auto":
+            raise SystemExit(f"ATTENTION={setting} cannot run here: {exc}") from None
         log.warning("attention backend %s is not usable (%s); using PyTorch SDPA", backend, exc)
         model.set_attention_backend("native")  # also resets diffusers' global active backend
         return "native (PyTorch SDPA)"
-    return backend
+    return label
 
 
 def fuse_qkv(transformer) -> int:
@@ -196,6 +258,21 @@ def compile_transformer(transformer, options: FastOptions) -> str:
     return how
 
 
+def enable_first_block_cache(transformer, threshold: float) -> str:
+    """diffusers' first-block cache, where diffusers has it for this transformer's blocks (else the reason)."""
+    from diffusers import FirstBlockCacheConfig
+    from diffusers.models.cache_utils import CacheMixin
+
+    name = type(transformer).__name__
+    if not isinstance(transformer, CacheMixin):
+        raise SystemExit(f"CACHE_THRESHOLD: diffusers has no cache for {name}; unset CACHE_THRESHOLD.")
+    try:
+        transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    except ValueError as exc:  # its block class is not in diffusers' block registry
+        raise SystemExit(f"CACHE_THRESHOLD: diffusers' first-block cache cannot run on {name} ({exc}).") from None
+    return f"first-block, threshold {threshold:g}"
+
+
 def accelerate(
     pipe,
     options: FastOptions,
@@ -210,14 +287,20 @@ def accelerate(
     transformer = getattr(pipe, "transformer", None)
     info: dict = {"attention": "native (PyTorch SDPA)", "compile": False, "cache": None}
     applier = lora_applier()
+    asked = options.fp8 or options.compile or options.cache_threshold or options.attention != "auto"
+    if transformer is None and asked:
+        raise SystemExit(
+            f"FP8, COMPILE, CACHE_THRESHOLD and ATTENTION need a transformer; {type(pipe).__name__} has none."
+        )
     if transformer is None:
-        if options.fp8 or options.compile or options.cache_threshold or options.attention != "auto":
-            raise SystemExit(
-                f"FP8, COMPILE, CACHE_THRESHOLD and ATTENTION need a transformer; {type(pipe).__name__} has none."
-            )
         return info, applier
-    backend = choose_attention(options.attention, gpu, fa3_installed() if gpu else False)
-    info["attention"] = set_attention(transformer, backend, explicit=options.attention != "auto")
+    if pipe.components.get("transformer_2") is not None and (asked or applier is not None):
+        raise SystemExit(
+            f"{type(pipe).__name__} has a second transformer (transformer_2: Wan 2.2 A14B's low-noise expert), which "
+            "FP8, COMPILE, CACHE_THRESHOLD, ATTENTION and the LoRA slot do not cover; serve it without them."
+        )
+    backend = choose_attention(options.attention, gpu, installed_kernels() if gpu else AttentionKernels())
+    info["attention"] = set_attention(transformer, backend, options.attention)
     # Under a LoRA slot QKV stays unfused: a fused to_qkv would triple the slot rank it needs there.
     fused = fuse_qkv(transformer) if options.compile and applier is None else 0
     if options.fp8:
@@ -226,10 +309,7 @@ def accelerate(
         applier.install()
         info["lora"] = applier.describe()
     if options.cache_threshold > 0:
-        from diffusers import FirstBlockCacheConfig
-
-        transformer.enable_cache(FirstBlockCacheConfig(threshold=options.cache_threshold))
-        info["cache"] = f"first-block, threshold {options.cache_threshold:g}"
+        info["cache"] = enable_first_block_cache(transformer, options.cache_threshold)
     if options.compile:
         info["compile"] = compile_transformer(transformer, options) + (" fused-qkv" if fused else "")
     return info, applier

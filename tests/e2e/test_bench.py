@@ -1,6 +1,5 @@
 """The bench tools run and report. Tiny runs only: no timing is asserted, figures belong in docs/BENCHMARKS.md."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CACHE_DIR, ROOT
+from tests.support.server import CACHE_DIR, ROOT
+from tests.support.tools import BENCH, bench_tool
 
-BENCH = ROOT / "bench"
 TINY = {"prompt": "a cat", "size": "256x256", "num_inference_steps": 2}
 
 
@@ -88,13 +87,7 @@ def test_pressure_without_matplotlib_reports_and_says_how_to_get_the_plot(server
 
 
 def test_example_mixes_parse():
-    spec = importlib.util.spec_from_file_location("pressure", BENCH / "pressure.py")
-    sys.path.insert(0, str(BENCH))  # pressure.py imports its sibling harness.py
-    try:
-        pressure = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(pressure)
-    finally:
-        sys.path.remove(str(BENCH))
+    pressure = bench_tool("pressure")
     for path in sorted(BENCH.glob("mix-*.json*")):
         entries = pressure.load_mix(path)
         assert entries and all(e.weight > 0 and e.body["prompt"] for e in entries), path
@@ -103,12 +96,48 @@ def test_example_mixes_parse():
 def test_overhead_reports_the_ratio(tmp_path):
     out = tmp_path / "out"
     args = ("--size", "256x256", "--steps", "2", "--pairs", "2", "--threads", "1", "--out", str(out))
-    proc = run_tool(sys.executable, "bench/overhead.py", *args)
+    proc = run_tool(sys.executable, "bench/overhead.py", "--model", "demo:z-image", *args)
     report = json.loads((out / "overhead.json").read_text())
-    assert len(report["pairs"]) == 2
-    assert report["summary"]["ratio_of_medians"] > 0
-    assert report["summary"]["server_split_s"]["gen"] > 0
-    assert "target <= 1.05" in proc.stdout
+    assert len(report["pairs"]) == 2 and report["env"]["MODEL_PATH"] == "demo:z-image"
+    summary = report["summary"]
+    assert summary["ratio_of_medians"] > 0 and summary["raw_ratio_of_medians"] > 0
+    assert summary["server_split_s"]["gen"] > 0
+    assert summary["pair_ratio_range"] == sorted(p["ratio"] for p in report["pairs"])
+    assert "target <= 1.05: inconclusive: too few pairs" in proc.stdout  # two pairs conclude nothing
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "256"], "argument --size: '256': expected a size WIDTHxHEIGHT"),
+        (["--size", "100x100"], "multiples of 16"),
+        (["--pairs", "0"], "argument --pairs: '0': expected an integer >= 1"),
+        (["--body", "{nope"], "argument --body: '{nope': not JSON"),
+        (["--n", "11"], "argument --n: invalid choice"),
+    ],
+)
+def test_overhead_refuses_bad_arguments_before_loading_anything(tmp_path, args, message):
+    proc = subprocess.run(
+        [sys.executable, "bench/overhead.py", *args, "--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_overhead_concludes_only_when_the_pairs_agree():
+    """The verdict is on the median pair ratio's 95% interval; a noisy machine's pairs (0.44 to 1.51, as seen once)
+    conclude nothing, where the old report said "target met"."""
+    overhead = bench_tool("overhead")
+    assert overhead.median_interval([1.0] * 5) is None  # too few pairs for 95%
+    assert overhead.median_interval([float(i) for i in range(6)]) == (0.0, 5.0)  # 6 pairs: the extremes
+    assert overhead.median_interval([float(i) for i in range(20)]) == (5.0, 14.0)  # 20 pairs: the 6th and 15th
+    noisy = [0.44, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 1.0, 1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.35, 1.4, 1.45]
+    assert overhead.verdict(overhead.median_interval([*noisy, 1.51])).startswith("inconclusive: the median pair")
+    quiet = [0.99 + i / 1000 for i in range(20)]  # 0.990 to 1.009
+    assert overhead.verdict(overhead.median_interval(quiet)) == "met"
+    assert overhead.verdict(overhead.median_interval([r + 0.1 for r in quiet])) == "NOT met"
+    assert overhead.verdict(overhead.median_interval(quiet[:5])).startswith("inconclusive: too few pairs")
 
 
 def test_throughput_sweeps_and_reports_targets(tmp_path):
@@ -137,21 +166,12 @@ def test_encode_compares_pillow_and_simplejpeg(tmp_path):
     assert all(r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
 
 
-def bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_flux", ROOT / "bench" / "gpu_flux.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_benchmark_builds_flux_dev_at_its_real_size():
     """The benchmark's configs give FLUX.1-dev's parameter counts (built on the meta device: shapes, no memory)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    bench = bench_module()
+    bench = bench_tool("gpu_flux")
     with torch.device("meta"):
         parts = {
             "transformer": FluxTransformer2DModel(**bench.FLUX_DEV_TRANSFORMER),

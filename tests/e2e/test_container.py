@@ -16,10 +16,7 @@ up to 7 and 3 beside another test run.
 import os
 import re
 import secrets
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ from PIL import Image
 
 from bench.harness import free_port, scrape
 from tests.support.deploy import ROOT, WHEELHOUSE, objects, run
+from tests.support.docker import docker_daemon
 from tests.support.images import decode_b64, gradient, png_bytes
 from tests.support.waiting import submit_accepted, until
 
@@ -46,61 +44,12 @@ FAST = {"num_inference_steps": 2, "seed": 3}
 # -- docker ---------------------------------------------------------------------
 
 
-def docker_cli() -> str:
-    """A docker CLI that builds with BuildKit (the Dockerfile's RUN --mount): Docker 23+ with the buildx plugin, or an
-    older one with BuildKit built in. The first `docker` on PATH can be neither: this project's machines have a static
-    Docker 28 CLI without buildx in /usr/local/bin, besides docker.io's 20.10 in /usr/bin."""
-    candidates = [c for c in (shutil.which("docker"), "/usr/bin/docker") if c and Path(c).is_file()]
-    for cli in dict.fromkeys(candidates):
-        if builds_with_buildkit(cli):
-            return cli
-    pytest.fail(f"no docker CLI that builds with BuildKit among {candidates}: scripts/setup.sh --test installs one")
-
-
-def builds_with_buildkit(cli: str) -> bool:
-    if run([cli, "buildx", "version"]).returncode == 0:
-        return True
-    # Only the client part: no daemon may run yet.
-    version = subprocess.run([cli, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True)
-    major = re.match(r"(\d+)\.", version.stdout.strip())
-    return bool(major) and int(major[1]) < 23
-
-
 @pytest.fixture(scope="module")
 def docker():
     """The docker CLI, talking to a daemon: the running one, else a dockerd started here and stopped afterwards."""
     if os.environ.get("IMAGE_SERVER_SKIP_CONTAINER") == "1":
         pytest.skip("IMAGE_SERVER_SKIP_CONTAINER=1: the image is not built or run")
-    cli = docker_cli()
-    if run([cli, "info"]).returncode == 0:
-        yield cli
-        return
-    yield from started_daemon(cli)
-
-
-def started_daemon(cli: str):
-    dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
-    if not Path(dockerd).is_file():
-        pytest.fail("dockerd is missing: scripts/setup.sh --test installs docker.io")
-    log_path = Path(tempfile.mkstemp(prefix="image-server-dockerd-", suffix=".log")[1])
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([dockerd], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while run([cli, "info"]).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                state = f"exited with {proc.returncode}" if proc.poll() is not None else "did not answer in 60 s"
-                pytest.fail(f"dockerd {state}; its log:\n{log_path.read_text(errors='replace')[-6000:]}")
-            time.sleep(0.5)
-        yield cli
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log_path.unlink(missing_ok=True)
+    yield from docker_daemon()
 
 
 def inspect(docker: str, name: str, template: str) -> str:

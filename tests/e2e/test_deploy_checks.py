@@ -14,7 +14,11 @@ from tests.support.deploy import ROOT, lock_entries, run, tool
 
 SKIP_DIRS = {".git", ".venv", "node_modules", "wheelhouse", "out", "build", "__pycache__"}
 SHEBANG = re.compile(r"^#!\s*(/usr/bin/env\s+)?(/bin/|/usr/bin/)?(ba|da)?sh\b")
-LOCKS = {"cuda": ROOT / "requirements/cuda-py312.txt", "cpu": ROOT / "requirements/cpu-py311.txt"}
+LOCKS = {
+    "cuda": ROOT / "requirements/cuda-py312.txt",
+    "cuda-debian": ROOT / "requirements/cuda-py311.txt",  # ./build.sh --debian
+    "cpu": ROOT / "requirements/cpu-py311.txt",
+}
 
 
 def shell_scripts() -> list[str]:
@@ -93,21 +97,46 @@ def test_every_docker_context_path_exists():
 def test_lock_pins_every_dependency_of_pyproject_with_hashes(target):
     """A dependency added to pyproject.toml without `requirements/lock.sh` would be missing from the image."""
     pins = lock_entries(LOCKS[target])
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for requirement in map(Requirement, project["dependencies"]):
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    # install.sh builds the project offline with --no-build-isolation: the build backend comes from the lock too
+    for requirement in map(Requirement, pyproject["project"]["dependencies"] + pyproject["build-system"]["requires"]):
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not in {LOCKS[target].name}: run requirements/lock.sh"
         assert requirement.specifier.contains(pins[name][0], prereleases=True), (name, pins[name][0])
     assert all(hashes for _, hashes in pins.values())
-    assert "setuptools" in pins  # install.sh builds the project offline with --no-build-isolation
 
 
-def test_cuda_lock_matches_the_dockerfile_cuda():
-    pins = lock_entries(LOCKS["cuda"])
+@pytest.mark.parametrize("target", ["cuda", "cuda-debian"])
+def test_cuda_lock_matches_the_dockerfile_cuda(target):
+    pins = lock_entries(LOCKS[target])
     assert "+" not in pins["torch"][0]  # PyPI's Linux torch: the CUDA build
     cuda = re.search(r"CUDA_VERSION=(\d+\.\d+)", (ROOT / "Dockerfile").read_text())[1]
     assert pins["cuda-toolkit"][0].startswith(cuda + "."), (pins["cuda-toolkit"], cuda)
     assert lock_entries(LOCKS["cpu"])["torch"][0].endswith("+cpu")
+    assert "flash-attn-4" in pins and "kernels" in pins  # ATTENTION=flash on Hopper and Blackwell
+
+
+def test_the_debian_cuda_lock_brings_the_toolchain_of_torchs_cuda():
+    """./build.sh --debian has no NVIDIA base: nvcc, its headers and CCCL come from the lock, at torch's CUDA (the
+    Dockerfile links them to /usr/local/cuda/ under the cu<major> folder they install into)."""
+    pins = lock_entries(LOCKS["cuda-debian"])
+    cuda = pins["cuda-toolkit"][0].rsplit(".", 2)[0]  # 13.0.3.0 -> 13.0
+    for name in ("nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-nvvm", "nvidia-cuda-cccl", "nvidia-cuda-runtime"):
+        assert pins[name][0].startswith(cuda + "."), (name, pins[name][0], cuda)
+    assert f"site-packages/nvidia/cu{cuda.split('.')[0]}" in (ROOT / "Dockerfile").read_text()
+    assert "nvidia-cuda-nvcc" not in lock_entries(LOCKS["cuda"])  # the NVIDIA base has its own
+
+
+def test_flash_attn_list_puts_back_the_locked_fa4():
+    """flash-attn 2's wheel carries an old flash_attn/cute: the list ends with the FA4 wheel the locks pin."""
+    result = run(
+        ["bash", "-c", f"source {ROOT}/docker/wheel-list.sh && wheel_list {ROOT}/requirements/flash-attn-cuda.txt"]
+    )
+    assert result.returncode == 0, result.stdout
+    _, sha, name = result.stdout.splitlines()[-1].split()
+    for target in ("cuda", "cuda-debian"):
+        version, hashes = lock_entries(LOCKS[target])["flash-attn-4"]
+        assert name == f"flash_attn_4-{version}-py3-none-any.whl" and sha in hashes, (target, name)
 
 
 def test_the_nunchaku_line_shown_in_the_wheel_list_is_well_formed(tmp_path):

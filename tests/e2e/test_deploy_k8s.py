@@ -1,22 +1,27 @@
-"""k8s/: every overlay renders with kustomize, validates offline against the Kubernetes schemas, and keeps the
-deployment policies (one GPU per pod, probes, graceful termination, restricted security, routing timeouts)."""
+"""k8s/: every overlay renders with kustomize, validates offline against the Kubernetes schemas (and KEDA's, for
+its ScaledObject), and keeps the deployment policies (one GPU per pod, probes, graceful termination, restricted
+security, routing timeouts)."""
 
+import copy
 import re
 
+import jsonschema
 import pytest
 import yaml
 
 from server import config
 from server.metrics import Metrics
-from server.plugins import discover
 from tests.support.deploy import ROOT, objects, render, run, tool
 
 OVERLAYS = [
     "k8s/overlays/kubernetes",
     "k8s/overlays/openshift",
     "k8s/examples/queue-autoscaling",
+    "k8s/examples/keda-autoscaling",
     "k8s/examples/compile-cache",
 ]
+# KEDA's published ScaledObject CRD (its source and license are in the file's first lines).
+KEDA_CRD = ROOT / "tests/data/keda/keda.sh_scaledobjects.yaml"
 # Oldest schema checked: OpenShift 4.14 is Kubernetes 1.27. The newest is kubernetes-validate's default.
 SCHEMA_VERSIONS = ["1.27.0", None]
 
@@ -65,7 +70,7 @@ def test_pod_gets_one_gpu_and_memory_for_loading(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_settings_are_real_server_settings(overlay):
     objs = objects(overlay)
-    sections = [config.Settings] + [cls.Settings for cls in discover().values() if cls.Settings is not None]
+    sections = [config.Settings, *config.plugin_sections().values()]
     known = {config.env_name(f) for section in sections for f in config.options(section)}
     assert set(settings(objs)) <= known, set(settings(objs)) - known
     # torch's CPU threads stay within the CPUs the pod asked for (it sees all of its node's cores)
@@ -206,3 +211,54 @@ def test_hpa_example_scales_on_the_queue_depth_the_server_exports():
     assert [r["name"]["as"] for r in rules["rules"]] == [name]
     (endpoint,) = objs["PodMonitor"]["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+
+
+def strict(schema: dict) -> dict:
+    """A CRD's OpenAPI schema as `kubectl apply --validate=strict` reads it: a field the schema does not name is an
+    error, not silently pruned, except where the schema keeps unknown fields."""
+    schema = copy.deepcopy(schema)
+    nodes = [schema]
+    while nodes:
+        node = nodes.pop()
+        if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node.setdefault("additionalProperties", False)
+        nodes += list(node.get("properties", {}).values())
+        nodes += [child for child in (node.get("items"), node.get("additionalProperties")) if isinstance(child, dict)]
+    return schema
+
+
+def keda_errors(scaled_object: dict) -> list[str]:
+    crd = next(d for d in yaml.safe_load_all(KEDA_CRD.read_text()) if d)
+    group, version = scaled_object["apiVersion"].split("/")
+    assert (group, scaled_object["kind"]) == (crd["spec"]["group"], crd["spec"]["names"]["kind"])
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version and v["served"]]
+    validator = jsonschema.Draft7Validator(strict(served["schema"]["openAPIV3Schema"]))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(scaled_object)]
+
+
+def test_keda_example_is_a_valid_scaled_object_on_the_waiting_requests_the_server_exports():
+    objs = objects("k8s/examples/keda-autoscaling")
+    scaled = objs["ScaledObject"]
+    assert keda_errors(scaled) == []
+    assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "image-server"}
+    assert "replicas" not in objs["Deployment"]["spec"]  # KEDA's HPA owns the count
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    name = re.fullmatch(r"sum\((\w+)\{namespace=\"image-server\"\}\)", trigger["metadata"]["query"])[1]
+    assert f"\n{name} " in Metrics().render().decode()  # a per-pod gauge of the real server
+    assert float(trigger["metadata"]["threshold"]) > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda s: s["spec"]["triggers"][0]["metadata"].update(threshold=4), "is not of type 'string'"),
+        (lambda s: s["spec"].update(maxReplicas=8), "Additional properties are not allowed"),
+        (lambda s: s["spec"]["triggers"][0].pop("type"), "'type' is a required property"),
+    ],
+    ids=["number-threshold", "hpa-field-name", "no-trigger-type"],
+)
+def test_the_keda_schema_check_catches_what_keda_would_refuse(change, error):
+    scaled = copy.deepcopy(objects("k8s/examples/keda-autoscaling")["ScaledObject"])
+    change(scaled)
+    assert any(error in e for e in keda_errors(scaled))

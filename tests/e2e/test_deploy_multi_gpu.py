@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CACHE_DIR, free_port
+from bench.harness import free_port
 from tests.support.deploy import BIN, ROOT, run, tool
+from tests.support.server import CACHE_DIR
 
 UPSTREAM = re.compile(r'"POST /v1/images/generations [^"]*" (\d+) .* upstream=(.*) upstream_status=(.*) time=')
 

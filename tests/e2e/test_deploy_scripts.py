@@ -1,4 +1,4 @@
-"""build.sh (with a stand-in `docker`; tests/test_container.py runs it with the real one), download-packages.sh (the
+"""build.sh (with a stand-in `docker`; tests/e2e/test_container.py runs it with the real one), download-packages.sh (the
 package index part for a few pinned packages, the off-index part from a loopback server) and install.sh's own
 checks."""
 
@@ -87,7 +87,12 @@ def test_build_is_the_cuda_image_with_sglang_tagged_with_the_short_hash(build_re
 
 CPU_ARGS = (
     "--build-arg BASE_IMAGE=debian:bookworm-slim --build-arg PYTHON=python3.11 "
-    "--build-arg LOCK=requirements/cpu-py311.txt --build-arg WHEELS= --build-arg WITH_SGLANG=0"
+    "--build-arg LOCK=requirements/cpu-py311.txt --build-arg WHEELS= --build-arg WITH_SGLANG=0 --build-arg COMPILER="
+)
+DEBIAN = (
+    "--build-arg BASE_IMAGE=debian:bookworm-slim --build-arg PYTHON=python3.11 "
+    "--build-arg LOCK=requirements/cuda-py311.txt --build-arg WHEELS= --build-arg CUDA_FROM_WHEELS=1 "
+    "--build-arg SGLANG_LOCK=requirements/sglang-cuda-py311.txt"
 )
 
 
@@ -98,12 +103,15 @@ CPU_ARGS = (
         (["--flash-attn"], "--build-arg WITH_SGLANG=1 --build-arg WITH_FLASH_ATTN=1", "-flash-attn"),
         (["--lean", "--flash-attn"], "--build-arg WITH_SGLANG=0 --build-arg WITH_FLASH_ATTN=1", "-lean-flash-attn"),
         (["--cpu"], CPU_ARGS + " --build-arg WITH_FLASH_ATTN=0", "-cpu"),
+        (["--debian"], f"--build-arg WITH_SGLANG=1 {DEBIAN} --build-arg WITH_FLASH_ATTN=0", "-debian"),
+        (["--debian", "--lean"], f"--build-arg WITH_SGLANG=0 {DEBIAN} --build-arg WITH_FLASH_ATTN=0", "-debian-lean"),
     ],
 )
 def test_each_variant_has_its_build_arguments_and_its_own_tag(build_repo, options, args, suffix):
     repo, env = build_repo
-    if "--cpu" in options:
-        shutil.move(repo / "wheelhouse", repo / "wheelhouse-cpu")  # the CPU variant's own default wheelhouse
+    for variant in ("--cpu", "--debian"):  # each has its own default wheelhouse
+        if variant in options:
+            shutil.move(repo / "wheelhouse", repo / f"wheelhouse-{variant[2:]}")
     # Extra arguments go to docker build after the variant's, so that they win.
     result = run([repo / "build.sh", *options, "--build-arg", "BASE_IMAGE=mine"], cwd=repo, env=env)
     assert result.returncode == 0, result.stdout
@@ -111,10 +119,11 @@ def test_each_variant_has_its_build_arguments_and_its_own_tag(build_repo, option
     assert docker_calls(env) == [build_call(repo, args, short + suffix, " --build-arg BASE_IMAGE=mine")]
 
 
-def test_flash_attn_needs_the_cuda_image(build_repo):
+@pytest.mark.parametrize("cuda_option", ["--flash-attn", "--debian"])
+def test_flash_attn_and_debian_need_the_cuda_image(build_repo, cuda_option):
     repo, env = build_repo
-    result = run([repo / "build.sh", "--cpu", "--flash-attn"], cwd=repo, env=env)
-    assert result.returncode == 2 and "needs the CUDA image" in result.stdout
+    result = run([repo / "build.sh", "--cpu", cuda_option], cwd=repo, env=env)
+    assert result.returncode == 2 and "need the CUDA image" in result.stdout
     assert docker_calls(env) == []
 
 
@@ -169,13 +178,13 @@ def test_build_refuses_latest(build_repo, how):
     assert docker_calls(env) == []
 
 
-@pytest.mark.parametrize("variant", [[], ["--cpu"]])
+@pytest.mark.parametrize("variant", [[], ["--cpu"], ["--debian", "--lean"]])
 def test_build_refuses_an_empty_wheelhouse_and_says_how_to_fill_it(build_repo, variant):
     repo, env = build_repo
     shutil.rmtree(repo / "wheelhouse")
     result = run([repo / "build.sh", *variant], cwd=repo, env=env)
     assert result.returncode != 0
-    assert f"run ./download-packages.sh{' --cpu' if variant else ''} first" in result.stdout
+    assert f"run {' '.join(['./download-packages.sh', *variant])} first" in result.stdout
     assert docker_calls(env) == []
 
 
@@ -233,6 +242,8 @@ def test_download_fills_the_wheelhouse_for_the_target_and_is_idempotent(tmp_path
         ([], ["cuda-py312.txt", "sglang-cuda-py312.txt"], "3.12"),  # ./build.sh's default: CUDA with SGLang
         (["--lean"], ["cuda-py312.txt"], "3.12"),
         (["--cpu"], ["cpu-py311.txt"], "3.11"),
+        (["--debian"], ["cuda-py311.txt", "sglang-cuda-py311.txt"], "3.11"),  # the CUDA image on Debian 12
+        (["--debian", "--lean"], ["cuda-py311.txt"], "3.11"),
     ],
 )
 def test_download_fetches_the_locks_of_each_variant(tmp_path, options, locks, python):
@@ -271,3 +282,24 @@ def test_install_refuses_an_off_index_wheel_whose_sha256_differs(tmp_path):
     result = run([*install, "--wheelhouse", wheelhouse, "--wheels", wheels])
     assert result.returncode != 0 and "FAILED" in result.stdout
     assert not list(venv.glob("lib/python*/site-packages/offindex_demo"))
+
+
+def test_install_takes_the_locks_pins_when_the_wheelhouse_holds_another_locks_newer_ones(tmp_path):
+    """The server's and SGLang's locks share one wheelhouse. A pinned package that needs another with an extra
+    (nvidia-cudnn-frontend: nvidia-cutlass-dsl[cu13]>=4.8.0) made pip resolve that one again and take the newest wheel
+    there (the server lock's 4.8.1, not SGLang's 4.8.0), which --require-hashes refuses: the SGLang venv failed to
+    build. The lock's own pins are installed instead."""
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    older = make_wheel(wheelhouse, "dsl", "1.0", "Provides-Extra: cu13\n")
+    make_wheel(wheelhouse, "dsl", "1.1", "Provides-Extra: cu13\n")  # another lock's
+    frontend = make_wheel(wheelhouse, "frontend", "1.0", "Requires-Dist: dsl[cu13]>=1.0\n")
+    lock = tmp_path / "lock.txt"
+    lock.write_text(f"dsl==1.0 --hash=sha256:{sha256(older)}\nfrontend==1.0 --hash=sha256:{sha256(frontend)}\n")
+    venv = tmp_path / "venv"
+    install = [ROOT / "docker/install.sh", "--venv", venv, "--python", sys.executable]
+    result = run([*install, "--wheelhouse", wheelhouse, "--lock", lock])
+    assert result.returncode == 0, result.stdout
+    assert "No broken requirements found" in result.stdout  # pip check: the lock was the whole set
+    versions = run([venv / "bin/python", "-c", "import importlib.metadata as m; print(m.version('dsl'))"])
+    assert versions.stdout.strip() == "1.0"

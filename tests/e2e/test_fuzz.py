@@ -47,8 +47,8 @@ bodies = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    from tests.conftest import ServerProcess
     from tests.support.loras import peft_lora
+    from tests.support.server import ServerProcess
 
     loras = tmp_path_factory.mktemp("loras")
     peft_lora(loras / "style.safetensors", seed=1)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from server.engines.fastpath import FastOptions, accelerate
-from tests.conftest import ServerProcess
-from tests.support.demo import demo_pipeline, lora_sets, render, slot, write_loras
+from tests.support.demo import demo_pipeline, lora_sets, render, slot, switch, write_loras
 from tests.support.images import decode_b64, pixels
 from tests.support.nunchaku import svdq_file, unrelated_package
+from tests.support.server import ServerProcess
 
 
 @pytest.fixture
@@ -45,7 +45,8 @@ def test_fp8_on_a_cpu_machine_refuses_to_start_with_the_reason():
 
 @pytest.mark.parametrize("backend", ["_flash_3", "flash"])
 def test_an_attention_kernel_that_cannot_run_is_refused(backend):
-    """FlashAttention 3, and flash-attn (the image's WITH_FLASH_ATTN=1), are not installed here: refused with why."""
+    """FlashAttention 3 is not installed here, and flash (FlashAttention 4 or flash-attn 2) needs a GPU: refused with
+    why."""
     exits_with({"ATTENTION": backend}, f"ATTENTION={backend} cannot run here")
 
 
@@ -140,7 +141,7 @@ def test_fp8_compile_and_lora_slot_switch_sets_without_recompiling(lora_dir, sco
         # block's input strides), however many blocks of each class there are.
         assert graphs == 1 if scope == "model" else 2 <= graphs <= 3
         for entries in lora_sets(lora_dir)[1:]:
-            applier.apply(entries)
+            switch(applier, entries)
             assert (np.abs(render(pipe) - base).mean() > 1) == bool(entries), entries
         assert counters["stats"]["unique_graphs"] == graphs
     finally:

@@ -33,7 +33,7 @@ def peak_rss_kib(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def lora_server(tmp_path_factory):
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     folder = tmp_path_factory.mktemp("loras")
     peft_lora(folder / "style.safetensors", seed=1)
@@ -191,7 +191,7 @@ def test_ipv6_disguises_of_private_addresses_are_refused(make_server_once, host)
 
 @pytest.fixture(scope="module")
 def make_server_once():
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess({"PLUGINS": "upload"}).start()
     yield srv

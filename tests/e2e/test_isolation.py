@@ -40,7 +40,7 @@ WRITE_DROPS = ("image_server_connections_dropped_total", 'reason="write_timeout"
 
 @pytest.fixture(scope="module")
 def server():
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     env = {
         "REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
@@ -59,7 +59,7 @@ def server():
 @pytest.fixture(scope="module")
 def strict():
     """One queue place; JPEG scans unbounded and decodes cut at 1 s, to show the cut itself."""
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     env = {
         "MAX_QUEUE": "1",

@@ -26,7 +26,7 @@ def lora_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_server(lora_dir):
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess({"PLUGINS": "lora", "LORA_DIR": str(lora_dir), "MAX_BATCH": "4"}).start()
     yield srv
@@ -133,7 +133,7 @@ def test_default_set_from_config(make_server, lora_dir):
 
 
 def test_bad_default_set_stops_startup(make_server, lora_dir):
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess({"PLUGINS": "lora", "LORA_DIR": str(lora_dir), "LORA_DEFAULTS": "style,nope:0.5"})
     srv.start(wait=False)

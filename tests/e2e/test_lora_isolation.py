@@ -31,7 +31,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def srv(folder):
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     proc = ServerProcess({"PLUGINS": "lora", "LORA_DIR": str(folder), "DTYPE": "fp16", "MAX_BATCH": "1"}).start()
     yield proc

@@ -91,7 +91,7 @@ def test_upscale(make_server, nsfw_model):
 
 
 def test_missing_classifier_stops_startup(tmp_path):
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess({"PLUGINS": "nsfw", "NSFW_MODEL_PATH": str(tmp_path / "nope")})
     srv.start(wait=False)

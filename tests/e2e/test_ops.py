@@ -1,31 +1,14 @@
 """Operations: CLI and env configuration, probes, metrics, logs, URL expiry, startup failures."""
 
 import json
-import subprocess
-import sys
 import time
 
 import httpx
 
-from tests.conftest import BIN, ServerProcess
+from tests.support.server import ServerProcess
 from tests.support.waiting import until
 
 FAST = {"num_inference_steps": 2}
-
-
-def test_help_documents_every_flag_with_its_env_var():
-    out = subprocess.run([str(BIN / "image-server"), "serve", "--help"], capture_output=True, text=True).stdout
-    for flag, env in [
-        ("--model", "MODEL_PATH"),
-        ("--port", "PORT"),
-        ("--api-key", "API_KEY"),
-        ("--max-queue", "MAX_QUEUE"),
-        ("--max-batch", "MAX_BATCH"),
-        ("--plugins", "PLUGINS"),
-        ("--num-gpu-instances", "NUM_GPU_INSTANCES"),
-        ("--log-json", "LOG_JSON"),
-    ]:
-        assert flag in out and f"env {env}" in out
 
 
 def test_flags_override_environment(make_server):
@@ -52,8 +35,11 @@ def test_metrics_expose_the_promised_series(server, client):
         "image_server_postprocess_seconds_bucket",
         "image_server_encode_seconds_bucket",
         "image_server_images_total",
+        "image_server_running 0.0",  # the capacity signals (docs/DEPLOYMENT.md): idle again
+        "image_server_queue_oldest_seconds 0.0",
     ):
         assert series in text, series
+    assert 0 < server.metric("image_server_utilization") <= 1  # the engine generated within the last 30 s
 
 
 def test_server_timing_and_request_id_headers(server):
@@ -78,7 +64,8 @@ def test_json_logs_one_line_per_request(make_server):
     until(lambda: srv.logs().count('"path": "/v1/images/generations"') == 2, 30, "two access log lines")
     lines = srv.logs().splitlines()
     entries = [json.loads(line) for line in lines]  # every line, the libraries' warnings included, is one object
-    assert not [e for e in entries if "requires torchvision" in e.get("message", "")]
+    # no library noise on a CPU machine: torchvision missing, torchao's kernels built for another Python or GPU
+    assert [e for e in entries if e["level"] == "warning"] == []
     requests = [e for e in entries if e.get("path") == "/v1/images/generations"]
     assert [e["status"] for e in requests] == [200, 400]
     assert {"request_id", "queue_seconds", "gen_seconds", "post_seconds"} <= set(requests[0])
@@ -131,30 +118,3 @@ def test_bad_model_path_exits_nonzero_with_a_clear_message(tmp_path):
     srv.start(wait=False)
     assert srv.proc.wait(60) == 1
     assert "is not a diffusers model folder" in srv.logs()
-
-
-def test_the_cli_exits_2_with_the_problem_and_no_traceback():
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--max-batch", "abc"],
-        capture_output=True,
-        text=True,
-        env={"NSFW_ACTION": "Block", "PATH": ""},
-        timeout=120,
-    )
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert "image-server: --max-batch='abc': expected an integer >= 1" in done.stderr
-    assert "image-server: NSFW_ACTION='Block': expected one of flag, blur, block" in done.stderr
-
-
-def test_help_lists_the_plugins_settings_with_true_defaults():
-    out = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--help"], capture_output=True, text=True, timeout=120
-    ).stdout
-    for flag, env in [
-        ("--lora-dir", "LORA_DIR"),
-        ("--nsfw-model-path", "NSFW_MODEL_PATH"),
-        ("--upload-timeout", "UPLOAD_TIMEOUT"),
-    ]:
-        assert flag in out and f"env {env}" in out
-    assert "default ." not in out  # empty paths say "none", as the README does

@@ -68,7 +68,7 @@ def test_third_party_plugin_from_its_own_package(make_server, third_party):
 
 
 def test_unknown_plugin_name_stops_startup(make_server):
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess({"PLUGINS": "lora,nonesuch"})
     srv.start(wait=False)

@@ -1,6 +1,7 @@
 """scripts/setup.sh in a copy of the checkout whose .venv python is a stand-in: pip calls are recorded, not run
-(everything else goes to this test run's Python, which has torch and the server). Where torch comes from, and a
-second run that installs nothing."""
+(everything else goes to this test run's Python, which has torch and the server). Where torch comes from, a
+second run that installs nothing, what each tier installs (system packages: apt-get and dpkg are stand-ins too),
+and which tier scripts/test.sh sets up."""
 
 import os
 import shutil
@@ -114,3 +115,93 @@ def test_test_extras_cover_a_plain_setup_but_not_the_reverse(checkout):
     setup(repo, env, "--test")
     setup(repo, env)
     assert pip_calls(env) == ["install -e .[bench]", "install -e .[test]"]
+
+
+def test_a_unit_setup_installs_the_unit_extra_and_is_covered_by_a_test_setup(checkout):
+    repo, env = checkout
+    setup(repo, env, "--unit")
+    setup(repo, env, "--unit")
+    setup(repo, env, "--test")
+    setup(repo, env, "--unit")
+    assert pip_calls(env) == ["install -e .[unit]", "install -e .[test]"]
+
+
+def test_a_plain_setup_after_a_unit_one_adds_the_bench_extra_once(checkout):
+    repo, env = checkout
+    setup(repo, env, "--unit")
+    setup(repo, env)
+    setup(repo, env, "--unit")
+    setup(repo, env)
+    assert pip_calls(env) == ["install -e .[unit]", "install -e .[bench]"]
+
+
+def test_an_unknown_option_is_refused(checkout):
+    repo, env = checkout
+    result = run([repo / "scripts/setup.sh", "--tests"], env=env)
+    assert result.returncode == 2 and "usage: scripts/setup.sh [--unit | --test]" in result.stdout
+
+
+def fake_apt(tmp_path: Path, env: dict) -> Path:
+    """apt-get and dpkg stand-ins on PATH: no package is installed, and apt-get records what it is asked for."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    (bin_dir / "dpkg").write_text("#!/usr/bin/env bash\nexit 1\n")
+    (bin_dir / "apt-get").write_text('#!/usr/bin/env bash\necho "$*" >>"$APT_LOG"\n')
+    (bin_dir / "sudo").write_text('#!/usr/bin/env bash\nexec "$@"\n')
+    for name in ("dpkg", "apt-get", "sudo"):
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "apt.log"
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", APT_LOG=str(log))
+    return log
+
+
+@pytest.mark.parametrize(
+    ("option", "packages"),
+    [
+        ("", {"python3-venv", "curl"}),
+        ("--unit", {"python3-venv", "curl"}),  # no test-only system package
+        ("--test", {"python3-venv", "curl", "nginx", "shellcheck", "mmdebstrap", "pigz"}),
+    ],
+)
+def test_system_packages_of_each_tier(checkout, tmp_path, option, packages):
+    repo, env = checkout
+    log = fake_apt(tmp_path, env)
+    setup(repo, env, *filter(None, [option]))
+    installs = [line.split() for line in log.read_text().splitlines() if line.startswith("install")]
+    assert len(installs) == 1
+    asked = {word for word in installs[0][1:] if not word.startswith("-")} - {"docker.io"}  # where no dockerd
+    assert asked == packages
+
+
+@pytest.mark.parametrize(
+    ("args", "tier"),
+    [
+        ([], "--test"),
+        (["tests/unit"], "--unit"),
+        (["tests/unit/test_cli.py::test_x", "-x", "-k", "help"], "--unit"),
+        (["tests/unit", "tests/e2e/test_ops.py"], "--test"),
+        (["-k", "help"], "--test"),  # no path: the whole suite, filtered
+    ],
+)
+def test_test_sh_sets_up_the_unit_tier_only_for_paths_inside_it(tmp_path, args, tier):
+    """scripts/test.sh in a checkout whose setup.sh, ruff and python are stand-ins recording how they were called."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts/test.sh", repo / "scripts")
+    for path in ("tests/unit/test_cli.py", "tests/e2e/test_ops.py"):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).touch()
+    record = '#!/usr/bin/env bash\necho "$(basename "$0") $*" >>"$CALLS"\n'
+    for stand_in in ("scripts/setup.sh", ".venv/bin/ruff", ".venv/bin/python"):
+        (repo / stand_in).parent.mkdir(parents=True, exist_ok=True)
+        (repo / stand_in).write_text(record)
+        (repo / stand_in).chmod(0o755)
+    calls = tmp_path / "calls"
+    result = run([repo / "scripts/test.sh", *args], env={**os.environ, "CALLS": str(calls)})
+    assert result.returncode == 0, result.stdout
+    assert calls.read_text().splitlines() == [
+        f"setup.sh {tier}",
+        "ruff check .",
+        "ruff format --check .",
+        " ".join(["python -m pytest -q -ra", *args]),
+    ]

@@ -23,10 +23,10 @@ import pytest
 from PIL import Image
 
 from plugins.nsfw.demo import write_demo_classifier
-from tests.conftest import ROOT, ServerProcess
 from tests.support.images import decode_b64, gradient, pixels, png_bytes
 from tests.support.loras import foreign_lora, kohya_lora, peft_lora, wrong_shape_lora
 from tests.support.s3 import presigned_put
+from tests.support.server import ROOT, ServerProcess
 
 # the SGLang install can run inside the first test's setup
 pytestmark = [pytest.mark.sglang, pytest.mark.timeout(3600)]
@@ -297,7 +297,7 @@ def kontext_model() -> Path:
     from diffusers import FluxKontextPipeline, FluxPipeline
 
     from server.engines.demos import demo_model_path
-    from tests.conftest import CACHE_DIR
+    from tests.support.server import CACHE_DIR
 
     path = CACHE_DIR / "flux-kontext-tiny"
     if not (path / "model_index.json").exists():

@@ -17,7 +17,7 @@ STEPS = {"num_inference_steps": 8}
 
 @pytest.fixture(scope="module")
 def streamer():
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess({"MAX_BATCH": "4", "BATCH_WINDOW_MS": "300", "STREAM_KEEPALIVE": "0.2"}).start()
     yield srv

@@ -26,7 +26,7 @@ def verifier():
 
 @pytest.fixture(scope="module")
 def upload_server():
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess({"PLUGINS": "upload", "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*", "UPLOAD_RETRIES": "3"}).start()
     yield srv
@@ -36,7 +36,7 @@ def upload_server():
 @pytest.fixture(scope="module")
 def strict_server():
     """No trusted hosts: every upload URL must be https to a public address."""
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     srv = ServerProcess({"PLUGINS": "upload"}).start()
     yield srv

@@ -41,7 +41,7 @@ def video_env(video_dir, **more) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def wan(video_dir):
-    from tests.conftest import ServerProcess
+    from tests.support.server import ServerProcess
 
     proc = ServerProcess(video_env(video_dir)).start()
     yield proc

@@ -10,7 +10,7 @@ from plugins.lora.demo import kohya_lora, peft_lora
 from server.engines.demos import demo_model_path
 from server.engines.diffusers import load_pipeline
 from server.lora import LoRASet
-from tests.conftest import CACHE_DIR
+from tests.support.server import CACHE_DIR
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Helpers for the deployment tests (tests/test_deploy_*.py)."""
+"""Helpers for the deployment tests (tests/e2e/test_deploy_*.py)."""
 
 import collections
 import hashlib
@@ -87,12 +87,13 @@ def lock_subset(path: Path, names: set[str]) -> str:
     return "\n".join(kept) + "\n"
 
 
-def make_wheel(folder: Path, name: str = "offindex_demo", version: str = "1.0+local") -> Path:
-    """A minimal pure-Python wheel, standing in for an off-index wheel such as Nunchaku's."""
+def make_wheel(folder: Path, name: str = "offindex_demo", version: str = "1.0+local", metadata: str = "") -> Path:
+    """A minimal pure-Python wheel, standing in for an off-index wheel such as Nunchaku's; `metadata`: more METADATA
+    lines (Requires-Dist, Provides-Extra)."""
     dist_info = f"{name}-{version}.dist-info"
     files = {
         f"{name}/__init__.py": "VALUE = 42\n",
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{metadata}",
         f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     files[f"{dist_info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{dist_info}/RECORD"])

@@ -1,10 +1,11 @@
 """LoRA files for the demo model: the good ones people ship (from plugins/lora/demo.py) and broken ones."""
 
 import json
+import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from plugins.lora.demo import INNER, kohya_lora, peft_lora  # noqa: F401  (re-exported for the tests)
 
@@ -88,9 +89,25 @@ ODD_KINDS = (
 
 
 def _load(path: Path) -> dict:
-    from safetensors.torch import load_file
-
     return load_file(str(path))
+
+
+_ATTENTION = re.compile(r"\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)\.weight$")
+
+
+def transformer_lora(path: Path, model: Path, seed: int, rank: int = 2, scale: float = 0.5) -> Path:
+    """A diffusers/PEFT LoRA on every attention projection of the transformer of the model folder `model` (any
+    family): shapes read from its weights."""
+    weights = load_file(str(model / "transformer" / "diffusion_pytorch_model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, weight in sorted(weights.items()):
+        if weight.ndim == 2 and _ATTENTION.search(key):
+            module = "transformer." + key.removesuffix(".weight")
+            down, up = _pair(g, weight.shape[0], weight.shape[1], rank, scale)
+            state[module + ".lora_A.weight"], state[module + ".lora_B.weight"] = down, up
+    save_file(state, str(path))
+    return path
 
 
 # Every dtype safetensors 0.8 names (its header parser lists them), and two it does not.

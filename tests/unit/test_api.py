@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from server.api import EventStreamResponse
+from server.auth import key_label
 from server.http import CONNECTION
 from server.middleware import RequestLife
 from server.protocol import StreamEvent
@@ -290,3 +291,77 @@ def test_a_stream_cancelled_while_its_send_blocks_closes_its_source_at_once():
         assert asyncio.run(main()) == ["source closed"]
     finally:
         gc.enable()
+
+
+# -- tenants --------------------------------------------------------------------------------------------
+
+
+def _send(app: InProcess, answers: list, headers: dict) -> threading.Thread:
+    body = {"prompt": "x", "size": "64x64"}
+    thread = threading.Thread(
+        target=lambda: answers.append(app.http.post("/v1/images/generations", json=body, headers=headers))
+    )
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    ("settings", "first", "second"),
+    [
+        ({"api_key": "key-one,key-two"}, {"authorization": "Bearer key-one"}, {"authorization": "Bearer key-two"}),
+        ({"tenant_header": "X-Tenant"}, {"x-tenant": "team-a"}, {"x-tenant": "team-b"}),
+    ],
+    ids=["api-keys", "gateway-header"],
+)
+def test_a_tenant_at_its_share_of_the_queue_gets_429_while_another_is_admitted(settings, first, second):
+    with InProcess(max_queue=2, max_batch=1, **settings) as app:
+        app.engine.gate.clear()
+        answers = []
+        threads = [_send(app, answers, first)]
+        app.engine.entered.acquire(timeout=10)
+        threads.append(_send(app, answers, first))
+        until(lambda: app.service.scheduler.depth == 1)  # the first tenant holds its one place (half of 2)
+        own = app.http.post("/v1/images/generations", json={"prompt": "x", "size": "64x64"}, headers=first)
+        threads.append(_send(app, answers, second))
+        until(lambda: app.service.scheduler.depth == 2)  # the second tenant is still admitted
+        app.engine.gate.set()
+        for t in threads:
+            t.join(10)
+    assert own.status_code == 429 and own.json()["error"]["code"] == "tenant_queue_full"
+    assert int(own.headers["retry-after"]) >= 1
+    assert [a.status_code for a in answers] == [200, 200, 200]
+
+
+def test_without_keys_or_a_gateway_header_every_request_is_one_tenant_with_the_whole_queue():
+    """Neither a made-up key nor the header of a gateway that is not configured makes a new tenant (a new share)."""
+    with InProcess(max_queue=2, max_batch=1) as app:
+        app.engine.gate.clear()
+        answers = []
+        threads = [_send(app, answers, {"authorization": "Bearer made-up-0"})]
+        app.engine.entered.acquire(timeout=10)
+        threads += [_send(app, answers, {"authorization": f"Bearer made-up-{i}", "x-tenant": f"t{i}"}) for i in (1, 2)]
+        until(lambda: app.service.scheduler.depth == 2)
+        full = app.http.post("/v1/images/generations", json={"prompt": "x"}, headers={"x-tenant": "t3"})
+        app.engine.gate.set()
+        for t in threads:
+            t.join(10)
+    assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+    assert [a.status_code for a in answers] == [200, 200, 200]
+
+
+def test_a_gateway_header_that_is_not_a_plain_name_is_a_400_naming_it():
+    with InProcess(tenant_header="X-Tenant") as app:
+        response = app.http.post("/v1/images/generations", json={"prompt": "x"}, headers={"x-tenant": "a b"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "X-Tenant"
+    assert_openai_shape(response.json())
+
+
+def test_the_log_line_names_the_tenant_by_its_label_never_by_its_key(caplog):
+    with InProcess(api_key="secret-key-1") as app, caplog.at_level("INFO", logger="server.access"):
+        app.http.post(
+            "/v1/images/generations",
+            json={"prompt": "x", "size": "64x64"},
+            headers={"authorization": "Bearer secret-key-1"},
+        )
+    assert f"tenant={key_label('secret-key-1')}" in caplog.text
+    assert "secret-key-1" not in caplog.text

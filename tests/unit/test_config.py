@@ -2,10 +2,9 @@
 
 import pytest
 
-from server.config import ConfigError, from_env, load
-from server.plugins import discover
+from server.config import ConfigError, from_env, load, plugin_sections
 
-SECTIONS = {name: cls.Settings for name, cls in discover().items() if cls.Settings is not None}
+SECTIONS = plugin_sections()
 
 
 def problems(**environ) -> str:
@@ -33,6 +32,11 @@ def problems(**environ) -> str:
         ("UPLOAD_RETRIES", "99", "from 0 to 10"),
         ("MAX_LORAS", "0", "from 1 to 16"),
         ("NUNCHAKU_FALLBACK", "fp4", "one of none, fp8, bf16"),
+        ("TENANT_WEIGHTS", "key-abc:0", "NAME:WEIGHT"),
+        ("TENANT_WEIGHTS", "key-abc:nan", "NAME:WEIGHT"),
+        ("TENANT_WEIGHTS", "bad name:2", "NAME:WEIGHT"),
+        ("TENANT_HEADER", "X Tenant", "an HTTP header name"),
+        ("TENANT_QUEUE_SHARE", "0", "from 0.01 to 1"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable_and_what_it_accepts(variable, value, expected):
@@ -52,3 +56,22 @@ def test_plugins_declare_their_settings_and_overrides_find_their_section():
     assert settings.section("lora").max_loras == 2
     assert settings.section("nsfw").nsfw_action == "block"
     assert settings.max_batch == 3
+
+
+def test_tenant_weights_and_when_the_queue_is_shared():
+    settings = from_env(tenant_weights="key-3f2a9c1b0d4e:2, batch:0.5")
+    assert settings.weights == {"key-3f2a9c1b0d4e": 2.0, "batch": 0.5}
+    assert not from_env(api_key="one").several_tenants  # one key: nobody to share the queue with
+    assert from_env(api_key="one,two").several_tenants
+    assert from_env(api_key="one", admin_api_key="admin").several_tenants
+    assert from_env(tenant_header="X-Tenant").several_tenants
+    assert not from_env(admin_api_key="a,b").several_tenants  # no API_KEY: no key is checked, one tenant
+
+
+def test_each_settings_entry_point_is_named_after_an_installed_plugin():
+    """A plugin reads its section by its own name (`self.config`): a settings entry under another name would
+    be flags that configure nothing."""
+    from server.plugins import discover
+
+    assert set(SECTIONS) <= set(discover())
+    assert {"lora", "nsfw", "upload", "nunchaku"} <= set(SECTIONS)

@@ -8,7 +8,9 @@ from pathlib import Path
 import diffusers
 import pytest
 
-from server.families import CFG, FAMILIES, GENERIC, TRUE_CFG, Video, detect_family
+from server.config import from_env
+from server.families import CFG, FAMILIES, GENERIC, TRUE_CFG, Video, detect_family, family_named
+from server.service import check_family_settings
 
 
 def model_folder(root: Path, family) -> Path:
@@ -53,12 +55,6 @@ def test_an_sglang_model_id_names_a_family():
 WAN = Video(fps=24, frame_step=4, default_frames=121, max_frames=121, default_size=(1280, 704))
 
 
-@pytest.mark.parametrize(("seconds", "frames"), [(5, 121), (4, 97), (1, 25), (0.1, 1), (8, 121), (12, 121)])
-def test_seconds_become_the_nearest_frame_count_the_vae_takes(seconds, frames):
-    assert WAN.frames(seconds) == frames
-    assert WAN.frames_problem(frames) is None
-
-
 @pytest.mark.parametrize(("frames", "words"), [(8, "4k+1"), (0, "4k+1"), (125, "at most 121")])
 def test_frame_counts_the_model_cannot_make_are_named(frames, words):
     assert words in WAN.frames_problem(frames)
@@ -77,3 +73,12 @@ def test_the_table_agrees_with_the_pipelines_it_names(family):
         assert family.guidance_mode != CFG or family.cfg_argument in arguments, class_name
         assert (family.video is not None) == ("num_frames" in arguments), class_name
         assert not family.edits or family.text2img or "image" in arguments, class_name
+
+
+def test_settings_every_request_of_the_family_would_break_on_stop_the_server():
+    glm, schnell = family_named("GLM-Image"), family_named("FLUX.1-schnell")
+    check_family_settings(glm, from_env(default_size="1024x1024"))
+    with pytest.raises(SystemExit, match=r"DEFAULT_SIZE=1040x1040: GLM-Image needs .* multiples of 32"):
+        check_family_settings(glm, from_env(default_size="1040x1040"))
+    with pytest.raises(SystemExit, match=r"DEFAULT_GUIDANCE=3\.5: FLUX\.1-schnell takes no guidance"):
+        check_family_settings(schnell, from_env(default_guidance=3.5))

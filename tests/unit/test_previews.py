@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler
 
-from server.engines.previews import PreviewDecoder, predicted_clean, preview_steps
-from server.families import FLUX_PACKED
+from server.engines.previews import PreviewDecoder, decoder_problem, predicted_clean, preview_steps
+from server.families import FLUX_PACKED, PLAIN, QWEN_PACKED
 from tests.support.demo import demo_pipeline
 
 
@@ -50,3 +50,9 @@ def test_every_decoder_gives_an_image_of_the_generation_size(pipe, kind, tmp_pat
     first, second = (decoder.render(packed[i], 64, 96)() for i in range(2))
     assert first.size == second.size == (64, 96) and first.mode == "RGB"
     assert first.tobytes() != second.tobytes()
+
+
+def test_the_fitted_and_tiny_decoders_are_flux_1_s_and_refused_for_another_family():
+    assert decoder_problem("linear", FLUX_PACKED) is None and decoder_problem("tiny:/taef1", FLUX_PACKED) is None
+    assert decoder_problem("vae", QWEN_PACKED) is None
+    assert "'vae' only" in decoder_problem("linear", PLAIN)

@@ -30,6 +30,13 @@ def test_auto_takes_the_default_or_the_input_image_fitted():
     assert requested_size("auto", (6000, 4000), S) == (2496, 1664)  # scaled into MAX_PIXELS, multiples of 16
 
 
+def test_a_family_s_size_multiple_holds_for_explicit_and_auto_sizes():
+    """GLM-Image and Wan 2.2 TI2V take multiples of 32: 80x80 is refused, `auto` fits an image to 32."""
+    assert "multiples of 32" in refused(requested_size, "80x80", None, S, 32).message
+    assert requested_size("96x64", None, S, 32) == (96, 64)
+    assert requested_size("auto", (700, 500), S, 32) == (672, 480)
+
+
 @pytest.mark.parametrize("image", [(1, 20_000_000), (20_000_000, 1), (4096 * 64, 16)])
 def test_auto_refuses_an_input_too_thin_for_any_allowed_size(image):
     assert "give 'size' explicitly" in refused(fit, *image, S).message

@@ -20,7 +20,7 @@ from tests.support.waiting import until
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the SDK warns on every call
 
-KEYS = {"alice": "alice-key", "bob": "bob-key"}
+KEYS = {"alice": "alice-key", "bob": "bob-key", "carol": "carol-key"}
 RED = (200, 30, 90)
 
 
@@ -105,22 +105,27 @@ def test_progress_follows_the_steps_while_the_job_runs(app):
     assert client.videos.poll(second.id, poll_interval_ms=10).status == "completed"
 
 
-def test_a_full_queue_is_429_and_stores_nothing(app):
-    client = sdk(app).with_options(max_retries=0)
+def test_a_key_at_its_share_and_a_full_queue_are_429s_that_store_nothing(app):
+    clients = {who: sdk(app, who).with_options(max_retries=0) for who in ("alice", "carol")}
+    alice = clients["alice"]
     app.engine.gate.clear()
     try:
-        running = client.videos.create(prompt="running", seconds="0.5")
+        running = alice.videos.create(prompt="running", seconds="0.5")
         app.engine.entered.acquire(timeout=10)
-        queued = [client.videos.create(prompt=f"queued {i}", seconds="0.5") for i in range(2)]  # MAX_QUEUE=2
-        count = len(list(client.videos.list(limit=100)))
-        with pytest.raises(openai.RateLimitError) as err:
-            client.videos.create(prompt="one too many", seconds="0.5")
-        assert err.value.body["code"] == "queue_full" and err.value.response.headers["retry-after"]
-        assert len(list(client.videos.list(limit=100))) == count
+        queued = {"alice": alice.videos.create(prompt="queued", seconds="0.5")}  # MAX_QUEUE=2: one place per key
+        count = len(list(alice.videos.list(limit=100)))
+        with pytest.raises(openai.RateLimitError) as share:
+            alice.videos.create(prompt="past alice's share", seconds="0.5")
+        queued["carol"] = clients["carol"].videos.create(prompt="carol's", seconds="0.5")  # carol is still admitted
+        with pytest.raises(openai.RateLimitError) as full:
+            alice.videos.create(prompt="one too many", seconds="0.5")
+        assert len(list(alice.videos.list(limit=100))) == count
     finally:
         app.engine.gate.set()
-    for job in [running, *queued]:
-        assert client.videos.poll(job.id, poll_interval_ms=10).status == "completed"
+    assert share.value.body["code"] == "tenant_queue_full" and share.value.response.headers["retry-after"]
+    assert full.value.body["code"] == "queue_full" and full.value.response.headers["retry-after"]
+    for who, job in [("alice", running), *queued.items()]:
+        assert clients[who].videos.poll(job.id, poll_interval_ms=10).status == "completed"
 
 
 @pytest.mark.parametrize(

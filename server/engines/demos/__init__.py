@@ -14,10 +14,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from server.families import family_named, missing_requirement
+
 log = logging.getLogger(__name__)
 
-# demo name -> the module in this package that builds it (its VERSION and build())
-DEMOS = {"flux1": "flux1", "wan2.2": "wan", "z-image": "zimage"}
+# demo name -> the module in this package that builds it (its VERSION, FAMILY and build())
+DEMOS = {
+    "flux1": "flux1",
+    "flux2": "flux2",
+    "glm-image": "glm",
+    "qwen-image": "qwen",
+    "qwen-image-edit": "qwen_edit",
+    "wan2.2": "wan",
+    "z-image": "zimage",
+}
 DEFAULT = "flux1"
 
 
@@ -36,6 +46,9 @@ def demo_model_path(cache_dir: Path, name: str = DEFAULT) -> Path:
     path = cache_dir / module.VERSION
     if (path / "model_index.json").exists():
         return path
+    problem = missing_requirement(family_named(module.FAMILY))
+    if problem:
+        raise SystemExit(f"MODEL_PATH=demo:{name}: {problem}")
     log.info("building the demo model %s in %s (first use)", name, path)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".build-"))

@@ -4,6 +4,7 @@ flow-matching scheduler), shrunk so that it builds in seconds and runs on a lapt
 from server.engines.demos.tokenizers import clip_tokenizer, t5_tokenizer
 
 VERSION = "flux-tiny-v2"  # bump when the architecture or the build changes: old caches are ignored
+FAMILY = "FLUX.1-dev"  # its row in server/families.py
 
 
 def _transformer():

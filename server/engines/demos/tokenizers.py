@@ -58,8 +58,26 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
+def byte_bpe(special_tokens: list[str], vocab_size: int = 400):
+    """A byte-level BPE (`tokenizers.Tokenizer`) trained on the corpus, its special tokens first (ids 0, 1, ...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus(), trainer)
+    return bpe
+
+
 # Qwen's special tokens (Qwen2.5-VL's vision markers among them) and a chat template in Qwen's format.
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+QWEN_SPECIAL += ["<|video_pad|>"]
 QWEN_CHAT = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
@@ -70,20 +88,43 @@ QWEN_CHAT = (
 
 
 def qwen_tokenizer():
-    """A byte-level BPE in Qwen2's format (Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Qwen2's tokenizer format (Qwen-Image's Qwen2.5-VL, Z-Image's Qwen3)."""
     from transformers import Qwen2Tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=QWEN_SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus(), trainer)
     return Qwen2Tokenizer(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, chat_template=QWEN_CHAT
+        tokenizer_object=byte_bpe(QWEN_SPECIAL),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        chat_template=QWEN_CHAT,
+    )
+
+
+# Mistral's special tokens (Pixtral's image markers among them) and a chat template in Mistral's format.
+MISTRAL_SPECIAL = [
+    "<unk>", "<s>", "</s>", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+]  # fmt: skip
+MISTRAL_CHAT = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set text = namespace(value='') %}{% if message['content'] is string %}{% set text.value = message['content'] %}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{% set text.value = text.value + "
+    "'[IMG]' %}{% else %}{% set text.value = text.value + part['text'] %}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text.value }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text.value }}[/INST]{% else %}{{ text.value }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def mistral_tokenizer():
+    """A Mistral-format tokenizer (FLUX.2's Mistral Small 3 encoder)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=byte_bpe(MISTRAL_SPECIAL),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        chat_template=MISTRAL_CHAT,
     )

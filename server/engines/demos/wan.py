@@ -5,6 +5,7 @@ from text, `WanImageToVideoPipeline` on the same weights from a first frame."""
 from server.engines.demos.tokenizers import t5_tokenizer
 
 VERSION = "wan2.2-ti2v-tiny-v1"
+FAMILY = "Wan2.2-TI2V"  # its row in server/families.py
 
 
 def build():

@@ -3,7 +3,8 @@ a Qwen3 text encoder (its second-to-last hidden states), flow matching; shrunk."
 
 from server.engines.demos.tokenizers import qwen_tokenizer
 
-VERSION = "z-image-tiny-v1"
+VERSION = "z-image-tiny-v2"
+FAMILY = "Z-Image"  # its row in server/families.py
 
 
 def _transformer():

@@ -1,31 +1,14 @@
-"""Shared fixtures: the real server process on loopback (tests/e2e), driven by the official openai package,
-and a real S3 (moto) on loopback."""
-
-import os
-import sys
-import tempfile
-from pathlib import Path
+"""Fixtures of the end-to-end tier: the real server process on loopback (tests/support/server.py), driven by the
+official openai package, and a real S3 (moto) on loopback. The in-process tier imports none of this."""
 
 import boto3
 import openai
 import pytest
 from moto.server import ThreadedMotoServer
 
-from bench import harness
 from bench.harness import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-# One demo model for the whole run: built by the first server, reused by the others.
-CACHE_DIR = Path(os.environ.get("IMAGE_SERVER_TEST_CACHE", Path(tempfile.gettempdir()) / "image-server-test-cache"))
-
-
-class ServerProcess(harness.ServerProcess):
-    """The bench's launcher with the tests' defaults: the demo model from the shared cache, one torch thread."""
-
-    def __init__(self, env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
-        defaults = {"MODEL_PATH": "demo", "CACHE_DIR": str(CACHE_DIR), "TORCH_THREADS": "1"}
-        super().__init__({**defaults, **(env or {})}, command, ready_timeout=120)
+from tests.support.s3 import KEY_ID, REGION, SECRET
+from tests.support.server import ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +42,6 @@ def make_server():
 @pytest.fixture(scope="module")
 def moto():
     """A real S3 implementation (moto's server) on loopback, with a bucket named images."""
-    from tests.support.s3 import KEY_ID, REGION, SECRET
-
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
