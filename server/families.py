@@ -276,6 +276,14 @@ FAMILIES: tuple[Family, ...] = (
 GENERIC = Family("generic", (), 28, 3.5, CFG, negative=TRUE_CFG)
 
 
+def true_cfg_weight(requested: float | None, negative_prompt: str | None) -> float | None:
+    """The true-CFG weight a request runs at, for both engines: its own, else DEFAULT_TRUE_CFG when it gives a
+    negative prompt, else None (no true CFG)."""
+    if requested is not None:
+        return requested
+    return DEFAULT_TRUE_CFG if negative_prompt is not None else None
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

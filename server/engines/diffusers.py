@@ -26,13 +26,13 @@ from server.engines.previews import PreviewDecoder, decoder_problem, predicted_c
 from server.errors import bad_request
 from server.families import (
     CFG,
-    DEFAULT_TRUE_CFG,
     GENERIC,
     NONE,
     TRUE_CFG,
     Family,
     detect_family,
     missing_requirement,
+    true_cfg_weight,
 )
 from server.lora import weight_shapes
 from server.spec import GenerationSpec
@@ -404,11 +404,9 @@ def _optional_arguments(spec: GenerationSpec, family: Family, params: set[str]) 
     negative = spec.negative_prompt if spec.negative_prompt is not None else family.default_negative
     if negative is not None and "negative_prompt" in params:
         kwargs["negative_prompt"] = negative
-    if family.negative == TRUE_CFG and "true_cfg_scale" in params:
-        if spec.true_cfg is not None:
-            kwargs["true_cfg_scale"] = spec.true_cfg
-        elif spec.negative_prompt is not None:
-            kwargs["true_cfg_scale"] = DEFAULT_TRUE_CFG
+    true_cfg = true_cfg_weight(spec.true_cfg, spec.negative_prompt)
+    if family.negative == TRUE_CFG and "true_cfg_scale" in params and true_cfg is not None:
+        kwargs["true_cfg_scale"] = true_cfg
     if spec.strength is not None:
         kwargs["strength"] = spec.strength
     return kwargs
