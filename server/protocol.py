@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import models_json_schema
 
 from server.bodies import parse_json_value
+from server.errors import ErrorEvent
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 10  # n
@@ -101,9 +102,11 @@ EDIT_FORM = "ImageEditForm"
 
 
 def openapi_bodies(generation: type[BaseModel], edit: type[BaseModel]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The image routes' request bodies for /openapi.json, by path, and the component schemas they refer to.
-    The handlers read the raw request (bounded parsing), so FastAPI cannot see these on its own."""
-    _, schemas = models_json_schema([(generation, "validation"), (edit, "validation")], ref_template=_REF)
+    """The image routes' request bodies for /openapi.json, by path, and the component schemas they and
+    `STREAM_EVENTS` refer to. The handlers read the raw request (bounded parsing), so FastAPI cannot see these
+    on its own."""
+    models = [(generation, "validation"), (edit, "validation"), (StreamEvent, "serialization")]
+    _, schemas = models_json_schema([*models, (ErrorEvent, "serialization")], ref_template=_REF)
     components = schemas["$defs"]
     components[EDIT_FORM] = _edit_form(components[edit.__name__])
     bodies = {
@@ -247,7 +250,8 @@ class ImagesResponse(BaseModel):
 
 
 class StreamEvent(BaseModel):
-    """`image_generation.partial_image` / `.completed` and `image_edit.partial_image` / `.completed`."""
+    """`image_generation.partial_image` / `.completed` and `image_edit.partial_image` / `.completed` (an error
+    after the stream began is `errors.ErrorEvent`)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -267,15 +271,8 @@ class StreamEvent(BaseModel):
     usage: Usage | None = None  # completed events only
 
 
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+# The events of a stream in /openapi.json (their schemas are components: see `openapi_bodies`)
+STREAM_EVENTS = {"oneOf": [{"$ref": _REF.format(model=m.__name__)} for m in (StreamEvent, ErrorEvent)]}
 
 
 # -- videos (/v1/videos) -----------------------------------------------------------
