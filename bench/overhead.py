@@ -83,7 +83,7 @@ class InProcess:
         settings = from_env()
         torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
         self.engine = DiffusersEngine(settings)
-        self.plugins = PluginSet(settings, self.engine)
+        self.plugins = PluginSet(settings)
         self.service = ImageService(settings, self.engine, self.plugins, Metrics())
         self.service.load_now()
 

@@ -4,12 +4,15 @@ A plugin is a class registered in the `image_server.plugins` entry-point group (
 register the same way, see pyproject.toml), enabled by name with PLUGINS=lora,nsfw,upload. It declares its
 request fields (`fields`, a pydantic model); its settings (a dataclass of `server.config.option`s: flags and
 variables like the server's own) are registered under the same name in the `image_server.settings` group, from a
-light module (`server.config.plugin_sections`), and reach it as `self.config`. Hooks, in the order they run:
+light module (`server.config.plugin_sections`), and reach it as `self.config`. Of server/ a plugin imports
+only the modules `server.hooks.PLUGIN_API` names; of the engine it sees only `server.hooks`. Hooks, in the
+order they run:
 
   engine, while it loads (engine thread)
-    provide_pipeline(context)   build the pipeline instead of the engine (Nunchaku), or name a fallback
+    provide_pipeline(context)   build the pipeline instead of the engine (Nunchaku), or name its own path
     lora_applier(target)        how LoRA sets get into this pipeline's weights (merged, or a slot)
-  load()                        after the engine has loaded, before the server is ready
+  load(engine)                  engine thread, after the engine has loaded, before the server is ready: what
+                                the plugin sees of the engine (`EngineView`)
   per request
     option(request)             validate its fields -> the value the other hooks get (None: not used)
     loras(option)               the LoRA set the request needs applied (part of its batch key)
@@ -32,9 +35,9 @@ from PIL import Image
 from pydantic import BaseModel
 
 from server.config import Settings
-from server.engines.base import Engine, Fallback, LoRATarget, PipelineContext, ProvidedPipeline
 from server.errors import bad_request
-from server.lora import LoRAApplier, LoRASet
+from server.hooks import EnginePath, EngineView, LoRAApplier, LoRATarget, PipelineContext, ProvidedPipeline
+from server.lora import LoRASet
 from server.protocol import field_keys
 
 log = logging.getLogger(__name__)
@@ -60,14 +63,13 @@ class Plugin:
         """Named in PLUGINS; a backend may also turn itself on from its own settings."""
         return cls.name in settings.plugin_names
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.config = settings.sections.get(self.name)
-        self.engine = engine
 
     # -- engine hooks ---------------------------------------------------
 
-    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | Fallback | None:
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | EnginePath | None:
         return None
 
     def lora_applier(self, target: LoRATarget) -> LoRAApplier | None:
@@ -75,7 +77,7 @@ class Plugin:
 
     # -- lifecycle ------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self, engine: EngineView) -> None:
         """Load models, check files; SystemExit with the reason stops the server."""
 
     def router(self) -> APIRouter | None:
@@ -128,12 +130,12 @@ def discover() -> dict[str, type[Plugin]]:
 class PluginSet:
     """The enabled plugins, in the order their hooks run. It is the engine's `EngineHooks`."""
 
-    def __init__(self, settings: Settings, engine: Engine, available: dict[str, type[Plugin]] | None = None) -> None:
+    def __init__(self, settings: Settings, available: dict[str, type[Plugin]] | None = None) -> None:
         available = discover() if available is None else available
         unknown = [n for n in settings.plugin_names if n not in available]
         if unknown:
             raise SystemExit(f"PLUGINS names unknown plugins {unknown}; installed: {sorted(available)}")
-        enabled = [cls(settings, engine) for cls in available.values() if cls.enabled(settings)]
+        enabled = [cls(settings) for cls in available.values() if cls.enabled(settings)]
         self.plugins: list[Plugin] = sorted(enabled, key=lambda p: p.order)
         self._disabled_fields = {
             field: name
@@ -152,7 +154,7 @@ class PluginSet:
 
     # -- EngineHooks ----------------------------------------------------
 
-    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | Fallback | None:
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | EnginePath | None:
         return next((found for p in self.plugins if (found := p.provide_pipeline(context)) is not None), None)
 
     def lora_applier(self, target: LoRATarget) -> LoRAApplier | None:
@@ -160,9 +162,9 @@ class PluginSet:
 
     # -- lifecycle ------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self, engine: EngineView) -> None:
         for plugin in self.plugins:
-            plugin.load()
+            plugin.load(engine)
 
     def routers(self) -> list[APIRouter]:
         return [r for p in self.plugins if (r := p.router()) is not None]

@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, Field
 
 from plugins.nsfw.demo import write_demo_classifier
 from plugins.settings import CHECK_MODES
+from server.hooks import EngineView
 from server.plugins import Plugin
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class NSFWPlugin(Plugin):
     fields = NSFWFields
     order = 10  # before upscale: classify what the model made, at the classifier's size
 
-    def __init__(self, settings, engine) -> None:
-        super().__init__(settings, engine)
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
         self.timeout = self.config.nsfw_timeout
         self.threshold = self.config.nsfw_threshold
         self.action = self.config.nsfw_action
@@ -66,7 +67,7 @@ class NSFWPlugin(Plugin):
         # One thread: the classifier runs one batch at a time; a stuck check makes the next ones time out too.
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="nsfw")
 
-    def load(self) -> None:
+    def load(self, engine: EngineView) -> None:
         path = Path(self.config.nsfw_model_path)
         if not (path / "config.json").is_file():
             raise SystemExit(

@@ -76,8 +76,8 @@ class UploadPlugin(Plugin):
     name = "upload"
     fields = UploadFields
 
-    def __init__(self, settings, engine) -> None:
-        super().__init__(settings, engine)
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
         self.allowed = split(self.config.upload_allowed_hosts)
         self.retries = self.config.upload_retries
         self.timeout = self.config.upload_timeout

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from server.config import Settings
-from server.engines.base import Engine, EngineHooks, Fallback, LoRATarget, PipelineContext, Progress, ProvidedPipeline
+from server.engines.base import Engine, Progress
 from server.engines.compile_cache import CompileCache
 from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu, installed_kernels
 from server.engines.previews import PreviewDecoder, decoder_problem, predicted_clean, preview_steps
@@ -34,6 +34,7 @@ from server.families import (
     missing_requirement,
     true_cfg_weight,
 )
+from server.hooks import EngineHooks, EnginePath, LoRATarget, PipelineContext, ProvidedPipeline
 from server.lora import weight_shapes
 from server.spec import GenerationSpec
 
@@ -144,7 +145,7 @@ class DiffusersEngine(Engine):
             self._adopt_provided(provided)
             return
         options = FastOptions.from_settings(self.settings)
-        if isinstance(provided, Fallback):
+        if isinstance(provided, EnginePath):
             options = options.with_fallback(provided.fp8, provided.compile)
             self.info["fallback"] = provided.reason
         self._load_diffusers(options, gpu, path, hooks)

@@ -19,9 +19,10 @@ from PIL import Image
 
 from server.app import create_app
 from server.config import from_env
-from server.engines.base import Engine, EngineHooks, Progress
+from server.engines.base import Engine, Progress
 from server.errors import bad_request
 from server.families import CFG, Family, Video
+from server.hooks import EngineHooks
 from server.spec import GenerationSpec
 
 FAILED_FILE = "/srv/models/flux/transformer/diffusion_pytorch_model.safetensors"  # in an EXPLODE's error

@@ -23,7 +23,7 @@ import httpx
 from PIL import Image
 
 from server.config import Settings
-from server.engines.base import Engine, EngineHooks, Progress
+from server.engines.base import Engine, Progress
 from server.engines.diffusers import served_name
 from server.engines.sglang.errors import MAX_ANSWER, error_text, read_bounded, refused
 from server.engines.sglang.lora import LoRAChecker, SGLangLoRAApplier
@@ -32,6 +32,7 @@ from server.engines.sglang.process import Ports, SGLangProcess
 from server.engines.sglang.video import SGLangVideos
 from server.errors import APIError, bad_request, unavailable
 from server.families import EMBEDDED, NONE, detect_family, true_cfg_weight
+from server.hooks import EngineHooks
 from server.spec import GenerationSpec
 
 log = logging.getLogger("server.engines.sglang")

@@ -35,8 +35,8 @@ import httpx
 import torch
 
 from server.engines.sglang.errors import refused
+from server.hooks import LoRAApplier
 from server.lora import (
-    LoRAApplier,
     LoRAError,
     LoRASet,
     ParsedFiles,
