@@ -31,7 +31,7 @@ from server.images import InputImage, decode_job, encode_image
 from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
-from server.plugins import PluginSet
+from server.plugins import Delivered, PluginSet, RequestPlugins
 from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
 from server.scheduler import Admission, Job, Scheduler, cost
@@ -63,8 +63,9 @@ class ImageCall:
 
 @dataclass
 class Plan:
-    spec: GenerationSpec  # without its input images: they are read after admission
+    spec: GenerationSpec  # what the engine generates; without its input images: they are read after admission
     output: Output
+    plugins: RequestPlugins  # what the plugins need of the request after generation
     sized_by_input: bool = False  # an edit with size=auto: its size is known once its image's header is read
     max_pixels: int = 0  # of each image: its size, or for an auto-sized edit the most it may get (MAX_PIXELS)
 
@@ -229,10 +230,10 @@ class ImageService:
         steps = rules.steps(request.num_inference_steps, preset, self.default_steps, self.quality_steps, s.max_steps)
         strength = request.strength if mode != "text2img" else None  # a generation's `strength` is an unknown field
         rules.check_strength(strength, steps)
-        options = self.plugins.options(request)
+        plugins, loras = self.plugins.use(request)
         output = self._output(request, base_url, preset)
         if not sized_by_input:
-            rules.check_output(*self.plugins.output_size(options, (width, height)), output.format, s)
+            rules.check_output(*plugins.output_size((width, height)), output.format, s)
         n = request.n or 1
         spec = GenerationSpec(
             prompt=request.prompt,
@@ -246,18 +247,17 @@ class ImageService:
             true_cfg=request.true_cfg_scale,
             strength=strength,
             mode=mode,
-            loras=self.plugins.loras(options),
+            loras=loras,
             previews=output.partial_images if request.stream else 0,
-            options=options,
         )
         self.engine.check(spec)
-        return Plan(spec, output, sized_by_input, s.max_pixels if sized_by_input else width * height)
+        return Plan(spec, output, plugins, sized_by_input, s.max_pixels if sized_by_input else width * height)
 
     def resized(self, plan: Plan, image_size: tuple[int, int]) -> Plan:
         """Worker thread: an auto-sized edit at its input's size (read from the header), every size rule
         checked again."""
         width, height = rules.requested_size("auto", image_size, self.settings, self.engine.family.size_multiple)
-        output_size = self.plugins.output_size(plan.spec.options, (width, height))
+        output_size = plan.plugins.output_size((width, height))
         rules.check_output(*output_size, plan.output.format, self.settings)
         spec = replace(plan.spec, width=width, height=height)
         self.engine.check(spec)
@@ -308,22 +308,23 @@ class ImageService:
     async def _answer(self, job: Job, plan: Plan, call: ImageCall) -> Result:
         images = await self.scheduler.wait(job)
         started = time.monotonic()
-        response = await self._finish(images, plan, call.deadline)
+        finished = await self._finish(images, plan, call.deadline)
+        response = await self._in_pool(respond.response, finished, plan.output, self.store)
         post = time.monotonic() - started
         self.metrics.postprocess.observe(post)
         return Result(response, {"queue": job.queue_wait, "gen": job.generation_time, "post": post})
 
-    async def _finish(self, images, plan: Plan, deadline: float) -> ImagesResponse:
+    async def _finish(self, images, plan: Plan, deadline: float) -> respond.Finished:
         abandoned = threading.Event()  # set when the request is cancelled: its pool work stops at the next step
         try:
             finished = await self._in_pool(
-                respond.finish_images, self.plugins, images, plan.spec, plan.output, self.metrics, abandoned.is_set
+                respond.finish_images, plan.plugins, images, plan.spec, plan.output, self.metrics, abandoned.is_set
             )
         except asyncio.CancelledError:
             abandoned.set()
             raise
-        delivered = await self._deliver(finished, plan, deadline - self._answer_reserve)
-        return await self._in_pool(respond.assemble, finished, delivered, plan.output, self.store)
+        deliveries = await self._deliver(finished, plan, deadline - self._answer_reserve)
+        return respond.with_deliveries(finished, deliveries)
 
     @property
     def _answer_reserve(self) -> float:
@@ -331,15 +332,13 @@ class ImageService:
         failed) is sent in time."""
         return min(2.0, ANSWER_RESERVE * self.settings.request_timeout)
 
-    async def _deliver(self, finished: respond.Finished, plan: Plan, deadline: float) -> list[bool]:
+    async def _deliver(self, finished: respond.Finished, plan: Plan, deadline: float) -> list[list[Delivered]]:
         """Nothing accepted is lost: a delivery that fails outright leaves every image in the response."""
         try:
-            return await self.plugins.deliver(
-                finished.encoded, plan.output.format, plan.spec.options, finished.items, deadline
-            )
+            return await plan.plugins.deliver(finished.encoded, plan.output.format, deadline)
         except Exception:
             log.exception("delivery failed; the images are returned in the response")
-            return [False] * len(finished.encoded)
+            return []
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -373,12 +372,15 @@ class ImageService:
                     yield event  # a preview, or a keep-alive while the request waits
             async for preview in previews.rest():
                 yield preview
-            finishing = self._finish(waiting.result(), plan, call.deadline)
-            response = await by_deadline(finishing, call.deadline, timeout)
-            for event in completed_events(response, call.edit):
+            completed = self._completed(waiting.result(), plan, call)
+            for event in await by_deadline(completed, call.deadline, timeout):
                 yield event
         finally:
             waiting.cancel()  # the client left mid-stream: its share of the work stops
+
+    async def _completed(self, images: list, plan: Plan, call: ImageCall) -> list[StreamEvent]:
+        finished = await self._finish(images, plan, call.deadline)
+        return await self._in_pool(respond.completed_events, finished, plan.output, call.edit)
 
 
 class Previews:
@@ -453,23 +455,6 @@ def validate(model: type[BaseModel], payload: dict, form: bool = False) -> Image
         return model.model_validate(form_payload(model, payload) if form else payload, strict=True)
     except ValidationError as exc:
         raise from_validation(exc) from None
-
-
-def completed_events(response: ImagesResponse, edit: bool) -> list[StreamEvent]:
-    kind = "image_edit.completed" if edit else "image_generation.completed"
-    return [
-        StreamEvent(
-            type=kind,
-            created_at=response.created,
-            size=response.size,
-            quality=response.quality,
-            background=response.background,
-            output_format=response.output_format,
-            usage=response.usage,  # the request's, as the response carries it
-            **{"b64_json": "", **item.model_dump(exclude_unset=True)},  # "": delivered elsewhere (upload)
-        )
-        for item in response.data
-    ]
 
 
 def _mode(call: ImageCall, request: ImageRequest) -> str:

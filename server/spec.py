@@ -1,7 +1,7 @@
 """What to generate: the engine-facing form of one request, and the key that says which requests batch together."""
 
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -42,7 +42,6 @@ class GenerationSpec:
     mask: Image.Image | None = None
     loras: LoRASet = ()
     previews: int = 0  # partial images per image, when streamed
-    options: dict[str, Any] = field(default_factory=dict)  # validated plugin fields, by plugin name
 
     @property
     def key(self) -> BatchKey:

@@ -77,7 +77,7 @@ def parse_defaults(text: str) -> list[LoRARef]:
     return refs
 
 
-class LoRAPlugin(Plugin):
+class LoRAPlugin(Plugin[None]):
     name = "lora"
     fields = LoRAFields
 
@@ -150,16 +150,13 @@ class LoRAPlugin(Plugin):
         except LoRAError as exc:
             raise bad_request(f"LoRA '{name}' cannot be applied to this model: {exc}", param, "lora_invalid") from None
 
-    def option(self, request) -> LoRASet:
+    def loras(self, request) -> LoRASet:
         """The plan's worker thread: the request's set, every file checked before the request queues."""
         if request.loras is not None:
             return self.resolve(request.loras, "loras")
         for path, _ in self.defaults:  # a default file replaced on disk is read here, not by the engine
             self.check(path.stem, "loras")
         return self.defaults
-
-    def loras(self, option: LoRASet) -> LoRASet:
-        return option
 
     # -- management API --------------------------------------------------
 
