@@ -283,8 +283,8 @@ class Settings:
     )
     preview_decoder: str = option(
         "vae",
-        "what decodes streamed previews (partial_images): vae (the model's own), linear (a projection fitted to it: "
-        "nearly free, blurry), or tiny:PATH (a tiny autoencoder for the model's latents, e.g. TAEF1)",
+        "what decodes the partial images of a stream (partial_images): vae (the model's own), linear (a projection "
+        "fitted to it: nearly free, blurry), or tiny:PATH (a tiny autoencoder for the model's latents, e.g. TAEF1)",
         check=lambda v: None if v in ("vae", "linear") or v.startswith("tiny:") else "vae, linear or tiny:PATH",
     )
     stream_keepalive: float = option(

@@ -25,7 +25,8 @@ TRUE_CFG = "true_cfg"  # through "true CFG", with its own weight (true_cfg_scale
 WITH_CFG = "cfg"  # as the unconditional side of the family's CFG, at guidance_scale
 DEFAULT_TRUE_CFG = 4.0  # the true-CFG weight when a negative prompt comes without one
 
-# How a flow-matching pipeline holds its latents while it denoises: how a preview is decoded (previews.py).
+# How a flow-matching pipeline holds its latents while it denoises: how a partial image is decoded
+# (engines/partial_images.py).
 FLUX_PACKED = "flux"  # 2x2 patches packed into tokens, a 2D VAE (FLUX.1)
 FLUX2_PACKED = "flux2"  # 2x2 patches as channels, batch-normalized, one token per position (FLUX.2)
 QWEN_PACKED = "qwen"  # packed as FLUX.1, a 3D (video) VAE with per-channel mean and std (Qwen-Image)
@@ -85,7 +86,7 @@ class Family:
     edit_pipeline: str = ""  # diffusers' class for edits, built on the loaded weights ("": the loaded one)
     video: Video | None = None
     needs_torchvision: bool = False  # its pipeline's processor does (TORCHVISION says why)
-    latents: str = ""  # how its latents are laid out for previews ("": no previews)
+    latents: str = ""  # how its latents are laid out for partial images ("": none)
     # how it is told apart from other families of the same pipeline class
     config: dict = field(default_factory=dict)  # model_index.json keys and values
     name_contains: tuple[str, ...] = ()  # folder-name words

@@ -30,7 +30,6 @@ class Output:
     response_format: str  # "b64_json" or "url"
     base_url: str
     quality: str  # the preset used: low, medium or high
-    partial_images: int = 0
 
 
 def quality_preset(quality: str | None) -> str:

@@ -65,7 +65,7 @@ class Job:
     finished: float = 0.0
     bypassed: int = 0
     cancelled: bool = False
-    previews: asyncio.Queue | None = None  # stream=true: (image index, render) as the engine takes previews
+    partial_queue: asyncio.Queue | None = None  # stream=true: (image index, render) as the engine takes them
     progress: float = 0.0  # the fraction of its denoising steps done (written on the engine thread)
 
     @property
@@ -85,9 +85,9 @@ class Admission:
         self.tenant = tenant
         self.cost = cost
 
-    def submit(self, spec: GenerationSpec, previews: asyncio.Queue | None = None) -> Job:
+    def submit(self, spec: GenerationSpec, partial_queue: asyncio.Queue | None = None) -> Job:
         self.release()
-        return self._scheduler._enqueue(spec, self, previews)
+        return self._scheduler._enqueue(spec, self, partial_queue)
 
     def release(self) -> None:
         self._scheduler._admissions.discard(self)
@@ -275,11 +275,11 @@ class Scheduler:
 
     # -- queueing --------------------------------------------------------
 
-    def _enqueue(self, spec: GenerationSpec, admission: Admission, previews: asyncio.Queue | None) -> Job:
+    def _enqueue(self, spec: GenerationSpec, admission: Admission, partial_queue: asyncio.Queue | None) -> Job:
         if not self.accepting:
             raise shutting_down()
         future = asyncio.get_running_loop().create_future()
-        job = Job(spec, future, admission.tenant, admission.cost, previews=previews)
+        job = Job(spec, future, admission.tenant, admission.cost, partial_queue=partial_queue)
         self._shares.arrive(job.tenant)
         self._queue.append(job)
         self._metrics.queue_depth.set(len(self._queue))
@@ -430,16 +430,16 @@ class Scheduler:
         def should_stop() -> bool:
             return self._stop_running or all(j.cancelled for j in batch)
 
-        def preview(spec_index: int, image_index: int, render) -> None:  # engine thread
+        def partial_image(spec_index: int, image_index: int, render) -> None:  # engine thread
             job = batch[spec_index]
-            if job.previews is not None and not job.cancelled:
-                loop.call_soon_threadsafe(job.previews.put_nowait, (image_index, render))
+            if job.partial_queue is not None and not job.cancelled:
+                loop.call_soon_threadsafe(job.partial_queue.put_nowait, (image_index, render))
 
         def step(done: int, total: int) -> None:  # engine thread: one float written per job
             for job in batch:
                 job.progress = done / max(1, total)
 
-        return await self._execute([j.spec for j in batch], Progress(should_stop, preview, step))
+        return await self._execute([j.spec for j in batch], Progress(should_stop, partial_image, step))
 
     def _finish(self, batch: list[Job], results: list) -> None:
         now = time.monotonic()

@@ -105,7 +105,8 @@ class ImageService:
         self.in_flight = 0  # accepted and not yet answered (the event loop alone changes it)
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
-        self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="preview")  # one: previews stay in order
+        # partial images decoded (PREVIEW_DECODER) and encoded; one thread: they stay in order
+        self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="preview")
         self._reading = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="read")  # caller bytes
         self.decoders = DecoderPool(
             settings.decode_workers,
@@ -248,7 +249,7 @@ class ImageService:
             strength=strength,
             mode=mode,
             loras=loras,
-            previews=output.partial_images if request.stream else 0,
+            partial_images=(request.partial_images or 0) if request.stream else 0,
         )
         self.engine.check(spec)
         return Plan(spec, output, plugins, sized_by_input, s.max_pixels if sized_by_input else width * height)
@@ -269,7 +270,7 @@ class ImageService:
             request.output_compression if request.output_compression is not None else self.settings.jpeg_quality
         )
         response_format = "b64_json" if request.stream else request.response_format or "b64_json"  # events carry b64
-        return Output(fmt, compression, response_format, base_url, preset, request.partial_images or 0)
+        return Output(fmt, compression, response_format, base_url, preset)
 
     def _admit(self, call: ImageCall, plan: Plan) -> Admission:
         """The caller's place in the queue, held (against its share) while its inputs are read, weighed by
@@ -281,7 +282,7 @@ class ImageService:
         try:
             plan = await self._with_inputs(plan, request, call)
             spec = plan.spec
-            return admission.submit(spec, asyncio.Queue() if spec.previews else None)
+            return admission.submit(spec, asyncio.Queue() if spec.partial_images else None)
         finally:
             admission.release()
 
@@ -359,19 +360,19 @@ class ImageService:
         return EventStream(self._events(job, plan, call), release)
 
     async def _events(self, job: Job, plan: Plan, call: ImageCall) -> AsyncIterator[StreamEvent | None]:
-        """Keep-alives (None) while the request waits, its previews as they form, then one completed event per
+        """Keep-alives (None) while the request waits, its partial images as they form, then one completed event per
         image: for each image, its partial images in order, then its completed event. Each wait ends by the
         request's deadline (no timeout spans a `yield`: it would fire in whoever iterates)."""
         timeout = self.settings.request_timeout
         waiting = asyncio.ensure_future(by_deadline(self.scheduler.wait(job), call.deadline, timeout))
-        previews = Previews(job.previews, self._preview_pool, plan, call.edit)
+        partials = PartialImages(job.partial_queue, self._preview_pool, plan, call.edit)
         try:
             while not waiting.done():
-                event = await previews.next(waiting, self.settings.stream_keepalive)
+                event = await partials.next(waiting, self.settings.stream_keepalive)
                 if event is not None or not waiting.done():
-                    yield event  # a preview, or a keep-alive while the request waits
-            async for preview in previews.rest():
-                yield preview
+                    yield event  # a partial image, or a keep-alive while the request waits
+            async for partial in partials.rest():
+                yield partial
             completed = self._completed(waiting.result(), plan, call)
             for event in await by_deadline(completed, call.deadline, timeout):
                 yield event
@@ -383,7 +384,7 @@ class ImageService:
         return await self._in_pool(respond.completed_events, finished, plan.output, call.edit)
 
 
-class Previews:
+class PartialImages:
     """A streamed request's partial images: decoded and encoded on the preview thread, numbered per image."""
 
     def __init__(self, queue: asyncio.Queue | None, pool: ThreadPoolExecutor, plan: Plan, edit: bool) -> None:
@@ -396,7 +397,7 @@ class Previews:
         self.seeds = plan.spec.seeds
 
     async def next(self, waiting: asyncio.Future, keepalive: float) -> StreamEvent | None:
-        """The next preview, or None (a keep-alive) when none came within `keepalive` or the job finished."""
+        """The next partial image, or None (a keep-alive) when none came within `keepalive` or the job finished."""
         if self.queue is None:
             await asyncio.wait({waiting}, timeout=keepalive)
             return None
@@ -408,21 +409,21 @@ class Previews:
         return await self._event(*getter.result())
 
     async def rest(self) -> AsyncIterator[StreamEvent]:
-        """Previews queued before the job finished (the engine hands them over before its result)."""
+        """Partial images queued before the job finished (the engine hands them over before its result)."""
         while self.queue is not None and not self.queue.empty():
             event = await self._event(*self.queue.get_nowait())
             if event is not None:
                 yield event
 
     async def _event(self, index: int, render: Callable) -> StreamEvent | None:
-        """The preview as an event; None when it could not be made (a preview is never worth failing a request)."""
+        """The partial image as an event; None when it could not be made (never worth failing a request for)."""
         fmt, compression = self.output.format, self.output.compression
         try:
             encoded = await asyncio.get_running_loop().run_in_executor(
                 self.pool, lambda: encode_image(render(), fmt, compression)
             )
         except Exception:
-            log.exception("a preview could not be made; the stream goes on without it")
+            log.exception("a partial image could not be made; the stream goes on without it")
             return None
         self.count[index] += 1
         return StreamEvent(

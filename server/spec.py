@@ -41,7 +41,7 @@ class GenerationSpec:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     loras: LoRASet = ()
-    previews: int = 0  # partial images per image, when streamed
+    partial_images: int = 0  # per image, when streamed
 
     @property
     def key(self) -> BatchKey:

@@ -26,18 +26,18 @@ from server.spec import GenerationSpec
 T = TypeVar("T")
 
 
-# (index of the spec in the batch, index of the image in its spec, render) -> None. `render` decodes the preview;
-# the receiver calls it on another thread.
-PreviewSink = Callable[[int, int, Callable[[], Image.Image]], None]
+# (index of the spec in the batch, index of the image in its spec, render) -> None. `render` decodes the partial
+# image; the receiver calls it on another thread (the preview thread).
+PartialImageSink = Callable[[int, int, Callable[[], Image.Image]], None]
 
 
 @dataclass
 class Progress:
-    """What a running batch reports and learns: previews as they form (stream=true), the denoising steps done
-    (a video job's `progress`), and that nobody waits for it any more (stop at the next step)."""
+    """What a running batch reports and learns: partial images as they form (stream=true), the denoising steps
+    done (a video job's `progress`), and that nobody waits for it any more (stop at the next step)."""
 
     should_stop: Callable[[], bool] = lambda: False
-    preview: PreviewSink | None = None
+    partial_image: PartialImageSink | None = None
     step: Callable[[int, int], None] | None = None  # (steps done, steps in all), on the engine thread
 
 

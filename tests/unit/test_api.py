@@ -190,7 +190,7 @@ def test_each_image_streams_its_partial_images_in_order_then_its_completed_one(a
         assert len({e.b64_json for e in mine}) == 4
 
 
-def test_a_preview_that_fails_is_left_out_and_the_image_still_comes(app):
+def test_a_partial_image_that_fails_is_left_out_and_the_image_still_comes(app):
     events = list(app.client().images.generate(prompt="BADPREVIEW", size="64x64", stream=True, partial_images=2))
     assert [e.type for e in events] == ["image_generation.completed"]
 
@@ -198,7 +198,7 @@ def test_a_preview_that_fails_is_left_out_and_the_image_still_comes(app):
 def test_partial_images_without_stream_changes_nothing(app):
     before = len(app.engine.calls)
     result = app.client().images.generate(prompt="p", size="64x64", partial_images=2)
-    assert result.data[0].b64_json and app.engine.calls[before].specs[0].previews == 0
+    assert result.data[0].b64_json and app.engine.calls[before].specs[0].partial_images == 0
 
 
 # -- the request's owner (RequestLife) and its streams ------------------------------------------------------
