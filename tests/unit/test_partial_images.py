@@ -1,4 +1,4 @@
-"""server/engines/previews.py: when previews are taken, the predicted clean latent, and the decoders."""
+"""server/engines/partial_images.py: when partial images are taken, the predicted clean latent, and the decoders."""
 
 import pytest
 import torch
