@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -62,6 +62,16 @@ class GPU:
 # -- applying LoRA sets ---------------------------------------------------------------
 
 
+class Applied(NamedTuple):
+    """The set in the weights: as requests name it, and its key (each file's stamp: a replaced file is another set)."""
+
+    loras: LoRASet
+    key: SetKey
+
+
+BASE_MODEL = Applied((), ())
+
+
 class LoRAApplier(ABC):
     """How one engine applies LoRA sets.
 
@@ -78,7 +88,7 @@ class LoRAApplier(ABC):
     how = "applied"  # for the log line
 
     def __init__(self) -> None:
-        self._applied: SetKey | None = ()  # () the base model; None unknown (a reset failed)
+        self._applied: Applied | None = BASE_MODEL  # None: unknown (a reset failed)
         self.broken = False  # a failed set could not be undone: the model must not serve
 
     @abstractmethod
@@ -102,11 +112,17 @@ class LoRAApplier(ABC):
 
     @property
     def applied(self) -> SetKey | None:
-        return self._applied
+        """The applied set's key; None when unknown."""
+        return self._applied.key if self._applied is not None else None
+
+    @property
+    def applied_set(self) -> LoRASet | None:
+        """The applied set, as requests name it (the scheduler prefers its requests); None when unknown."""
+        return self._applied.loras if self._applied is not None else None
 
     def apply(self, loras: LoRASet) -> None:
         key = set_key(loras)
-        if key == self._applied:
+        if key == self.applied:
             return
         started = time.monotonic()
         try:
@@ -114,7 +130,7 @@ class LoRAApplier(ABC):
         except BaseException:
             self._undo()
             raise
-        self._applied = key
+        self._applied = Applied(loras, key)
         log.info("LoRA set [%s] %s in %.3fs", describe(loras), self.how, time.monotonic() - started)
 
     def _undo(self) -> None:
@@ -125,7 +141,7 @@ class LoRAApplier(ABC):
             self.broken = True
             log.exception("a failed LoRA set could not be undone: the engine stops serving")
             return
-        self._applied = ()
+        self._applied = BASE_MODEL
 
 
 # -- what an engine asks the plugins while it loads -----------------------------------

@@ -163,6 +163,7 @@ class Scheduler:
         tenant_share: float = 1.0,
         can_batch: bool = True,
         expect_company: Callable[[], bool] = lambda: True,
+        applied: Callable[[], LoRASet | None] = lambda: (),
     ) -> None:
         self._execute = execute
         self._metrics = metrics
@@ -173,13 +174,13 @@ class Scheduler:
         self.max_bypass = max_bypass
         self.can_batch = can_batch
         self._expect_company = expect_company
+        self._applied = applied  # the LoRA set in the engine's weights (its applier keeps it)
         self._shares = FairShares(weights or {})
         self._queue: list[Job] = []  # in arrival order
         self._running: list[Job] = []
         self._running_since = 0.0
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) of the batches of the last window
         self._admissions: set[Admission] = set()
-        self._applied: LoRASet | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -371,10 +372,10 @@ class Scheduler:
         return room and alone_in_queue and self.accepting and self._expect_company()
 
     def _pick_head(self, ordered: list[Job]) -> Job:
-        first = ordered[0]
-        if first.spec.loras == self._applied or first.bypassed >= self.max_bypass:
+        first, applied = ordered[0], self._applied()
+        if first.spec.loras == applied or first.bypassed >= self.max_bypass:
             return first
-        return next((j for j in ordered if j.spec.loras == self._applied), first)
+        return next((j for j in ordered if j.spec.loras == applied), first)
 
     def _gather(self, head: Job, ordered: list[Job]) -> list[Job]:
         if not self.can_batch:
@@ -400,10 +401,8 @@ class Scheduler:
             job.started = now
             self._metrics.queue_wait.observe(job.queue_wait)
         self._metrics.batch_size.observe(sum(j.spec.n for j in batch))
-        if first.spec.loras != self._applied:
-            if self._applied is not None:
-                self._metrics.prep_switches.inc()
-            self._applied = first.spec.loras
+        if first.spec.loras != self._applied():
+            self._metrics.prep_switches.inc()
 
     # -- running ---------------------------------------------------------
 

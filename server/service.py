@@ -131,6 +131,7 @@ class ImageService:
             tenant_share=s.tenant_queue_share if s.several_tenants else 1.0,
             can_batch=self.engine.can_batch,
             expect_company=lambda: self.in_flight > 1,
+            applied=lambda: self.engine.applied_loras,
         )
         self.scheduler.start()
         self.decoders.start()

@@ -111,6 +111,11 @@ class Engine(ABC):
             ) from None
 
     @property
+    def applied_loras(self) -> LoRASet | None:
+        """The LoRA set in the weights now, as requests name it (None: unknown, a failed set not undone)."""
+        return self.lora_applier.applied_set if self.lora_applier is not None else ()
+
+    @property
     def broken(self) -> bool:
         """The model is in an unknown state (a failed LoRA set could not be undone): only a restart helps."""
         return self.lora_applier is not None and self.lora_applier.broken

@@ -35,7 +35,7 @@ import httpx
 import torch
 
 from server.engines.sglang.errors import refused
-from server.hooks import LoRAApplier
+from server.hooks import BASE_MODEL, LoRAApplier
 from server.lora import (
     LoRAError,
     LoRASet,
@@ -175,7 +175,7 @@ class SGLangLoRAApplier(LoRAApplier):
         if self._process.epoch != self._epoch:
             self._epoch = self._process.epoch
             self._loaded.clear()
-            self._applied = ()  # a new child starts with its base weights
+            self._applied = BASE_MODEL  # a new child starts with its base weights
             self.broken = False
 
     def _apply(self, loras: LoRASet) -> None:
