@@ -17,10 +17,8 @@ from server.auth import require_api_key
 from server.bodies import FILE_FIELDS, FormLimits, FormPart, form_fields, media_type_of, read_form, read_json
 from server.errors import APIError, ErrorResponse, bad_request
 from server.middleware import Life
-from server.protocol import STREAM_EVENTS, ImagesResponse, StreamEvent
+from server.protocol import MAX_INPUT_IMAGES, STREAM_EVENTS, ImagesResponse, StreamEvent
 from server.service import EventStream, ImageCall, ImageService, Result
-
-MAX_INPUT_IMAGES = 16
 
 
 def _service(request: Request) -> ImageService:

@@ -24,6 +24,7 @@ from server.errors import ErrorEvent
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 10  # n
+MAX_INPUT_IMAGES = 16  # an edit's input images
 
 Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
 EditQuality = Literal["auto", "low", "medium", "high", "standard"]
@@ -85,7 +86,7 @@ class EditFields(BaseModel):
     strength: float | None = Field(default=None, gt=0, le=1)
     input_fidelity: Literal["high", "low"] | None = None
     # JSON form only; no null, as OpenAI's spec says (absent: None)
-    images: list[ImageRef] = Field(default=None, min_length=1, max_length=16)
+    images: list[ImageRef] = Field(default=None, min_length=1, max_length=MAX_INPUT_IMAGES)
     mask: ImageRef = Field(default=None)
 
 
@@ -122,11 +123,15 @@ def _body(contents: dict[str, str]) -> dict:
 
 
 def _edit_form(json_edit: dict) -> dict:
-    """The multipart edit: the JSON edit's fields, with files `image` (one, or up to 16) and `mask` in place of
-    the JSON form's `images` and `mask` references. Each value is text converted by its type (`form_payload`)."""
+    """The multipart edit: the JSON edit's fields, with files `image` (one, or up to MAX_INPUT_IMAGES) and `mask`
+    in place of the JSON form's `images` and `mask` references. Each value is text converted by its type
+    (`form_payload`)."""
     binary = {"type": "string", "format": "binary"}
     properties = {name: value for name, value in json_edit["properties"].items() if name not in ("images", "mask")}
-    files = {"image": {"anyOf": [binary, {"type": "array", "items": binary, "maxItems": 16}]}, "mask": binary}
+    files = {
+        "image": {"anyOf": [binary, {"type": "array", "items": binary, "maxItems": MAX_INPUT_IMAGES}]},
+        "mask": binary,
+    }
     return {**json_edit, "title": EDIT_FORM, "properties": {**files, **properties}, "required": ["image", "prompt"]}
 
 

@@ -30,9 +30,10 @@ from plugins.lora.hotswap import HotswapLoRA
 from plugins.lora.merge import LoRAMerger
 from server.auth import check_key, key_matches, presented_key, require_api_key
 from server.bodies import FormLimits, FormPart, form_file_job, spool
+from server.config import MOST_LORAS
 from server.errors import APIError, bad_request
 from server.hooks import EngineView, LoRAApplier, LoRATarget
-from server.lora import MAX_WEIGHT, MOST_LORAS, LoRAError, LoRASet
+from server.lora import MAX_WEIGHT, LoRAError, LoRASet
 from server.plugins import Plugin, RouteLimit
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ FACTORS = (1, 2, 4)
 
 def _factor(value: int) -> int:
     if value not in FACTORS:
-        raise ValueError("must be 1, 2 or 4")
+        raise ValueError(f"must be {', '.join(map(str, FACTORS[:-1]))} or {FACTORS[-1]}")
     return value
 
 
