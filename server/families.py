@@ -194,8 +194,11 @@ FAMILIES: tuple[Family, ...] = (
         CFG,
         size_multiple=32,
         batch=False,  # its autoregressive stage samples a whole batch from the first image's seed
-        edits=True,  # SGLang's; diffusers 0.42.1's edit path fails on transformers 5's image features, so the
-        # diffusers engine has no edit pipeline for it
+        # SGLang's edits; the diffusers engine has no edit pipeline for it: diffusers 0.42.1 concatenates the input
+        # images' features that transformers 5.24's get_image_tokens takes one per image, and past that its
+        # autoregressive and diffusion stages read the input image at grids that agree only at sizes its processor
+        # does not rescale (SGLang resizes edit inputs to multiples of 32 for the same reason)
+        edits=True,
         latents=PLAIN_NORMALIZED,
         needs_name="glm-image",
         sglang_edits_since="0.5.19",
