@@ -30,14 +30,21 @@ class Qwen2VLProcessorWithoutVideo(Qwen2VLProcessor):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
+    def to_dict(self) -> dict:
+        """As transformers' Qwen2-VL processor saves itself: with its video processor's settings (its image
+        processor's, from which transformers infers the video processor), which it loads where torchvision is."""
+        saved = super().to_dict()
+        saved["video_processor"] = saved["image_processor"]
+        return saved
+
 
 class PixtralTextProcessor(ProcessorMixin):
     """Pixtral's processor for text (chat template, tokenizer), as FLUX.2 encodes its prompts. It keeps Pixtral's
     image processor so that it saves and loads the files Pixtral's processor does, but does not expand images into
     Pixtral's image tokens: it reads no images."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
-        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **image_tokens) -> None:
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)  # Pixtral's image tokens: unused
 
 
 # transformers' processor class (model_index.json) -> its stand-in where torchvision is missing

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import PixtralImageProcessorPil, Qwen2VLImageProcessorPil
+from transformers.video_processing_utils import BaseVideoProcessor
 
 from server.engines import processors
 from server.engines.demos.tokenizers import mistral_tokenizer, qwen_tokenizer
@@ -48,6 +49,14 @@ def test_the_processors_torchvision_builds_are_loaded_as_their_stand_ins(folder)
 def test_nothing_is_given_where_torchvision_is_installed(folder, monkeypatch):
     monkeypatch.setattr(processors, "is_torchvision_available", lambda: True)
     assert processor_components(folder) == {}
+
+
+def test_the_qwen2vl_folder_keeps_the_settings_transformers_builds_its_video_processor_from(folder):
+    """Where torchvision is installed, transformers' own Qwen2VLProcessor loads the folder, its video processor too
+    (before: "Can't load video processor")."""
+    settings, _ = BaseVideoProcessor.get_video_processor_dict(str(folder / "processor"))
+    assert settings["image_processor_type"] == "Qwen2VLImageProcessor"  # its video processor: Qwen2VLVideoProcessor
+    assert settings["merge_size"] == 2 and settings["patch_size"] == 14
 
 
 def test_pixtral_text_processor_encodes_a_prompt_as_its_tokenizer_does(folder):

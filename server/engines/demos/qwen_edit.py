@@ -4,7 +4,7 @@ Qwen2.5-VL encoder."""
 
 from server.engines.demos import qwen
 
-VERSION = "qwen-image-edit-tiny-v2"
+VERSION = "qwen-image-edit-tiny-v3"
 FAMILY = "Qwen-Image-Edit-2509"  # its row in server/families.py
 
 
