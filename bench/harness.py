@@ -252,6 +252,44 @@ class LoopbackS3:
             self.proc.wait(10)
 
 
+# -- memory ------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the server and its decode processes)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        children = Path(f"/proc/{pids[i]}/task/{pids[i]}/children")
+        pids += [int(c) for c in children.read_text().split()] if children.exists() else []
+        i += 1
+    return pids
+
+
+def _status_kib(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except FileNotFoundError:  # a process that ended meanwhile
+        pass
+    return 0
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Starts a new peak (VmHWM) for `pid` and its descendants: Linux resets it on `5` to clear_refs."""
+    for each in process_tree(pid):
+        try:
+            Path(f"/proc/{each}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory of `pid` plus the peaks of its descendants, in MiB (an upper bound of the
+    tree's peak: the processes need not have peaked together)."""
+    return sum(_status_kib(each, "VmHWM") for each in process_tree(pid)) / 1024
+
+
 # -- statistics -------------------------------------------------------------
 
 

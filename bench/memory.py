@@ -2,8 +2,8 @@
 
 A bomb is a PNG whose header claims 11000x11000 RGBA pixels (484 MB decoded) in a few hundred bytes; four of
 them in one multipart edit are what the hardening issue measured (+1.9 GB before). The largest admitted edit
-is one real image of MAX_INPUT_PIXELS pixels. Each figure is the server process's peak resident memory after
-the request, against its peak before.
+is one real image of MAX_INPUT_PIXELS pixels. Each figure is the peak resident memory of the server and its
+decode processes (each process's VmHWM, reset before the request, summed) after the request, against before.
 
     python bench/memory.py [--out DIR]
 """
@@ -19,13 +19,6 @@ import harness
 import httpx
 import numpy as np
 from PIL import Image
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc")
 
 
 def bomb_png(width: int, height: int) -> bytes:
@@ -54,9 +47,10 @@ def edit(server, files: list, fields: dict) -> int:
 
 
 def measure(server, name: str, files: list, fields: dict) -> dict:
-    before = peak_rss_mib(server.proc.pid)
+    harness.reset_peak_rss(server.proc.pid)
+    before = harness.peak_rss_mib(server.proc.pid)
     status = edit(server, files, fields)
-    after = peak_rss_mib(server.proc.pid)
+    after = harness.peak_rss_mib(server.proc.pid)
     return {"case": name, "status": status, "peak_before_mib": round(before), "peak_after_mib": round(after),
             "added_mib": round(after - before)}  # fmt: skip
 

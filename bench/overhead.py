@@ -105,7 +105,7 @@ class InProcess:
         from server.engines.base import Progress
         from server.service import validate
 
-        plan = self.service.plan(validate(self.service.generation_model, body), None, "http://in-process")
+        plan = self.service.plan(validate(self.service.generation_model, body), "text2img", "http://in-process")
         started = time.perf_counter()
         images = self.engine.run([plan.spec], Progress())[0]
         generated = time.perf_counter()

@@ -1,25 +1,25 @@
 """The OpenAI Images endpoints: read the HTTP request, make one call into the service, render its answer.
 
-JSON bodies are parsed off the event loop when they are large; multipart bodies are read by Starlette with
-bounded parts. The answer is JSON, or server-sent events for `stream=true`.
+Bodies are parsed off the event loop: JSON above LARGE_BODY and every multipart body in a decode process
+(server/decoders.py), within the request's deadline. The answer is JSON, or server-sent events for
+`stream=true`. The request's life (its deadline, its client, its cleanup) is owned by RequestLife
+(server/middleware.py).
 """
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.datastructures import UploadFile
 
 from server.auth import require_api_key
-from server.bodies import FILE_FIELDS, form_fields, media_type_of, parse_json
+from server.bodies import FILE_FIELDS, FormLimits, FormPart, form_fields, media_type_of, read_form, read_json
 from server.errors import APIError, bad_request
-from server.inputs import check_upload_size
+from server.middleware import Life
 from server.protocol import ErrorResponse, ImagesResponse, StreamEvent
-from server.scheduler import ClientGone
-from server.service import LARGE_PAYLOAD, EventStream, ImageCall, ImageService, Result
+from server.service import EventStream, ImageCall, ImageService, Result
 
 MAX_INPUT_IMAGES = 16
 
@@ -64,14 +64,10 @@ async def edit_image(request: Request, tenant: Tenant) -> Response:
 
 
 async def _answer(request: Request, call: ImageCall) -> Response:
-    svc = _service(request)
-    try:
-        answer = await svc.images(call)
-    except ClientGone:
-        request.state.timings = {}
-        return Response(status_code=499)
+    answer = await _service(request).images(call)
     if isinstance(answer, EventStream):
-        return StreamingResponse(_sse(answer.events), media_type="text/event-stream", headers=_NO_BUFFERING)
+        _life(request).on_end(answer.release)  # however the request ends, even before its answer begins
+        return EventStreamResponse(answer)
     return await _json(request, answer)
 
 
@@ -84,6 +80,20 @@ async def _json(request: Request, result: Result) -> Response:
 
 # Proxies (nginx) buffer responses unless told not to; events must arrive as they happen.
 _NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events that close their source when the response ends in any way (finished, the client
+    gone, the deadline): the generators never wait, suspended, for the garbage collector."""
+
+    def __init__(self, stream: EventStream) -> None:
+        super().__init__(_sse(stream.events), media_type="text/event-stream", headers=_NO_BUFFERING)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _sse(events: AsyncIterator[StreamEvent | None]) -> AsyncIterator[bytes]:
@@ -99,44 +109,59 @@ async def _sse(events: AsyncIterator[StreamEvent | None]) -> AsyncIterator[bytes
     except APIError as exc:
         yield f"event: error\ndata: {json.dumps({'type': 'error', **exc.body()})}\n\n".encode()
         return
+    finally:
+        await events.aclose()
     yield b"data: [DONE]\n\n"
 
 
 # -- reading requests -----------------------------------------------------------------
 
 
+def _life(request: Request) -> Life:
+    return request.state.life
+
+
+def deadline_of(request: Request) -> float:
+    """The request's deadline (monotonic), from its owner (RequestLife)."""
+    return _life(request).deadline
+
+
 async def _json_call(request: Request, edit: bool, tenant: str) -> ImageCall:
     body = await request.body()
-    payload = await parse_body(body)
-    return ImageCall(edit, payload, _base_url(request), len(body), disconnected=_disconnected(request), tenant=tenant)
+    payload = await json_body(request, body)
+    return ImageCall(edit, payload, _base_url(request), deadline_of(request), len(body), tenant=tenant)
 
 
-async def parse_body(body: bytes) -> dict:
-    if len(body) > LARGE_PAYLOAD:
-        return await asyncio.to_thread(parse_json, body)
-    return parse_json(body)
+async def json_body(request: Request, body: bytes) -> dict:
+    """A JSON body, parsed off the event loop when large (server/bodies.py), by the request's deadline."""
+    return await read_json(body, _service(request).decoders, deadline_of(request))
+
+
+async def form_parts(request: Request, limits: FormLimits) -> list[FormPart]:
+    """A multipart body's parts, parsed in a decode process by the request's deadline."""
+    content_type = request.headers.get("content-type", "")
+    return await read_form(await request.body(), content_type, limits, _service(request).decoders, deadline_of(request))
 
 
 async def _multipart_edit(request: Request, tenant: str) -> ImageCall:
     settings = _service(request).settings
-    form = await request.form(max_files=MAX_INPUT_IMAGES + 1, max_fields=200, max_part_size=2**20)
-    files = [f for key in ("image", "image[]") for f in form.getlist(key) if isinstance(f, UploadFile)]
+    limits = FormLimits(MAX_INPUT_IMAGES + 1, 200, 2**20, int(settings.max_image_mb * 2**20), "image_too_large")
+    parts = await form_parts(request, limits)
+    files = [p.data for p in parts if p.name in ("image", "image[]") and p.filename is not None]
     if len(files) > MAX_INPUT_IMAGES:
         raise bad_request(f"At most {MAX_INPUT_IMAGES} images may be sent.", "image")
-    masks = form.getlist("mask")
-    if len(masks) > 1 or (masks and not isinstance(masks[0], UploadFile)):
+    masks = [p for p in parts if p.name == "mask"]
+    if len(masks) > 1 or (masks and masks[0].filename is None):
         raise bad_request("'mask' must be one file (a PNG with an alpha channel).", "mask")
-    for upload in [*files, *masks]:
-        check_upload_size("mask" if upload in masks else "image", upload.size, settings)
-    payload = form_fields([(k, v) for k, v in form.multi_items() if k not in FILE_FIELDS])
+    payload = form_fields([(p.name, p.text) for p in parts if p.filename is None and p.name not in FILE_FIELDS])
     return ImageCall(
         True,
         payload,
         _base_url(request),
+        deadline_of(request),
         multipart=True,
-        uploads=[await f.read() for f in files],
-        mask_upload=await masks[0].read() if masks else None,
-        disconnected=_disconnected(request),
+        uploads=files,
+        mask_upload=masks[0].data if masks else None,
         tenant=tenant,
     )
 
@@ -148,13 +173,3 @@ def _base_url(request: Request) -> str:
     proto = request.headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
     host = request.headers.get("x-forwarded-host") or request.headers.get("host") or request.url.netloc
     return f"{proto}://{host.split(',')[0].strip()}"
-
-
-def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
-    """A factory, not a coroutine: a request refused before it waits must leave nothing un-awaited."""
-
-    async def wait() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    return wait

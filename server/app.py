@@ -17,7 +17,7 @@ from server.engines.base import Engine
 from server.errors import APIError
 from server.images import CONTENT_TYPES
 from server.metrics import Metrics
-from server.middleware import BodyLimit, RequestLog
+from server.middleware import BodyLimit, RequestLife, RequestLog
 from server.plugins import PluginSet
 from server.protocol import openapi_bodies
 from server.service import ImageService
@@ -70,6 +70,7 @@ def create_app(settings: Settings, engine: Engine | None = None, plugins: Plugin
         app.include_router(router)
     _publish_request_bodies(app, service)
     app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2**20), routes=plugins.route_limits())
+    app.add_middleware(RequestLife, timeout=settings.request_timeout)
     app.add_middleware(RequestLog, metrics=metrics)  # added last: outermost
     return app
 

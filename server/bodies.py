@@ -6,12 +6,24 @@ sees it (a 64 MiB list of numbers would otherwise cost seconds and gigabytes). B
 strings, which cost little to parse. Nesting deeper than Python's recursion limit is a 400 too.
 """
 
+import asyncio
+import dataclasses
+import io
 import json
+import logging
 import re
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
-from python_multipart.multipart import parse_options_header
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
+from server.decoders import DecoderPool, Job
 from server.errors import bad_request
+
+log = logging.getLogger(__name__)
 
 MAX_JSON_VALUES = 50_000
 
@@ -111,3 +123,235 @@ def parse_json_value(text: str) -> object:
         return json.loads(text, parse_constant=_no_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+# -- large bodies, parsed in a decode process (server/decoders.py) --------------------------------------------
+
+LARGE_BODY = 64 * 1024  # bytes of JSON above which the body is parsed in a decode process, not on the event loop
+LONG_STRING = 4096  # characters: longer strings (data URLs) travel back as bytes, outside the JSON
+MAX_REST = 1 << 20  # bytes of a body's JSON once its long strings are out: no image request needs more
+
+
+@dataclass(frozen=True)
+class FormLimits:
+    max_files: int
+    max_fields: int
+    max_field_bytes: int
+    max_file_bytes: int
+    file_too_large: str = "file_too_large"  # the error code for a file over max_file_bytes
+
+
+@dataclass(frozen=True)
+class FormPart:
+    name: str
+    filename: str | None  # None: a text field
+    content_type: str | None
+    data: bytes  # empty when the part was written to `path`
+    path: str | None = None  # a file part spooled to disk (form_file_job)
+
+    @property
+    def text(self) -> str:
+        try:
+            return self.data.decode("utf-8")
+        except UnicodeDecodeError:
+            return self.data.decode("latin-1")
+
+
+async def read_json(body: bytes, decoders: DecoderPool, deadline: float) -> dict:
+    """A JSON body: a small one here, a larger one in a decode process within the request's deadline."""
+    if len(body) <= LARGE_BODY:
+        return parse_json(body)
+    return await decoders.run(json_job(body), deadline, "the JSON body", None)
+
+
+async def read_form(
+    body: bytes, content_type: str, limits: FormLimits, decoders: DecoderPool, deadline: float
+) -> list[FormPart]:
+    """A multipart body's parts, parsed in a decode process within the request's deadline."""
+    return await decoders.run(form_job(body, content_type, limits), deadline, "the multipart body", None)
+
+
+def json_job(body: bytes) -> Job:
+    """A JSON body to parse in a decode process: a long C call (json.loads of 64 MB holds the GIL for most of
+    a second) stays off the event loop, and its long strings come back as bytes, outside any JSON."""
+    return Job({"op": "json"}, [body], len(body), _joined_json)
+
+
+def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
+    """Decode process: the body parsed, its long strings taken out and sent as blobs, where they were kept."""
+    data = parse_json(blobs[0])
+    paths, strings, stack = [], [], [(data, [])]
+    while stack:
+        node, path = stack.pop()
+        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+            if isinstance(value, str) and len(value) > LONG_STRING:
+                paths.append([*path, key])
+                strings.append(value.encode("utf-8", "surrogatepass"))
+                node[key] = ""
+            elif isinstance(value, dict | list):
+                stack.append((value, [*path, key]))
+    if len(json.dumps(data)) > MAX_REST:
+        raise invalid_json(f"it holds more than {MAX_REST // 1024} KiB besides its long strings")
+    return {"data": data, "paths": paths}, strings
+
+
+def _joined_json(reply: dict, strings: list[bytearray]) -> dict:
+    data = reply["data"]
+    for path, value in zip(reply["paths"], strings, strict=True):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value.decode("utf-8", "surrogatepass")
+    return data
+
+
+def form_job(body: bytes, content_type: str, limits: FormLimits) -> Job:
+    """A multipart body to parse in a decode process."""
+    header = {"op": "form", "content_type": content_type, "limits": dataclasses.asdict(limits)}
+    return Job(header, [body], len(body), _form_parts)
+
+
+def form_file_job(body: Path, content_type: str, limits: FormLimits, spool: Path) -> Job:
+    """A multipart body on disk (too large for memory: a LoRA) to parse in a decode process, its file parts
+    written to `spool` as `body`'s name plus a number; text fields come back."""
+    header = {"op": "form", "content_type": content_type, "limits": dataclasses.asdict(limits)}
+    return Job({**header, "path": str(body), "spool": str(spool)}, [], limits.max_fields * limits.max_field_bytes,
+               _form_parts)  # fmt: skip
+
+
+def split_form(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
+    """Decode process: the parts of a multipart body, each bounded."""
+    limits, content_type = FormLimits(**header["limits"]), header["content_type"]
+    if "path" not in header:
+        parts = parse_form([bytes(blobs[0])], content_type, limits)
+    else:
+        with open(header["path"], "rb") as body:
+            chunks = iter(lambda: body.read(1 << 20), b"")
+            parts = parse_form(chunks, content_type, limits, Path(header["spool"]) / Path(header["path"]).name)
+    return {"parts": [[p.name, p.filename, p.content_type, p.path] for p in parts]}, [p.data for p in parts]
+
+
+def _form_parts(reply: dict, blobs: list[bytearray]) -> list[FormPart]:
+    return [
+        FormPart(name, filename, content_type, bytes(data), path)
+        for (name, filename, content_type, path), data in zip(reply["parts"], blobs, strict=True)
+    ]
+
+
+async def spool(chunks: AsyncIterator[bytes], path: Path) -> None:
+    """A body written to `path` as it arrives, a MiB at a time in a worker thread."""
+    with path.open("wb") as out:
+        batch = bytearray()
+        async for chunk in chunks:
+            batch += chunk
+            if len(batch) >= 1 << 20:
+                await asyncio.to_thread(out.write, batch)
+                batch = bytearray()
+        await asyncio.to_thread(out.write, batch)
+
+
+def invalid_form(why: str):
+    return bad_request(f"We could not parse the multipart body of your request: {why}", None, "invalid_multipart")
+
+
+def parse_form(
+    chunks: Iterable[bytes], content_type: str, limits: FormLimits, spool: Path | None = None
+) -> list[FormPart]:
+    """The parts of a multipart/form-data body; a 400 for a malformed one or one past `limits`. With `spool`,
+    file parts are written to files named after it (and removed again if the body is refused)."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise invalid_form("its Content-Type has no boundary.")
+    reader = _FormReader(limits, spool)
+    try:
+        parser = MultipartParser(boundary, reader.callbacks())
+        for chunk in chunks:
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        reader.discard()
+        log.info("a multipart body was refused: %r", exc)
+        raise invalid_form("it is not multipart/form-data as its Content-Type says.") from None
+    except BaseException:
+        reader.discard()
+        raise
+    return reader.parts
+
+
+class _FormReader:
+    """python-multipart's callbacks: each part's name, file name, type and bytes (or file), within the limits."""
+
+    def __init__(self, limits: FormLimits, spool: Path | None) -> None:
+        self.limits = limits
+        self.spool = spool
+        self.parts: list[FormPart] = []
+        self.files = self.fields = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._field, self._value = b"", b""
+        self._data: BinaryIO = io.BytesIO()
+        self._size = 0
+        self._part: tuple[str, str | None, str | None] = ("", None, None)
+        self._spooled: list[Path] = []
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda data, start, end: setattr(self, "_field", self._field + data[start:end]),
+            "on_header_value": lambda data, start, end: setattr(self, "_value", self._value + data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data_in,
+            "on_part_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        self._headers = {}
+
+    def _header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        options = parse_options_header(self._headers.get(b"content-disposition"))[1]
+        if b"name" not in options:
+            raise invalid_form("a part has no name in its Content-Disposition.")
+        name = options[b"name"].decode("utf-8", "replace")
+        filename = options[b"filename"].decode("utf-8", "replace") if b"filename" in options else None
+        content_type = self._headers.get(b"content-type", b"").decode("latin-1") or None
+        self._part, self._size = (name, filename, content_type), 0
+        self._data = self._spooled_file() if filename is not None and self.spool is not None else io.BytesIO()
+        if filename is None:
+            self.fields += 1
+            if self.fields > self.limits.max_fields:
+                raise invalid_form(f"it has more than {self.limits.max_fields} fields.")
+        else:
+            self.files += 1
+            if self.files > self.limits.max_files:
+                raise bad_request(f"At most {self.limits.max_files} files may be sent.", name)
+
+    def _spooled_file(self) -> BinaryIO:
+        path = self.spool.with_name(f"{self.spool.name}.{len(self._spooled)}")
+        self._spooled.append(path)
+        return path.open("wb")
+
+    def _data_in(self, data: bytes, start: int, end: int) -> None:
+        name, filename, _ = self._part
+        self._size += end - start
+        if filename is None and self._size > self.limits.max_field_bytes:
+            raise invalid_form(f"the field '{name}' is larger than {self.limits.max_field_bytes // 1024} KiB.")
+        if filename is not None and self._size > self.limits.max_file_bytes:
+            limit = self.limits.max_file_bytes / 2**20
+            raise bad_request(f"'{name}' is larger than {limit:g} MiB.", name, self.limits.file_too_large)
+        self._data.write(data[start:end])
+
+    def _end(self) -> None:
+        if isinstance(self._data, io.BytesIO):
+            self.parts.append(FormPart(*self._part, self._data.getvalue()))
+            return
+        self._data.close()
+        self.parts.append(FormPart(*self._part, b"", self._data.name))
+
+    def discard(self) -> None:
+        self._data.close()
+        for path in self._spooled:
+            path.unlink(missing_ok=True)

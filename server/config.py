@@ -234,6 +234,14 @@ class Settings:
     header_timeout: float = option(
         30.0, "seconds a client has to send a request's headers; slower connections are closed", low=1
     )
+    body_timeout: float = option(
+        120.0, "seconds a client has to send a request's whole body once its headers are in; slower ones are dropped",
+        low=0.1,
+    )  # fmt: skip
+    write_timeout: float = option(
+        30.0, "seconds a client may read nothing of an answer waiting for it before the connection is dropped",
+        low=0.1,
+    )  # fmt: skip
     max_requests_per_connection: int = option(
         100, "requests one kept-alive connection may make before it is closed, so clients spread over pods", low=1
     )
@@ -297,7 +305,15 @@ class Settings:
         120.0, "seconds SIGTERM waits for queued and running work before refusing what is left", low=0
     )
     postprocess_workers: int = option(2, "threads for post-processing (plugins, encoding) beside the engine", low=1)
-    decode_workers: int = option(2, "input images decoded at once (each may take up to MAX_INPUT_PIXELS)", low=1)
+    decode_workers: int = option(
+        2, "decode processes: large JSON and multipart bodies parsed, input images decoded, one at a time each", low=1
+    )
+    decode_timeout: float = option(
+        15.0, "seconds one body or image may take in a decode process; past it the process is killed (400)", low=0.1
+    )
+    max_jpeg_scans: int = option(
+        100, "most scans of an input JPEG (a progressive one has about 10; each costs a pass over every block)", low=1
+    )
 
     # Tenants: fair shares of the queue and the engine (docs/SECURITY.md, "Fair shares")
     tenant_header: str = option(

@@ -1,15 +1,17 @@
 """Image bytes in and out: input images (files, data URLs, allowed remote URLs) and the encoded outputs.
 
-Inputs are looked at twice: `probe` reads a file's header (format and size, no pixels) when the request
-arrives, so that every limit is checked against what decoding would cost before anything is decoded; `decode`
-runs only after the request has its place in the queue. Pillow is the encoder: its wheels carry
-libjpeg-turbo, and on a 1024x1024 image it matched simplejpeg within noise (bench/encode.py).
+Inputs are looked at twice: `inspect` walks a file's structure (format, size, and what decoding would cost;
+no pixels), so that every limit is checked before anything is decoded; the decode runs in a decode process
+(server/decoders.py), only after the request has its place in the queue. Pillow is the encoder: its wheels
+carry libjpeg-turbo, and on a 1024x1024 image it matched simplejpeg within noise (bench/encode.py).
 """
 
+import asyncio
 import base64
 import binascii
 import io
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -18,18 +20,16 @@ import httpx
 from PIL import Image
 
 from server.config import host_allowed
+from server.decoders import Job, WorkerDied, timed_out_while
 from server.errors import APIError, bad_request
+from server.imagecost import CostlyImage, UnreadableImage, structure
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _OPENERS = ("PNG", "JPEG", "WEBP")  # Pillow's plugins tried, no other (JPEG opens MPO files too)
-_INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "MPO")
-
-# Our own limit (MAX_INPUT_PIXELS) is checked from the headers before anything is decoded; Pillow's would only
-# warn below twice its value, so it is off rather than half on. Only `probe`d images are ever decoded.
-Image.MAX_IMAGE_PIXELS = None
+_BASE64_STEP = 1 << 20  # characters of base64 decoded per call (a multiple of 4)
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,18 @@ class InputImage:
         return self.width * self.height
 
 
-def probe(data: bytes, param: str) -> InputImage:
-    """Format and size from the header alone: a 400 for anything that is not a PNG, JPEG or WebP."""
+def inspect(data: bytes, param: str, max_scans: int) -> InputImage:
+    """Format, size and alpha from the file's structure (server/imagecost.py), and what decoding it would cost:
+    a 400 for anything that is not a PNG, JPEG or WebP, or that costs more to decode than any image is worth."""
     try:
-        with warnings.catch_warnings(), Image.open(io.BytesIO(data), formats=_OPENERS) as image:
-            warnings.simplefilter("ignore")
-            kind, (width, height) = image.format, image.size
-            alpha = "A" in image.getbands() or "transparency" in image.info
-    except Exception as exc:  # a hostile file may make a Pillow plugin fail in any way: the file's fault
-        raise unreadable_image(param, exc) from None
-    if kind not in _INPUT_FORMATS:
-        raise bad_request(f"'{param}' must be a PNG, JPEG or WebP image, not {kind}.", param)
-    if width < 1 or height < 1:
-        raise bad_request(f"'{param}' has no pixels ({width}x{height}).", param)
-    return InputImage(data, param, kind, width, height, alpha)
+        found = structure(data, max_scans)
+    except CostlyImage as exc:
+        raise bad_request(f"'{param}' would cost too much to decode: {exc}.", param, "image_too_costly") from None
+    except UnreadableImage as exc:
+        raise bad_request(f"'{param}' is not a readable PNG, JPEG or WebP image ({exc}).", param) from None
+    if found.width < 1 or found.height < 1:
+        raise bad_request(f"'{param}' has no pixels ({found.width}x{found.height}).", param)
+    return InputImage(data, param, found.format, found.width, found.height, found.has_alpha)
 
 
 def check_pixels(images: list[InputImage], budget: int) -> None:
@@ -77,15 +75,33 @@ def check_pixels(images: list[InputImage], budget: int) -> None:
         )
 
 
-def decode(image: InputImage) -> Image.Image:
+def decode_job(image: InputImage, mask: bool) -> Job:
+    """Decoding an input in a decode process: its pixels come back as RGB, or for a mask as the diffusers mask."""
+    mode = "L" if mask else "RGB"
+    size = [image.width, image.height]
+    header = {"op": "image", "param": image.param, "size": size, "mask": mask}
+
+    def finish(reply: dict, blobs: list[bytearray]) -> Image.Image:
+        if reply != {"mode": mode, "size": size, "blobs": [image.pixels * len(mode)]}:
+            raise WorkerDied(f"a decoder answered {reply} for a {size} {mode} image")
+        return Image.frombytes(mode, tuple(size), blobs[0])
+
+    return Job(header, [image.data], image.pixels * len(mode), finish)
+
+
+def decode_frame(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
+    """Decode process: the pixels of an inspected file, once Pillow reads the size its structure gave."""
+    param = header["param"]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), Image.open(io.BytesIO(blobs[0]), formats=_OPENERS) as image:
             warnings.simplefilter("ignore")
-            decoded = Image.open(io.BytesIO(image.data), formats=_OPENERS)
-            decoded.load()
-    except Exception as exc:  # as in `probe`
-        raise unreadable_image(image.param, exc) from None
-    return decoded
+            if list(image.size) != header["size"]:
+                raise UnreadableImage(f"its header says {image.size}, its structure {header['size']}")
+            image.load()
+            decoded = mask_from_alpha(image) if header["mask"] else as_rgb(image)
+    except Exception as exc:  # a hostile file may make a Pillow plugin fail in any way: the file's fault
+        raise unreadable_image(param, exc) from None
+    return {"mode": decoded.mode, "size": list(decoded.size)}, [decoded.tobytes()]
 
 
 def unreadable_image(param: str, exc: Exception) -> APIError:
@@ -95,19 +111,24 @@ def unreadable_image(param: str, exc: Exception) -> APIError:
 
 
 def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
+    """A base64 data URL's bytes, decoded a MiB at a time: one long C call would hold the GIL, and with it the
+    event loop, for a tenth of a second per 20 MB."""
     header, _, payload = url.partition(",")
     if not header.startswith("data:") or ";base64" not in header:
         raise bad_request(f"'{param}' must be a base64 data URL (data:image/png;base64,...).", param)
     if len(payload) * 3 // 4 > max_bytes:
         raise bad_request(f"'{param}' is larger than {max_bytes / 2**20:g} MiB.", param, "image_too_large")
     try:
-        return base64.b64decode(payload, validate=True)
+        return b"".join(
+            base64.b64decode(payload[i : i + _BASE64_STEP], validate=True) for i in range(0, len(payload), _BASE64_STEP)
+        )
     except (binascii.Error, ValueError):
         raise bad_request(f"'{param}' is not valid base64.", param) from None
 
 
-async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max_bytes: int) -> bytes:
-    """Fetch an http(s) image URL, only from hosts the operator allowed."""
+async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max_bytes: int, deadline: float) -> bytes:
+    """Fetch an http(s) image URL, only from hosts the operator allowed, all of it before the request's
+    deadline (a host that trickles a byte now and then is cut there, not per read)."""
     try:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port
@@ -123,7 +144,10 @@ async def fetch_remote(url: str, param: str, allowed_hosts: tuple[str, ...], max
             "remote_image_not_allowed",
         )
     try:
-        return await _download(url, param, max_bytes)
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await _download(url, param, max_bytes)
+    except TimeoutError:
+        raise timed_out_while(f"fetching '{param}'") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         log.info("%s: fetching %s failed: %r", param, url, exc)
         raise bad_request(f"'{param}': could not fetch the image from {host}.", param) from None

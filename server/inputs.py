@@ -1,19 +1,26 @@
-"""An edit's input images: from multipart files or JSON image references, their headers read and checked.
+"""An edit's input images: from multipart files or JSON image references, their structure read and checked.
 
-Only the first image is edited (the engines take one); the others are checked from their headers (format,
-size) and never decoded. The pixel budget (MAX_INPUT_PIXELS) counts every image and the mask.
+This runs after the request has its place in the queue: remote images are fetched only then, one at a time
+and all before the request's deadline. Only the first image is edited (the engines take one); the others are
+checked from their structure (format, size, cost) and never decoded, and their bytes are dropped once
+checked. The pixel budget (MAX_INPUT_PIXELS) counts every image and the mask. What reads caller bytes (base64,
+structure walks) runs off the event loop, through `off_loop`.
 """
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from server.config import Settings
 from server.errors import bad_request
-from server.images import InputImage, check_mask, check_pixels, decode_data_url, fetch_remote, probe
+from server.images import InputImage, check_mask, check_pixels, decode_data_url, fetch_remote, inspect
+
+OffLoop = Callable[..., Awaitable[Any]]  # runs a function in a worker thread and awaits its result
 
 
 @dataclass(frozen=True)
 class EditInputs:
-    images: list[InputImage]
+    images: list[InputImage]  # only the first keeps its bytes: it is the one decoded
     mask: InputImage | None
 
     @property
@@ -21,40 +28,50 @@ class EditInputs:
         return self.images[0]
 
 
-def check_upload_size(param: str, size: int | None, s: Settings) -> None:
-    limit = int(s.max_image_mb * 2**20)
-    if size is not None and size > limit:
-        raise bad_request(f"'{param}' is larger than {s.max_image_mb:g} MiB.", param, "image_too_large")
-
-
 def _image_param(index: int, count: int) -> str:
     return f"image[{index}]" if count > 1 else "image"
 
 
-def from_uploads(images: list[bytes], mask: bytes | None, s: Settings) -> EditInputs:
+def _inspected(data: bytes, param: str, s: Settings, keep: bool) -> InputImage:
+    """Worker thread: the file's structure; its bytes kept only if it will be decoded."""
+    image = inspect(data, param, s.max_jpeg_scans)
+    return image if keep else replace(image, data=b"")
+
+
+async def from_uploads(images: list[bytes], mask: bytes | None, s: Settings, off_loop: OffLoop) -> EditInputs:
     """Multipart: `image` or `image[]` files and an optional `mask` file."""
     if not images:
         raise bad_request("Missing required parameter: 'image'.", "image", "missing_required_parameter")
-    probed = [probe(data, _image_param(i, len(images))) for i, data in enumerate(images)]
-    return _checked(probed, probe(mask, "mask") if mask is not None else None, s)
+    inspected = [
+        await off_loop(_inspected, data, _image_param(i, len(images)), s, i == 0) for i, data in enumerate(images)
+    ]
+    mask_image = await off_loop(_inspected, mask, "mask", s, True) if mask is not None else None
+    return _checked(inspected, mask_image, s)
 
 
-async def from_refs(request, s: Settings) -> EditInputs:
+async def from_refs(request, s: Settings, deadline: float, off_loop: OffLoop) -> EditInputs:
     """JSON: `images: [{"image_url": ...}]` and an optional `mask`, as data URLs or URLs of allowed hosts."""
     if not request.images:
         raise bad_request("Missing required parameter: 'images'.", "images", "missing_required_parameter")
-    images = [probe(await ref_bytes(ref, f"images[{i}]", s), f"images[{i}]") for i, ref in enumerate(request.images)]
-    mask = probe(await ref_bytes(request.mask, "mask", s), "mask") if request.mask is not None else None
+    images = [
+        await _ref_image(ref, f"images[{i}]", s, deadline, off_loop, i == 0) for i, ref in enumerate(request.images)
+    ]
+    mask = await _ref_image(request.mask, "mask", s, deadline, off_loop, True) if request.mask is not None else None
     return _checked(images, mask, s)
 
 
-async def ref_bytes(ref, param: str, s: Settings) -> bytes:
+async def _ref_image(ref, param: str, s: Settings, deadline: float, off_loop: OffLoop, keep: bool) -> InputImage:
+    return await off_loop(_inspected, await ref_bytes(ref, param, s, deadline, off_loop), param, s, keep)
+
+
+async def ref_bytes(ref, param: str, s: Settings, deadline: float, off_loop: OffLoop) -> bytes:
+    """A reference's bytes: a data URL decoded off the event loop, or a remote image fetched by `deadline`."""
     limit = int(s.max_image_mb * 2**20)
     if ref.file_id is not None or not ref.image_url:
         raise bad_request(f"'{param}': file_id is not supported here; send image_url (a data URL).", param)
     if ref.image_url.startswith("data:"):
-        return decode_data_url(ref.image_url, f"{param}.image_url", limit)
-    return await fetch_remote(ref.image_url, f"{param}.image_url", s.remote_hosts, limit)
+        return await off_loop(decode_data_url, ref.image_url, f"{param}.image_url", limit)
+    return await fetch_remote(ref.image_url, f"{param}.image_url", s.remote_hosts, limit, deadline)
 
 
 def _checked(images: list[InputImage], mask: InputImage | None, s: Settings) -> EditInputs:

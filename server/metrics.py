@@ -49,6 +49,22 @@ class Metrics:
         self.prep_switches = Counter(
             "image_server_prep_switches", "times the pipeline was re-prepared for another LoRA set", registry=r
         )
+        self._isolation_counters()
+
+    def _isolation_counters(self) -> None:
+        """What the isolation limits did (docs/SECURITY.md): connections dropped, decode processes killed."""
+        r = self.registry
+        self.dropped = Counter(
+            "image_server_connections_dropped",
+            "connections closed by the server for a deadline: header_timeout, body_timeout, write_timeout",
+            ["reason"],
+            registry=r,
+        )
+        self.decodes_killed = Counter(
+            "image_server_decodes_killed",
+            "decode processes killed and replaced: a body or image outlived DECODE_TIMEOUT or its request",
+            registry=r,
+        )
 
     def _seconds(self, name: str, text: str) -> Histogram:
         return Histogram(name, text, buckets=_SECONDS, registry=self.registry)

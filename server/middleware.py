@@ -1,19 +1,23 @@
 """The HTTP middleware, outermost first: RequestLog (request id, metrics, one log line, the last word on
-errors), BodyLimit (413 before reading what is too big).
+errors), RequestLife (each request's deadline and its one owner), BodyLimit (413 before reading what is too
+big).
 
 RequestLog is outermost so that every answer, a 413 decided from Content-Length and a 500 from a bug
 included, carries `x-request-id`, a log line and a metric. 429 and 503 close the connection: a Kubernetes
 Service balances connections, so the client's retry reconnects and may land on another pod.
 """
 
+import asyncio
 import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 
 from starlette.requests import ClientDisconnect
 
-from server.errors import APIError, internal_error
+from server.errors import APIError, internal_error, timed_out
+from server.http import CONNECTION
 from server.metrics import Metrics
 from server.plugins import RouteLimit
 
@@ -84,6 +88,75 @@ class RequestLog:
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         text = " ".join(f"{k}={v}" for k, v in fields.items())
         access_log.log(level, text, extra={"fields": fields})
+
+
+class Life:
+    """A request's deadline (monotonic time; REQUEST_TIMEOUT from its first byte) and what must run when it
+    ends, however it ends. The app finds it in `request.state.life`."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._on_end: list[Callable[[], None]] = []
+
+    def on_end(self, callback: Callable[[], None]) -> None:
+        self._on_end.append(callback)
+
+    def end(self) -> None:
+        while self._on_end:
+            self._on_end.pop()()
+
+
+class RequestLife:
+    """The one owner of each request's life. The request runs as a task; when its client goes (the connection
+    closed, or dropped for a body or write timeout) or its deadline passes, the task is cancelled, and its own
+    cleanup releases what it holds at once: its queue place or job, a decode process, its stream. Then the
+    callbacks it registered run. Past the deadline, the owner answers 504 itself if the app has not begun to
+    answer (the app answers its own 504 at the deadline; this one allows `grace` seconds more), else drops the
+    connection."""
+
+    def __init__(self, app, timeout: float, grace: float = 1.0) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.grace = grace
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        life = scope.setdefault("state", {})["life"] = Life(time.monotonic() + self.timeout)
+        connection = scope.get("extensions", {}).get(CONNECTION)
+        answer = {"started": False, "complete": False}
+
+        async def tracked_send(message) -> None:
+            answer["started"] = True
+            answer["complete"] = message["type"] == "http.response.body" and not message.get("more_body")
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
+        try:
+            end = await self._run(task, connection, life.deadline + self.grace, answer)
+        finally:
+            life.end()
+        if end == "deadline" and not answer["started"]:
+            await timed_out(self.timeout).response()(scope, receive, send)
+        elif end == "deadline" and connection is not None:
+            connection.abort()
+
+    async def _run(self, task: asyncio.Task, connection, cutoff: float, answer: dict) -> str:
+        """How the request ended: "answered" by the app (its exception, if any, raised here for RequestLog),
+        or cancelled when its client was "gone" or its "deadline" passed, its cleanup done."""
+        gone = asyncio.ensure_future(connection.gone.wait()) if connection is not None else asyncio.Future()
+        try:
+            timeout = max(0.0, cutoff - time.monotonic())
+            await asyncio.wait({task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done() and not answer["complete"]:
+                task.cancel()
+            await asyncio.wait({task})  # its cleanup runs now, and an outer cancellation waits for it
+        if not task.cancelled():
+            task.result()
+            return "answered"
+        return "gone" if connection is not None and connection.gone.is_set() else "deadline"
 
 
 class BodyLimit:

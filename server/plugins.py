@@ -20,7 +20,9 @@ Hooks may add fields to each response item (`data[i]`).
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,6 +117,10 @@ class Plugin:
         return [False] * len(encoded)
 
 
+def _postprocess(plugin: Plugin, option: Any, items: list[dict], images: list) -> list:
+    return plugin.postprocess(images, option, items)
+
+
 def discover() -> dict[str, type[Plugin]]:
     return {ep.name: ep.load() for ep in entry_points(group=GROUP)}
 
@@ -185,10 +191,9 @@ class PluginSet:
             size = plugin.output_size(options[plugin.name], size)
         return size
 
-    def postprocess(self, images: list, options: dict[str, Any], items: list[dict]) -> list:
-        for plugin in self.plugins:
-            images = plugin.postprocess(images, options[plugin.name], items)
-        return images
+    def postprocess_steps(self, options: dict[str, Any], items: list[dict]) -> list[Callable[[list], list]]:
+        """Each plugin's postprocess as a step, so that a request that is gone can stop between them."""
+        return [partial(_postprocess, p, options[p.name], items) for p in self.plugins]
 
     async def deliver(
         self, encoded: list[bytes | None], fmt: str, options: dict[str, Any], items: list[dict], deadline: float

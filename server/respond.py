@@ -7,6 +7,7 @@ functions, so it measures what the server does.
 
 import base64
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image
@@ -21,6 +22,10 @@ from server.spec import GenerationSpec
 from server.storage import ImageStore
 
 
+class Abandoned(Exception):
+    """The request was cancelled (its client left, its deadline passed) while its images were finished."""
+
+
 @dataclass
 class Finished:
     """A request's images after the plugins, encoded; `items` gathers each image's response fields."""
@@ -32,11 +37,20 @@ class Finished:
 
 
 def finish_images(
-    plugins: PluginSet, images: list[Image.Image], spec: GenerationSpec, output: Output, metrics: Metrics | None = None
+    plugins: PluginSet,
+    images: list[Image.Image],
+    spec: GenerationSpec,
+    output: Output,
+    metrics: Metrics | None = None,
+    abandoned: Callable[[], bool] = lambda: False,
 ) -> Finished:
-    """Post-processing pool: the plugins' postprocess, then the encoder."""
+    """Post-processing pool: the plugins' postprocess, then the encoder; `Abandoned` between steps once the
+    request is gone (a thread cannot be stopped, but it can stop itself)."""
     items: list[dict] = [{"seed": seed} for seed in spec.seeds[: len(images)]]
-    kept = plugins.postprocess(list(images), spec.options, items)
+    kept = list(images)
+    for step in plugins.postprocess_steps(spec.options, items):
+        _check(abandoned)
+        kept = step(kept)
     if all(image is None for image in kept):
         raise APIError(
             400,
@@ -44,7 +58,7 @@ def finish_images(
             code="moderation_blocked",
         )
     started = time.monotonic()
-    encoded = [None if image is None else encode_image(image, output.format, output.compression) for image in kept]
+    encoded = [None if image is None else _encoded(image, output, abandoned) for image in kept]
     if metrics is not None:
         metrics.encode.observe(time.monotonic() - started)
     first = next(image for image in kept if image is not None)
@@ -56,6 +70,16 @@ def usage(spec: GenerationSpec) -> Usage:
     included, at the size generated (before any upscale)."""
     tokens = image_tokens(spec.width, spec.height)
     return Usage.of_images(0 if spec.mode == "text2img" else tokens, tokens * spec.n)
+
+
+def _check(abandoned: Callable[[], bool]) -> None:
+    if abandoned():
+        raise Abandoned()
+
+
+def _encoded(image: Image.Image, output: Output, abandoned: Callable[[], bool]) -> bytes:
+    _check(abandoned)
+    return encode_image(image, output.format, output.compression)
 
 
 def assemble(finished: Finished, delivered: list[bool], output: Output, store: ImageStore) -> ImagesResponse:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from server.engines.base import Progress
-from server.errors import APIError, shutting_down, timed_out
+from server.errors import APIError, shutting_down
 from server.lora import LoRASet
 from server.metrics import UTILIZATION_WINDOW, Metrics
 from server.spec import GenerationSpec
@@ -54,14 +54,9 @@ def cost(spec: GenerationSpec) -> float:
     return float(spec.n * max(1, spec.frames) * spec.width * spec.height * spec.steps)
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request finished; nobody is left to answer."""
-
-
 @dataclass(eq=False)
 class Job:
     spec: GenerationSpec
-    deadline: float  # monotonic time by which the request must be answered
     future: asyncio.Future
     tenant: str
     cost: float
@@ -90,9 +85,9 @@ class Admission:
         self.tenant = tenant
         self.cost = cost
 
-    def submit(self, spec: GenerationSpec, deadline: float, previews: asyncio.Queue | None = None) -> Job:
+    def submit(self, spec: GenerationSpec, previews: asyncio.Queue | None = None) -> Job:
         self.release()
-        return self._scheduler._enqueue(spec, deadline, self, previews)
+        return self._scheduler._enqueue(spec, self, previews)
 
     def release(self) -> None:
         self._scheduler._admissions.discard(self)
@@ -164,7 +159,6 @@ class Scheduler:
         max_batch: int,
         batch_window: float,
         max_bypass: int,
-        timeout: float,
         weights: Mapping[str, float] | None = None,
         tenant_share: float = 1.0,
         can_batch: bool = True,
@@ -177,7 +171,6 @@ class Scheduler:
         self.max_batch = max_batch
         self.batch_window = batch_window
         self.max_bypass = max_bypass
-        self.timeout = timeout  # REQUEST_TIMEOUT, for the 504's message (each job carries its deadline)
         self.can_batch = can_batch
         self._expect_company = expect_company
         self._shares = FairShares(weights or {})
@@ -247,22 +240,15 @@ class Scheduler:
         waiting = [j.enqueued for j in self._queue if not j.cancelled]
         return time.monotonic() - min(waiting) if waiting else 0.0
 
-    async def wait(self, job: Job, disconnected: Callable[[], Awaitable[None]] | None = None) -> list[Image.Image]:
-        """The job's images; APIError (504 past the deadline, 503, 500, 400) or ClientGone."""
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
-        waiting = {job.future} | ({watcher} if watcher else set())
+    async def wait(self, job: Job) -> list[Image.Image]:
+        """The job's images, or its error (APIError: 503, 500, 400). Cancelled (its request's deadline passed or
+        its client left: see RequestLife), the job is dropped from the queue, or its batch stops when every
+        request in it has gone."""
         try:
-            timeout = max(0.0, job.deadline - time.monotonic())
-            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if watcher:
-                watcher.cancel()
-        if job.future.done():
-            return job.future.result()  # raises the job's error, if any
-        self.cancel(job)
-        if watcher in done:
-            raise ClientGone()
-        raise timed_out(self.timeout)
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:
+            self.cancel(job)
+            raise
 
     def cancel(self, job: Job) -> None:
         """Nobody waits for this job any more: dropped from the queue, or its batch stops when all have left."""
@@ -289,13 +275,11 @@ class Scheduler:
 
     # -- queueing --------------------------------------------------------
 
-    def _enqueue(
-        self, spec: GenerationSpec, deadline: float, admission: Admission, previews: asyncio.Queue | None
-    ) -> Job:
+    def _enqueue(self, spec: GenerationSpec, admission: Admission, previews: asyncio.Queue | None) -> Job:
         if not self.accepting:
             raise shutting_down()
         future = asyncio.get_running_loop().create_future()
-        job = Job(spec, deadline, future, admission.tenant, admission.cost, previews=previews)
+        job = Job(spec, future, admission.tenant, admission.cost, previews=previews)
         self._shares.arrive(job.tenant)
         self._queue.append(job)
         self._metrics.queue_depth.set(len(self._queue))

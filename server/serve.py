@@ -91,7 +91,7 @@ def serve(settings: config.Settings) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        http=ServerProtocol.configured(settings),
+        http=ServerProtocol.configured(settings, app.state.metrics.dropped),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=max(5, int(settings.drain_timeout) + 5),

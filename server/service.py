@@ -1,41 +1,46 @@
 """The image service: one call per request, from what the HTTP layer read to a typed answer.
 
 `images(call)` validates the request, plans it (rules, plugin options, every limit), takes its place in the
-queue, decodes its inputs, waits for the engine, then finishes the images in the post-processing pool and
-delivers them before the request's deadline. It returns an `ImagesResponse`, or for `stream=true` the events
-to send as they come.
+queue before it fetches or decodes anything, reads its inputs (fetched, inspected, decoded in a decode
+process), waits for the engine, then finishes the images in the post-processing pool and delivers them. All of
+it happens before the request's deadline (a 504 at it). It returns an `ImagesResponse`, or for `stream=true`
+the events to send as they come.
 """
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from server import respond, rules
 from server.auth import DEFAULT_TENANT
+from server.bodies import LARGE_BODY
 from server.config import Settings, parse_quality_steps
+from server.decoders import DecoderPool
 from server.engines.base import Engine
-from server.errors import from_validation
+from server.errors import from_validation, timed_out
 from server.families import NONE, Family
-from server.images import as_rgb, decode, encode_image, mask_from_alpha
+from server.images import InputImage, decode_job, encode_image
 from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.plugins import PluginSet
 from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
-from server.scheduler import Job, Scheduler, cost
+from server.scheduler import Admission, Job, Scheduler, cost
 from server.spec import GenerationSpec
 from server.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
-LARGE_PAYLOAD = 64 * 1024  # bytes of body above which validation leaves the event loop
+ANSWER_RESERVE = 0.1  # of REQUEST_TIMEOUT, at most 2 s: delivery ends this early, so that the answer is on time
 
 
 @dataclass
@@ -45,19 +50,29 @@ class ImageCall:
     edit: bool
     payload: dict
     base_url: str
+    deadline: float  # monotonic: REQUEST_TIMEOUT from the request's first byte
     body_bytes: int = 0
     multipart: bool = False
     uploads: list[bytes] = field(default_factory=list)  # multipart edits: the image files
     mask_upload: bytes | None = None
-    disconnected: Callable[[], Awaitable[None]] | None = None  # resolves when the client has gone
     tenant: str = DEFAULT_TENANT  # who the request is queued as (server/auth.py)
+
+    def has_mask(self, request: ImageRequest) -> bool:
+        return self.mask_upload is not None if self.multipart else request.mask is not None  # an edit request
 
 
 @dataclass
 class Plan:
-    spec: GenerationSpec  # without its input images: they are decoded after admission
+    spec: GenerationSpec  # without its input images: they are read after admission
     output: Output
-    inputs: EditInputs | None
+    sized_by_input: bool = False  # an edit with size=auto: its size is known once its image's header is read
+    max_pixels: int = 0  # of each image: its size, or for an auto-sized edit the most it may get (MAX_PIXELS)
+
+    @property
+    def cost(self) -> float:
+        """What the request costs the engine (scheduler.cost), known before any input is read: at the most
+        pixels it may get until its input's header is read."""
+        return cost(self.spec) * self.max_pixels / (self.spec.width * self.spec.height)
 
 
 @dataclass
@@ -68,9 +83,11 @@ class Result:
 
 @dataclass
 class EventStream:
-    """stream=true: the request is admitted; `events` yields keep-alive comments (None) and events."""
+    """stream=true: the request is admitted; `events` yields keep-alive comments (None) and events. The
+    owner of the request calls `release` once, when it ends: its job dropped if unfinished, its count down."""
 
     events: AsyncIterator[StreamEvent | None]
+    release: Callable[[], None]
 
 
 class ImageService:
@@ -88,7 +105,13 @@ class ImageService:
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
         self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="preview")  # one: previews stay in order
-        self._decoding = asyncio.Semaphore(settings.decode_workers)
+        self._reading = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="read")  # caller bytes
+        self.decoders = DecoderPool(
+            settings.decode_workers,
+            settings.decode_timeout,
+            settings.max_input_pixels,
+            metrics.decodes_killed,
+        )
 
     # -- lifecycle -------------------------------------------------------
 
@@ -102,13 +125,13 @@ class ImageService:
             max_batch=s.max_batch,
             batch_window=s.batch_window_ms / 1000,
             max_bypass=s.max_bypass,
-            timeout=s.request_timeout,
             weights=s.weights,
             tenant_share=s.tenant_queue_share if s.several_tenants else 1.0,
             can_batch=self.engine.can_batch,
             expect_company=lambda: self.in_flight > 1,
         )
         self.scheduler.start()
+        self.decoders.start()
 
     async def load(self) -> None:
         """The engine and the plugins, on the engine thread, while /health already answers."""
@@ -147,28 +170,35 @@ class ImageService:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._preview_pool.shutdown(wait=True)
+        self._reading.shutdown(wait=True)
+        self.decoders.close()
         self.engine.close()
 
     # -- one request -----------------------------------------------------
 
     async def images(self, call: ImageCall) -> Result | EventStream:
-        """The whole request: APIError for anything refused (4xx, 429, 503, 504, 500), ClientGone if the client
-        left while its request waited or ran."""
-        deadline = time.monotonic() + self.settings.request_timeout
+        """The whole request, by its deadline: APIError for anything refused (4xx, 429, 503, 504, 500)."""
+        try:
+            async with asyncio.timeout(call.deadline - time.monotonic()):
+                return await self._request(call)
+        except TimeoutError:
+            raise timed_out(self.settings.request_timeout) from None
+
+    async def _request(self, call: ImageCall) -> Result | EventStream:
         request = await self._validate(call)
-        inputs = await self._inputs(request, call) if call.edit else None
-        plan = await asyncio.to_thread(self.plan, request, inputs, call.base_url)
+        plan = await self.off_loop(self.plan, request, _mode(call, request), call.base_url)
+        admission = self._admit(call, plan)  # before anything is fetched or decoded: a full queue costs nothing
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            job = await self._submit(plan, deadline, call.tenant)
+            job = await self._submit(admission, plan, request, call)
         except BaseException:
             self._done()
             raise
         if request.stream:
-            return EventStream(self._events(job, plan, call, deadline))
+            return self._stream(job, plan, call)
         try:
-            return await self._answer(job, plan, call, deadline)
+            return await self._answer(job, plan, call)
         finally:
             self._done()
 
@@ -178,28 +208,31 @@ class ImageService:
 
     async def _validate(self, call: ImageCall) -> ImageRequest:
         model = self.edit_model if call.edit else self.generation_model
-        if call.body_bytes > LARGE_PAYLOAD:
-            return await asyncio.to_thread(validate, model, call.payload, call.multipart)
+        if call.body_bytes > LARGE_BODY:  # validation of a large body leaves the event loop too
+            return await self.off_loop(validate, model, call.payload, call.multipart)
         return validate(model, call.payload, call.multipart)
 
-    async def _inputs(self, request, call: ImageCall) -> EditInputs:
-        if call.multipart:
-            return await asyncio.to_thread(from_uploads, call.uploads, call.mask_upload, self.settings)
-        return await from_refs(request, self.settings)
+    async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Work on what a caller sent (validation, structure walks, base64), in the bounded reading pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._reading, fn, *args)
 
-    def plan(self, request: ImageRequest, inputs: EditInputs | None, base_url: str) -> Plan:
-        """Worker thread (plugins may look at files or resolve hosts): every rule and limit, before queueing."""
+    def plan(self, request: ImageRequest, mode: str, base_url: str) -> Plan:
+        """Worker thread (plugins may look at files or resolve hosts): every rule and limit, before queueing.
+        An edit with size=auto is sized by `resized` once its image's header is read; until then its cost
+        counts the largest size it may get."""
         s = self.settings
         rules.check_background(request.background)
-        image_size = (inputs.image.width, inputs.image.height) if inputs else None
-        width, height = rules.requested_size(request.size, image_size, s, self.engine.family.size_multiple)
+        sized_by_input = mode != "text2img" and request.size in (None, "auto")
+        multiple = self.engine.family.size_multiple
+        width, height = rules.requested_size(request.size, None, s, multiple)  # for auto: DEFAULT_SIZE till `resized`
         preset = rules.quality_preset(request.quality)
         steps = rules.steps(request.num_inference_steps, preset, self.default_steps, self.quality_steps, s.max_steps)
-        strength = request.strength if inputs is not None else None  # a generation's `strength` is an unknown field
+        strength = request.strength if mode != "text2img" else None  # a generation's `strength` is an unknown field
         rules.check_strength(strength, steps)
         options = self.plugins.options(request)
         output = self._output(request, base_url, preset)
-        rules.check_output(*self.plugins.output_size(options, (width, height)), output.format, s)
+        if not sized_by_input:
+            rules.check_output(*self.plugins.output_size(options, (width, height)), output.format, s)
         n = request.n or 1
         spec = GenerationSpec(
             prompt=request.prompt,
@@ -212,13 +245,23 @@ class ImageService:
             negative_prompt=request.negative_prompt,
             true_cfg=request.true_cfg_scale,
             strength=strength,
-            mode=_mode(inputs),
+            mode=mode,
             loras=self.plugins.loras(options),
             previews=output.partial_images if request.stream else 0,
             options=options,
         )
         self.engine.check(spec)
-        return Plan(spec, output, inputs)
+        return Plan(spec, output, sized_by_input, s.max_pixels if sized_by_input else width * height)
+
+    def resized(self, plan: Plan, image_size: tuple[int, int]) -> Plan:
+        """Worker thread: an auto-sized edit at its input's size (read from the header), every size rule
+        checked again."""
+        width, height = rules.requested_size("auto", image_size, self.settings, self.engine.family.size_multiple)
+        output_size = self.plugins.output_size(plan.spec.options, (width, height))
+        rules.check_output(*output_size, plan.output.format, self.settings)
+        spec = replace(plan.spec, width=width, height=height)
+        self.engine.check(spec)
+        return replace(plan, spec=spec, sized_by_input=False, max_pixels=width * height)
 
     def _output(self, request: ImageRequest, base_url: str, preset: str) -> Output:
         fmt = request.output_format or "jpeg"
@@ -228,36 +271,65 @@ class ImageService:
         response_format = "b64_json" if request.stream else request.response_format or "b64_json"  # events carry b64
         return Output(fmt, compression, response_format, base_url, preset, request.partial_images or 0)
 
-    async def _submit(self, plan: Plan, deadline: float, tenant: str) -> Job:
-        """A place in the queue first (429 decodes nothing), then the input images, then the job."""
-        admission = self.scheduler.admit(tenant, cost(plan.spec))
+    def _admit(self, call: ImageCall, plan: Plan) -> Admission:
+        """The caller's place in the queue, held (against its share) while its inputs are read, weighed by
+        what the request may cost before any input is fetched."""
+        return self.scheduler.admit(call.tenant, plan.cost)
+
+    async def _submit(self, admission: Admission, plan: Plan, request: ImageRequest, call: ImageCall) -> Job:
+        """The input images read in the request's queue place (held against it meanwhile), then the job."""
         try:
-            spec = await self._decoded(plan.spec, plan.inputs)
-            return admission.submit(spec, deadline, asyncio.Queue() if spec.previews else None)
+            plan = await self._with_inputs(plan, request, call)
+            spec = plan.spec
+            return admission.submit(spec, asyncio.Queue() if spec.previews else None)
         finally:
             admission.release()
 
-    async def _decoded(self, spec: GenerationSpec, inputs: EditInputs | None) -> GenerationSpec:
-        if inputs is None:
-            return spec
-        async with self._decoding:
-            image, mask = await asyncio.to_thread(_decode_inputs, inputs)
-        return replace(spec, image=image, mask=mask)
+    async def _with_inputs(self, plan: Plan, request: ImageRequest, call: ImageCall) -> Plan:
+        """An edit's inputs fetched and inspected, its size from them if auto, its image and mask decoded."""
+        if not call.edit:
+            return plan
+        inputs = await self._inputs(request, call)
+        if plan.sized_by_input:
+            plan = await self.off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
+        image = await self.decode(inputs.image, False, call.deadline)
+        mask = await self.decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
+        return replace(plan, spec=replace(plan.spec, image=image, mask=mask))
 
-    async def _answer(self, job: Job, plan: Plan, call: ImageCall, deadline: float) -> Result:
-        images = await self.scheduler.wait(job, call.disconnected)
+    async def _inputs(self, request: ImageRequest, call: ImageCall) -> EditInputs:
+        if call.multipart:
+            return await from_uploads(call.uploads, call.mask_upload, self.settings, self.off_loop)
+        return await from_refs(request, self.settings, call.deadline, self.off_loop)
+
+    async def decode(self, image: InputImage, mask: bool, deadline: float) -> Image.Image:
+        """An inspected input's pixels (RGB, or a mask), from a decode process by `deadline`."""
+        return await self.decoders.run(decode_job(image, mask), deadline, f"'{image.param}'", image.param)
+
+    async def _answer(self, job: Job, plan: Plan, call: ImageCall) -> Result:
+        images = await self.scheduler.wait(job)
         started = time.monotonic()
-        response = await self._finish(images, plan, deadline)
+        response = await self._finish(images, plan, call.deadline)
         post = time.monotonic() - started
         self.metrics.postprocess.observe(post)
         return Result(response, {"queue": job.queue_wait, "gen": job.generation_time, "post": post})
 
     async def _finish(self, images, plan: Plan, deadline: float) -> ImagesResponse:
-        finished = await self._in_pool(
-            respond.finish_images, self.plugins, images, plan.spec, plan.output, self.metrics
-        )
-        delivered = await self._deliver(finished, plan, deadline)
+        abandoned = threading.Event()  # set when the request is cancelled: its pool work stops at the next step
+        try:
+            finished = await self._in_pool(
+                respond.finish_images, self.plugins, images, plan.spec, plan.output, self.metrics, abandoned.is_set
+            )
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
+        delivered = await self._deliver(finished, plan, deadline - self._answer_reserve)
         return await self._in_pool(respond.assemble, finished, delivered, plan.output, self.store)
+
+    @property
+    def _answer_reserve(self) -> float:
+        """Delivery ends this long before the request's deadline, so that its answer (the image, if an upload
+        failed) is sent in time."""
+        return min(2.0, ANSWER_RESERVE * self.settings.request_timeout)
 
     async def _deliver(self, finished: respond.Finished, plan: Plan, deadline: float) -> list[bool]:
         """Nothing accepted is lost: a delivery that fails outright leaves every image in the response."""
@@ -274,12 +346,25 @@ class ImageService:
 
     # -- streaming -------------------------------------------------------
 
-    async def _events(
-        self, job: Job, plan: Plan, call: ImageCall, deadline: float
-    ) -> AsyncIterator[StreamEvent | None]:
+    def _stream(self, job: Job, plan: Plan, call: ImageCall) -> EventStream:
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                if not job.future.done():
+                    self.scheduler.cancel(job)
+                self._done()
+
+        return EventStream(self._events(job, plan, call), release)
+
+    async def _events(self, job: Job, plan: Plan, call: ImageCall) -> AsyncIterator[StreamEvent | None]:
         """Keep-alives (None) while the request waits, its previews as they form, then one completed event per
-        image: for each image, its partial images in order, then its completed event."""
-        waiting = asyncio.ensure_future(self.scheduler.wait(job))
+        image: for each image, its partial images in order, then its completed event. Each wait ends by the
+        request's deadline (no timeout spans a `yield`: it would fire in whoever iterates)."""
+        timeout = self.settings.request_timeout
+        waiting = asyncio.ensure_future(by_deadline(self.scheduler.wait(job), call.deadline, timeout))
         previews = Previews(job.previews, self._preview_pool, plan, call.edit)
         try:
             while not waiting.done():
@@ -288,14 +373,12 @@ class ImageService:
                     yield event  # a preview, or a keep-alive while the request waits
             async for preview in previews.rest():
                 yield preview
-            response = await self._finish(waiting.result(), plan, deadline)
+            finishing = self._finish(waiting.result(), plan, call.deadline)
+            response = await by_deadline(finishing, call.deadline, timeout)
             for event in completed_events(response, call.edit):
                 yield event
         finally:
-            if not waiting.done():  # the client left mid-stream: its share of the work stops
-                waiting.cancel()
-                self.scheduler.cancel(job)
-            self._done()
+            waiting.cancel()  # the client left mid-stream: its share of the work stops
 
 
 class Previews:
@@ -389,14 +472,15 @@ def completed_events(response: ImagesResponse, edit: bool) -> list[StreamEvent]:
     ]
 
 
-def _mode(inputs: EditInputs | None) -> str:
-    if inputs is None:
+def _mode(call: ImageCall, request: ImageRequest) -> str:
+    if not call.edit:
         return "text2img"
-    return "img2img" if inputs.mask is None else "inpaint"
+    return "inpaint" if call.has_mask(request) else "img2img"
 
 
-def _decode_inputs(inputs: EditInputs):
-    """Worker thread: the first image (the one edited) and the mask; the other images were only checked."""
-    image = as_rgb(decode(inputs.image))
-    mask = mask_from_alpha(decode(inputs.mask)) if inputs.mask is not None else None
-    return image, mask
+async def by_deadline(awaitable: Awaitable[Any], deadline: float, timeout: float) -> Any:
+    """`awaitable`'s result, or a 504 at `deadline` (monotonic); `timeout` is REQUEST_TIMEOUT, for the message."""
+    try:
+        return await asyncio.wait_for(awaitable, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise timed_out(timeout) from None

@@ -9,13 +9,11 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
-from starlette.datastructures import UploadFile
 
-from server.api import Tenant, accepting, parse_body
+from server.api import Tenant, accepting, deadline_of, form_parts, json_body
 from server.auth import owner, require_api_key
-from server.bodies import form_fields, media_type_of
+from server.bodies import FormLimits, form_fields, media_type_of
 from server.errors import bad_request
-from server.inputs import check_upload_size
 from server.protocol import ErrorResponse, Video, VideoDeleted, VideoList
 from server.video_store import ASSETS
 from server.videos import VideoCall, VideoService
@@ -35,7 +33,8 @@ async def create_video(request: Request, tenant: Tenant) -> Video:
     if media_type == "multipart/form-data":
         call = await _multipart(request, tenant)
     elif media_type == "application/json":
-        call = VideoCall(owner(request), await parse_body(await request.body()), tenant=tenant)
+        payload = await json_body(request, await request.body())
+        call = VideoCall(owner(request), payload, deadline_of(request), tenant=tenant)
     else:
         raise bad_request(
             "Send the video request as multipart/form-data or application/json.", None, "unsupported_media_type"
@@ -44,13 +43,12 @@ async def create_video(request: Request, tenant: Tenant) -> Video:
 
 
 async def _multipart(request: Request, tenant: str) -> VideoCall:
-    form = await request.form(max_files=1, max_fields=50, max_part_size=2**20)
-    upload = form.get("input_reference")
-    if isinstance(upload, UploadFile):
-        check_upload_size("input_reference", upload.size, request.app.state.settings)
-    payload = form_fields([(k, v) for k, v in form.multi_items() if not isinstance(v, UploadFile)])
-    data = await upload.read() if isinstance(upload, UploadFile) else None
-    return VideoCall(owner(request), payload, data, multipart=True, tenant=tenant)
+    """The form parsed in a decode process, as an edit's is."""
+    limits = FormLimits(1, 50, 2**20, int(request.app.state.settings.max_image_mb * 2**20), "image_too_large")
+    parts = await form_parts(request, limits)
+    payload = form_fields([(p.name, p.text) for p in parts if p.filename is None])
+    data = next((p.data for p in parts if p.name == "input_reference" and p.filename is not None), None)
+    return VideoCall(owner(request), payload, deadline_of(request), data, multipart=True, tenant=tenant)
 
 
 @router.get("/v1/videos")
@@ -83,5 +81,5 @@ async def video_content(
 
 @router.post("/v1/videos/{video_id}/remix", dependencies=[Depends(accepting)])
 async def remix_video(request: Request, video_id: str, tenant: Tenant) -> Video:
-    payload = await parse_body(await request.body())
-    return await _videos(request).remix(owner(request), tenant, video_id, payload)
+    payload = await json_body(request, await request.body())
+    return await _videos(request).remix(owner(request), tenant, video_id, payload, deadline_of(request))

@@ -25,11 +25,11 @@ from server import rules
 from server.auth import DEFAULT_TENANT
 from server.errors import APIError, bad_request
 from server.families import Family
-from server.images import as_rgb, check_pixels, decode, probe
+from server.images import check_pixels, inspect
 from server.inputs import ref_bytes
 from server.protocol import Video, VideoDeleted, VideoList, VideoRemixRequest, VideoRequest
 from server.scheduler import Job, cost
-from server.service import ImageService, validate
+from server.service import ImageService, by_deadline, validate
 from server.spec import GenerationSpec
 from server.video_encode import video_files
 from server.video_store import FINISHED, VideoJob, VideoParams, VideoStore, new_id
@@ -45,6 +45,7 @@ class VideoCall:
 
     owner: str
     payload: dict
+    deadline: float  # the HTTP request's (monotonic): the reference image is read and decoded by then
     upload: bytes | None = None  # multipart: the input_reference file
     multipart: bool = False  # the payload is a form's text, converted by each field's type
     tenant: str = DEFAULT_TENANT  # who the job is queued as (server/auth.py)
@@ -124,11 +125,11 @@ class VideoService:
                 return call.upload
             if request.input_reference is None:
                 return None
-            return await ref_bytes(request.input_reference, "input_reference", s)
+            return await ref_bytes(request.input_reference, "input_reference", s, call.deadline, self.images.off_loop)
 
-        return await self._start(call.owner, call.tenant, request.prompt, params, seconds, reference)
+        return await self._start(call.owner, call.tenant, request.prompt, params, seconds, reference, call.deadline)
 
-    async def remix(self, owner: str, tenant: str, video_id: str, payload: dict) -> Video:
+    async def remix(self, owner: str, tenant: str, video_id: str, payload: dict, deadline: float) -> Video:
         """The source's video again (size, length, seed, steps, reference image) from a new prompt."""
         source = self._job(owner, video_id)
         request = validate(VideoRemixRequest, payload)
@@ -140,7 +141,7 @@ class VideoService:
             return await asyncio.to_thread(self.store.reference, source)
 
         return await self._start(
-            owner, tenant, request.prompt, source.params, source.video.seconds, reference, video_id
+            owner, tenant, request.prompt, source.params, source.video.seconds, reference, deadline, video_id
         )
 
     def _rules(self, image_to_video: bool) -> Family:
@@ -165,6 +166,7 @@ class VideoService:
         params: VideoParams,
         seconds: str,
         reference: Callable[[], Awaitable[bytes | None]],
+        deadline: float,
         remixed_from: str | None = None,
     ) -> Video:
         """A place in the queue first (429 fetches and decodes nothing), then the reference, the job, the task."""
@@ -173,11 +175,11 @@ class VideoService:
         admission = self.images.scheduler.admit(tenant, cost(spec))
         try:
             data = await reference()
-            image = await asyncio.to_thread(self._decode, data) if data is not None else None
+            image = await self._decoded(data, deadline) if data is not None else None
             job = _new_job(owner, prompt, params, seconds, self.images.engine.name, remixed_from)
             await asyncio.to_thread(self.store.add, job, data)
             try:
-                queued = admission.submit(replace(spec, image=image), time.monotonic() + self.settings.video_timeout)
+                queued = admission.submit(replace(spec, image=image))
             except APIError:
                 await asyncio.to_thread(self.store.delete, job.video.id)
                 raise
@@ -187,15 +189,16 @@ class VideoService:
         self.running[job.video.id] = Running(queued, task)
         return job.video
 
-    def _decode(self, data: bytes) -> Image.Image:
-        """Worker thread: the reference image's header checked against the limits, then its pixels."""
-        image = probe(data, "input_reference")
+    async def _decoded(self, data: bytes, deadline: float) -> Image.Image:
+        """The reference image's structure checked against the limits, then its pixels from a decode process."""
+        image = await self.images.off_loop(inspect, data, "input_reference", self.settings.max_jpeg_scans)
         check_pixels([image], self.settings.max_input_pixels)
-        return as_rgb(decode(image))
+        return await self.images.decode(image, False, deadline)
 
     async def _run(self, video_id: str, job: Job, fps: int) -> None:
         try:
-            frames = await self.images.scheduler.wait(job)
+            deadline, timeout = time.monotonic() + self.settings.video_timeout, self.settings.video_timeout
+            frames = await by_deadline(self.images.scheduler.wait(job), deadline, timeout)
             files = await asyncio.to_thread(video_files, frames, fps)
             await asyncio.to_thread(self.store.complete, video_id, files)
         except APIError as exc:

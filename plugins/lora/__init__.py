@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,12 +24,12 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
 
 from plugins.lora.demo import write_demo_loras
 from plugins.lora.hotswap import HotswapLoRA
 from plugins.lora.merge import LoRAMerger
 from server.auth import check_key, key_matches, presented_key, require_api_key
+from server.bodies import FormLimits, FormPart, form_file_job, spool
 from server.engines.base import LoRATarget
 from server.errors import APIError, bad_request
 from server.lora import MAX_WEIGHT, MOST_LORAS, LoRAApplier, LoRAError, LoRASet
@@ -191,26 +190,42 @@ class LoRAPlugin(Plugin):
 
     async def upload(self, request: Request) -> dict:
         self.check_admin(request)
-        form = await request.form(max_files=1, max_fields=4)
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        parts = await self._read_upload(request)
+        try:
+            return await self._add(parts)
+        finally:
+            for part in parts:
+                if part.path is not None:
+                    Path(part.path).unlink(missing_ok=True)
+
+    async def _read_upload(self, request: Request) -> list[FormPart]:
+        """The form spooled to LORA_DIR as it arrives, then parsed in a decode process (a body of a GiB is
+        neither held in memory nor parsed on the event loop); the LoRA file is written next to it."""
+        fd, name = tempfile.mkstemp(dir=self.dir, prefix=".upload-", suffix=".body")
+        os.close(fd)
+        body = Path(name)
+        limits = FormLimits(1, 4, 4096, self.max_bytes, "file_too_large")
+        service, content_type = request.app.state.service, request.headers.get("content-type", "")
+        try:
+            await spool(request.stream(), body)
+            job = form_file_job(body, content_type, limits, self.dir)
+            return await service.decoders.run(job, request.state.life.deadline, "the LoRA upload", "file")
+        finally:
+            body.unlink(missing_ok=True)
+
+    async def _add(self, parts: list[FormPart]) -> dict:
+        upload = next((p for p in parts if p.name == "file" and p.path is not None), None)
+        if upload is None:
             raise bad_request(
                 "Send the LoRA as a multipart file field named 'file'.", "file", "missing_required_parameter"
             )
-        name = without_suffix(str(form.get("name") or Path(upload.filename or "").name))
+        named = next((p.text for p in parts if p.name == "name" and p.filename is None), "")
+        name = without_suffix(named or Path(upload.filename or "").name)
         if not valid_name(name):
             raise bad_request(f"{name[:200]!r} is not a valid LoRA name ({NAME_RULE}).", "name")
-        if upload.size is not None and upload.size > self.max_bytes:
-            raise bad_request(
-                f"The LoRA is larger than {self.config.lora_max_mb:g} MiB (LORA_MAX_MB).", "file", "file_too_large"
-            )
         with self._claim(name):
-            staged = await asyncio.to_thread(self._stage, upload)
-            try:
-                await self._check_file(staged)
-                self._publish(staged, name)
-            finally:
-                staged.unlink(missing_ok=True)
+            await self._check_file(Path(upload.path))
+            self._publish(Path(upload.path), name)
         log.info("LoRA %s added (%d bytes)", name, self.path(name).stat().st_size)
         return next(item for item in self.catalog() if item["id"] == name)
 
@@ -228,13 +243,24 @@ class LoRAPlugin(Plugin):
             self._claimed.discard(key)
 
     async def _check_file(self, staged: Path) -> None:
-        """In a worker thread: an admin's file is untrusted bytes too, and the engine thread parses none."""
+        """In a worker thread: an admin's file is untrusted bytes too, and the engine thread parses none. The
+        check runs to its end even when the request is cancelled (its client gone, its deadline passed): the
+        file stays until it is done."""
+
+        def check() -> None:
+            try:
+                self.applier.check(staged)
+            finally:
+                self.applier.forget(staged)
+
+        job = asyncio.ensure_future(asyncio.to_thread(check))
         try:
-            await asyncio.to_thread(self.applier.check, staged)
+            await asyncio.shield(job)
         except LoRAError as exc:
             raise bad_request(f"The file cannot be applied to this model: {exc}", "file", "lora_invalid") from None
-        finally:
-            self.applier.forget(staged)
+        except asyncio.CancelledError:
+            await asyncio.wait({job})
+            raise
 
     def _publish(self, staged: Path, name: str) -> None:
         """Atomic: a link fails if the name exists, so two servers sharing LORA_DIR cannot overwrite each other."""
@@ -242,13 +268,6 @@ class LoRAPlugin(Plugin):
             os.link(staged, self.path(name))
         except FileExistsError:
             raise _exists(name) from None
-
-    def _stage(self, upload: UploadFile) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".upload-", suffix=SUFFIX)
-        with os.fdopen(fd, "wb") as out:
-            upload.file.seek(0)
-            shutil.copyfileobj(upload.file, out)
-        return Path(tmp)
 
     def delete(self, request: Request, name: str) -> dict:
         self.check_admin(request)

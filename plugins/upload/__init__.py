@@ -4,8 +4,10 @@ Each image is PUT with exactly the headers a pre-signed URL expects (Content-Typ
 Content-Length). Connection errors and 5xx are retried with backoff; 4xx are not (an expired URL answers 403
 AccessDenied "Request has expired", a header mismatch 403 SignatureDoesNotMatch). Uploads run on the event
 loop, all of a request's at once, and every attempt has a deadline for the whole attempt (UPLOAD_TIMEOUT,
-and never past the request's own): a target that trickles its answer holds nothing but its own socket. A
-failed or late upload never loses the image: its `data[i]` carries the error and the image as b64_json.
+and never past the request's own): a target that trickles its answer holds nothing but its own socket. Of
+the target's answer, at most MAX_ANSWER_BYTES are read (enough for S3's error document), undecoded; the rest
+is never read, and the connection is closed. A failed or late upload never loses the image: its `data[i]`
+carries the error and the image as b64_json.
 
 The server PUTs to URLs a caller chose, so it guards against SSRF (see `ssrf.py`): the host is resolved and
 every address must be public, redirects are not followed, and the connection goes to the address that was
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import re
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
 MAX_URL_LENGTH = 8192
+MAX_ANSWER_BYTES = 4096
 
 
 class UploadFields(BaseModel):
@@ -45,10 +49,27 @@ def object_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
-def _s3_error(response: httpx.Response) -> str:
-    fields = dict(_XML_FIELD.findall(response.text[:4096]))
-    detail = ": ".join(v for v in (fields.get("Code"), fields.get("Message")) if v)
-    return f"HTTP {response.status_code}" + (f" {detail}" if detail else "")
+@dataclass(frozen=True)
+class Answer:
+    """A target's answer: its status and the first MAX_ANSWER_BYTES of its body."""
+
+    status: int
+    head: bytes
+
+    def error(self) -> str:
+        fields = dict(_XML_FIELD.findall(self.head.decode("utf-8", "replace")))
+        detail = ": ".join(v for v in (fields.get("Code"), fields.get("Message")) if v)
+        return f"HTTP {self.status}" + (f" {detail}" if detail else "")
+
+
+async def read_head(response: httpx.Response, limit: int) -> bytes:
+    """At most `limit` bytes of the body as sent (no decompression: a small gzip may hold gigabytes)."""
+    head = b""
+    async for chunk in response.aiter_raw():
+        head += chunk[: limit - len(head)]
+        if len(head) >= limit:
+            break
+    return head
 
 
 class UploadPlugin(Plugin):
@@ -109,31 +130,31 @@ class UploadPlugin(Plugin):
                 break
             attempts += 1
             try:
-                response = await self._attempt(target, data, content_type, deadline)
+                answer = await self._attempt(target, data, content_type, deadline)
             except UnsafeURL as exc:
                 return {"status": "failed", "error": str(exc), "attempts": attempts}
             except (httpx.HTTPError, TimeoutError) as exc:
                 log.info("upload to %s: attempt %d failed: %r", object_url(target.url), attempts, exc)
                 error, code = _transport_error(exc, self.timeout), None
                 continue
-            code = response.status_code
+            code = answer.status
             if 200 <= code < 300:
                 return {"status": "uploaded", "http_status": code, "attempts": attempts}
-            error = _s3_error(response)
+            error = answer.error()
             if code < 500:
                 break  # 3xx (redirects are not followed) and 4xx: retrying cannot help
         log.warning("upload to %s failed after %d attempts: %s", object_url(target.url), attempts, error)
         return {"status": "failed", "http_status": code, "error": error, "attempts": attempts}
 
-    async def _attempt(self, target: Target, data: bytes, content_type: str, deadline: float) -> httpx.Response:
+    async def _attempt(self, target: Target, data: bytes, content_type: str, deadline: float) -> Answer:
         """One PUT, start to answer within UPLOAD_TIMEOUT and the request's deadline (TimeoutError past it)."""
         limit = max(0.0, min(self.timeout, deadline - time.monotonic()))
         return await asyncio.wait_for(self._put(target, data, content_type), limit)
 
-    async def _put(self, target: Target, data: bytes, content_type: str) -> httpx.Response:
+    async def _put(self, target: Target, data: bytes, content_type: str) -> Answer:
         if target.address is not None:
             target = await resolve_checked(target)  # again: the name may point elsewhere by now
-        headers = {"Content-Type": content_type, "Content-Length": str(len(data))}
+        headers = {"Content-Type": content_type, "Content-Length": str(len(data)), "Accept-Encoding": "identity"}
         url, extensions = target.url, {}
         if target.address is not None:
             # connect to the checked address; Host header and TLS name stay the URL's, so the signature holds
@@ -144,7 +165,11 @@ class UploadPlugin(Plugin):
             extensions["sni_hostname"] = target.host
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, trust_env=False) as client:
             request = client.build_request("PUT", url, content=data, headers=headers, extensions=extensions)
-            return await client.send(request)
+            response = await client.send(request, stream=True)
+            try:
+                return Answer(response.status_code, await read_head(response, MAX_ANSWER_BYTES))
+            finally:
+                await response.aclose()
 
 
 def _transport_error(exc: Exception, timeout: float) -> str:

@@ -1,12 +1,21 @@
 """server/api.py and server/middleware.py in process: the real app around a fake engine (tests/support/fakes.py)."""
 
+import asyncio
+import contextlib
+import gc
 import json
 import threading
+from types import SimpleNamespace
 
 import openai
 import pytest
 
+from server.api import EventStreamResponse
 from server.auth import key_label
+from server.http import CONNECTION
+from server.middleware import RequestLife
+from server.protocol import StreamEvent
+from server.service import EventStream
 from tests.support.fakes import FAILED_FILE, InProcess
 from tests.support.images import assert_openai_shape, decode_b64, gradient, png_bytes
 from tests.support.waiting import until
@@ -179,6 +188,109 @@ def test_partial_images_without_stream_changes_nothing(app):
     before = len(app.engine.calls)
     result = app.client().images.generate(prompt="p", size="64x64", partial_images=2)
     assert result.data[0].b64_json and app.engine.calls[before].specs[0].previews == 0
+
+
+# -- the request's owner (RequestLife) and its streams ------------------------------------------------------
+
+
+def asgi_run(middleware, app_body, connection=None):
+    """Runs `app_body(life)` behind `middleware` as one request; returns what was sent and the Life."""
+    sent: list[dict] = []
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "extensions": {}}
+    if connection is not None:
+        scope["extensions"][CONNECTION] = connection
+
+    async def app(scope, receive, send):
+        await app_body(scope["state"]["life"], send)
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    async def main():
+        await middleware(app)(scope, receive, send)
+
+    asyncio.run(main())
+    return sent, scope["state"]["life"]
+
+
+def test_past_its_deadline_a_request_that_has_not_answered_gets_a_504_and_its_cleanup_runs():
+    events: list[str] = []
+
+    async def hangs(life, send):
+        life.on_end(lambda: events.append("on_end"))
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            events.append("cancelled")
+
+    sent, _ = asgi_run(lambda app: RequestLife(app, timeout=0.05, grace=0.05), hangs)
+    assert sent[0]["status"] == 504 and events == ["cancelled", "on_end"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "timeout"
+
+
+def test_a_request_whose_client_left_is_cancelled_at_once_and_answers_nothing():
+    events: list[str] = []
+    connection = SimpleNamespace(gone=asyncio.Event(), abort=lambda: events.append("abort"))
+
+    async def waits(life, send):
+        life.on_end(lambda: events.append("on_end"))
+        connection.gone.set()  # the client leaves while the request waits
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            events.append("cancelled")
+
+    sent, _ = asgi_run(lambda app: RequestLife(app, timeout=3600), waits, connection)
+    assert sent == [] and events == ["cancelled", "on_end"]
+
+
+def test_a_stream_cancelled_while_its_send_blocks_closes_its_source_at_once():
+    """A client that stops reading blocks the stream in `send`, its generators suspended at a `yield`. When the
+    request is cancelled there, its events must close now, not when the garbage collector finds them."""
+    events: list[str] = []
+
+    async def source():
+        try:
+            yield StreamEvent(
+                type="image_generation.partial_image",
+                b64_json="x",
+                created_at=0,
+                size="64x64",
+                quality="high",
+                output_format="png",
+            )
+            await asyncio.sleep(3600)
+        finally:
+            events.append("source closed")
+
+    async def main():
+        response = EventStreamResponse(EventStream(source(), lambda: events.append("released")))
+        blocked = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message["body"]:
+                blocked.set()
+                await asyncio.sleep(3600)  # the client reads nothing
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        task = asyncio.ensure_future(response(scope, receive, send))
+        await blocked.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return list(events)  # before anything else runs: no collector pass, no loop iteration
+
+    gc.disable()
+    try:
+        assert asyncio.run(main()) == ["source closed"]
+    finally:
+        gc.enable()
 
 
 # -- tenants --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""server/http.py: uvicorn's protocol with a deadline for request headers and a bound on requests per
-connection, on a real socket."""
+"""server/http.py: uvicorn's protocol with deadlines for request headers and bodies, a write timeout, and a
+bound on requests per connection, on a real socket."""
 
 import json
 import socket
@@ -9,19 +9,35 @@ import httpx
 import pytest
 
 from server.config import from_env
+from server.http import CONNECTION
 from tests.support.loopback import exchange, serving
+
+BIG = b"x" * (8 * 2**20)  # more than the kernel's socket buffers hold
+WRITE_TIMEOUT = 1.0
+connections_gone: list[bool] = []
 
 
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
+    body = b"ok"
+    if scope["path"] == "/big":
+        body = BIG
+    elif scope["path"] == "/body":
+        while (await receive())["more_body"]:
+            pass
+    elif scope["path"] == "/gone":  # answers once the client has left (the owner's signal)
+        await scope["extensions"][CONNECTION].gone.wait()
+        connections_gone.append(True)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+    await send({"type": "http.response.body", "body": body})
 
 
 @pytest.fixture(scope="module")
 def url():
-    settings = from_env(header_timeout=1.0, max_requests_per_connection=3, keep_alive=1.0)
+    settings = from_env(
+        header_timeout=1.0, body_timeout=1.0, write_timeout=WRITE_TIMEOUT, max_requests_per_connection=3, keep_alive=1.0
+    )
     with serving(app, settings, timeout_keep_alive=1) as running:
         yield running
 
@@ -63,6 +79,63 @@ def test_the_nth_request_of_a_connection_closes_it(url):
     with httpx.Client() as client:
         answers = [client.get(url) for _ in range(4)]
     assert [r.headers.get("connection") for r in answers] == [None, None, "close", None]
+
+
+def connect(url: str, receive_buffer: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    return sock
+
+
+def test_a_body_that_never_comes_is_dropped(url):
+    with connect(url) as sock:
+        sock.sendall(b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        assert closed_by_server(sock)
+
+
+def test_a_body_sent_a_byte_at_a_time_is_cut_off(url):
+    with connect(url) as sock:
+        sock.sendall(b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 400\r\n\r\n")
+        assert closed_by_server(sock, b"a" * 400)
+
+
+def test_a_body_on_time_is_answered(url):
+    response = httpx.post(url + "/body", content=b"a" * 10_000)
+    assert response.status_code == 200
+
+
+def test_an_answer_the_client_never_reads_is_dropped_at_the_write_timeout(url):
+    with connect(url, receive_buffer=4096) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(WRITE_TIMEOUT + 3)  # reading nothing meanwhile: reading is what keeps a connection
+        assert closed_by_server(sock)
+
+
+def test_a_slow_reader_that_keeps_reading_gets_the_whole_answer(url):
+    received = 0
+    with connect(url, receive_buffer=2**20) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        while received < len(BIG):
+            chunk = sock.recv(2**20)
+            if not chunk:
+                break
+            received += len(chunk)
+            time.sleep(WRITE_TIMEOUT * 0.6)  # slower than the server writes, never idle for a write timeout
+    assert received > len(BIG)  # the body and its headers
+
+
+def test_the_app_learns_that_its_client_has_gone(url):
+    before = len(connections_gone)
+    with connect(url) as sock:
+        sock.sendall(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while len(connections_gone) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(connections_gone) == before + 1
 
 
 def test_content_length_with_transfer_encoding_is_a_400_and_the_connection_closes(url):

@@ -25,7 +25,7 @@ from PIL import Image
 from server.config import Settings
 from server.engines.base import Engine, EngineHooks, Progress
 from server.engines.diffusers import served_name
-from server.engines.sglang.errors import error_text, refused
+from server.engines.sglang.errors import MAX_ANSWER, error_text, read_bounded, refused
 from server.engines.sglang.lora import LoRAChecker, SGLangLoRAApplier
 from server.engines.sglang.models import EDIT_TASKS, IMAGE_TASKS, VIDEO_TASKS, version_tuple
 from server.engines.sglang.process import Ports, SGLangProcess
@@ -269,15 +269,17 @@ class SGLangEngine(Engine):
             f"The generation engine is restarting ({why}); retry shortly.", "engine_restarting", self.retry_after
         )
 
-    def _post(self, path: str, **kwargs) -> httpx.Response:
-        return self._request("POST", path, **kwargs)
+    def _post(self, path: str, limit: int = MAX_ANSWER, **kwargs) -> httpx.Response:
+        return self._request("POST", path, limit, **kwargs)
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """A call to the child; a dead or unreachable child is a 503 with Retry-After, never a hang."""
+    def _request(self, method: str, path: str, limit: int = MAX_ANSWER, **kwargs) -> httpx.Response:
+        """A call to the child, its answer read up to `limit` bytes; a dead or unreachable child is a 503 with
+        Retry-After, never a hang."""
         if not self.healthy:
             raise self._unavailable("SGLang is not running")
         try:
-            return self._http.request(method, self.process.base_url + path, **kwargs)
+            with self._http.stream(method, self.process.base_url + path, **kwargs) as response:
+                return read_bounded(response, limit)
         except httpx.TimeoutException:
             raise APIError(
                 504,
@@ -290,7 +292,8 @@ class SGLangEngine(Engine):
             raise self._unavailable("lost the connection to SGLang") from None
 
     def _get(self, path: str) -> dict:
-        response = self._http.get(self.process.base_url + path, timeout=10)
+        with self._http.stream("GET", self.process.base_url + path, timeout=10) as streamed:
+            response = read_bounded(streamed)
         response.raise_for_status()
         return response.json()
 
@@ -363,11 +366,13 @@ class SGLangEngine(Engine):
 
     def _call(self, spec: GenerationSpec, seed: int, count: int) -> list[Image.Image]:
         fields = self._fields(spec, seed, count)
+        limit = MAX_ANSWER + count * 5 * spec.width * spec.height  # base64 of lossless RGB PNGs, with room
         if spec.mode == "text2img":
-            response = self._post("/v1/images/generations", json=fields)
+            response = self._post("/v1/images/generations", limit, json=fields)
         else:
             files = {"image": ("image.png", _png(spec.image), "image/png")}
-            response = self._post("/v1/images/edits", data={k: str(v) for k, v in fields.items()}, files=files)
+            data = {k: str(v) for k, v in fields.items()}
+            response = self._post("/v1/images/edits", limit, data=data, files=files)
         self._raise_for(response)
         data = response.json().get("data") or []
         if len(data) != count:

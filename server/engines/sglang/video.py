@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 
-# (method, path, **httpx arguments) -> the child's answer; 503/504 for a child that is gone or silent
+# (method, path, limit=bytes of the answer at most, **httpx arguments) -> the child's answer; 503/504 for a child
+# that is gone or silent
 Request = Callable[..., httpx.Response]
 
 
@@ -41,7 +42,8 @@ class SGLangVideos:
         job = self._create(spec, fps, guidance)
         try:
             self._wait(job["id"], spec.steps, progress)
-            response = self.request("GET", f"/v1/videos/{job['id']}/content")
+            limit = spec.frames * spec.width * spec.height * 3  # raw frames: more than any MP4 of them
+            response = self.request("GET", f"/v1/videos/{job['id']}/content", limit=limit)
             self.raise_for(response)
             return frames_of(response.content)
         finally:
