@@ -32,7 +32,6 @@ from server.families import (
     TRUE_CFG,
     Family,
     detect_family,
-    missing_requirement,
 )
 from server.lora import weight_shapes
 from server.spec import GenerationSpec
@@ -74,13 +73,27 @@ def model_folder(settings: Settings) -> Path:
 
 
 def load_pipeline(path: Path, dtype: torch.dtype, **components):
-    """The pipeline in `path`, with `components` given instead of loaded (a plugin's transformer)."""
+    """The pipeline in `path`, with `components` given instead of loaded (a plugin's transformer). A processor that
+    transformers builds only with torchvision, where it is missing, is loaded as its stand-in (processors.py) and
+    set after: diffusers checks a component given to from_pretrained against the class the folder names, which is
+    then transformers' placeholder."""
     import transformers
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
+
+    from server.engines.processors import processor_components
 
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    processors = processor_components(path)
+    pipe = _from_pretrained(path, dtype, **components, **dict.fromkeys(processors))
+    for name, processor in processors.items():
+        setattr(pipe, name, processor)
+    return pipe
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, **components):
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
     try:
         return AutoPipelineForText2Image.from_pretrained(path, dtype=dtype, **components)
     except ValueError as exc:  # a pipeline class AutoPipeline does not map: load it as it is
@@ -133,9 +146,6 @@ class DiffusersEngine(Engine):
             os.environ["HF_HUB_OFFLINE"] = "1"
         path = model_folder(self.settings)
         self.family = detect_family(path)
-        problem = missing_requirement(self.family)
-        if problem:
-            raise SystemExit(problem)
         gpu = detect_gpu(self.device)
         self.info.update(family=self.family.name, gpu=gpu.describe() if gpu else None, offload=None, fallback=None)
         context = PipelineContext(path, self.device, gpu, self.settings, self.build, self.family)
@@ -151,6 +161,8 @@ class DiffusersEngine(Engine):
 
     def _load_diffusers(self, options: FastOptions, gpu, path: Path, hooks: EngineHooks) -> None:
         problems = check_options(options, gpu, installed_kernels())
+        if options.cache_threshold and self.family.no_first_block_cache:
+            problems.append(f"CACHE_THRESHOLD: {self.family.no_first_block_cache}; unset CACHE_THRESHOLD.")
         if problems:
             fallback = f" [fallback: {self.info['fallback']}]" if self.info["fallback"] else ""
             raise SystemExit(" ".join(problems) + fallback)
