@@ -132,6 +132,7 @@ class DiffusersEngine(Engine):
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.max_batch = settings.max_batch
         self.pipelines: dict[str, object] = {}
+        self.unserved: dict[str, str] = {}  # mode -> why this server does not serve it (a setting's doing)
         self.previews: PreviewDecoder | None = None
         self._params: dict[str, set[str]] = {}
         self.name = served_name(settings)
@@ -179,9 +180,23 @@ class DiffusersEngine(Engine):
         info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype, ask)
         self.compiled = options.compile
         self.info.update(info, offload="model CPU offload" if options.offload else None)
+        if options.cache_threshold:
+            self._drop_modes_without_cache_context()
         if not _loads_loras(pipe):
             self.info["lora"] = f"none: diffusers has no LoRA loader for {type(pipe).__name__}"
         self._log_path()
+
+    def _drop_modes_without_cache_context(self) -> None:
+        """diffusers' first-block cache needs the pipeline to open a cache context around each transformer call;
+        some pipelines of a family do not (FLUX.1's img2img and inpaint): that mode is not served with the cache,
+        and a request for it is a 400 saying why, not a 500 at its first step."""
+        for mode, mode_pipe in list(self.pipelines.items()):
+            if "cache_context" not in inspect.getsource(type(mode_pipe).__call__):
+                del self.pipelines[mode]
+                self.unserved[mode] = f"{type(mode_pipe).__name__} cannot run with CACHE_THRESHOLD (first-block cache)"
+        if not self.pipelines:
+            raise SystemExit(f"CACHE_THRESHOLD: {self.unserved}; unset CACHE_THRESHOLD.")
+        self.info["modes"] = sorted(self.pipelines)
 
     def _adopt_provided(self, provided: ProvidedPipeline) -> None:
         self.dtype = provided.dtype
@@ -287,6 +302,9 @@ class DiffusersEngine(Engine):
     def _check_mode(self, spec: GenerationSpec) -> None:
         if spec.mode in self.pipelines:
             return
+        if spec.mode in self.unserved:
+            message = f"This server does not serve {spec.mode} on this model: {self.unserved[spec.mode]}."
+            raise bad_request(message, _MODE_FIELDS[spec.mode], "unsupported")
         reasons = {
             "text2img": f"This model ({self._label}) needs an input image: use the edits endpoint.",
             "img2img": f"This model ({self._label}) has no edit pipeline in this engine.",
