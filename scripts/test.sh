@@ -25,4 +25,5 @@ done
 scripts/setup.sh "$tier"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest -q -ra "$@"
+# The slowest tests are listed at the end: what to look at when the suite grows past its time.
+exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"

@@ -10,7 +10,6 @@ The steps, guidance, frame rates and sizes come from the model cards and SGLang 
 (`configs/pipeline_configs`, `configs/sample`).
 """
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,6 @@ FLUX2_PACKED = "flux2"  # 2x2 patches as channels, batch-normalized, one token p
 QWEN_PACKED = "qwen"  # packed as FLUX.1, a 3D (video) VAE with per-channel mean and std (Qwen-Image)
 PLAIN = "plain"  # (C, H, W) latents, a 2D VAE with scaling and shift (Z-Image)
 PLAIN_NORMALIZED = "plain-normalized"  # (C, H, W) latents, a 2D VAE with per-channel mean and std (GLM-Image)
-
-# Why some families need torchvision, which the server itself does not.
-TORCHVISION = (
-    "its text encoder's processor comes from transformers, which (5.4 and later) builds vision-language processors "
-    "only with torchvision; install the torchvision built for this torch (CPU torch: pip install torchvision "
-    "--index-url https://download.pytorch.org/whl/cpu; the CUDA image has it)"
-)
 
 # Wan's negative prompt (Wan 2.2's sample_neg_prompt, in the English its model cards and SGLang use).
 WAN_NEGATIVE = (
@@ -85,8 +77,8 @@ class Family:
     edits: bool = False  # from an input image: an edit, or for a video family the video's first frame
     edit_pipeline: str = ""  # diffusers' class for edits, built on the loaded weights ("": the loaded one)
     video: Video | None = None
-    needs_torchvision: bool = False  # its pipeline's processor does (TORCHVISION says why)
     latents: str = ""  # how its latents are laid out for partial images ("": none)
+    no_first_block_cache: str = ""  # why diffusers' first-block cache cannot run with its pipeline ("": it may)
     # how it is told apart from other families of the same pipeline class
     config: dict = field(default_factory=dict)  # model_index.json keys and values
     name_contains: tuple[str, ...] = ()  # folder-name words
@@ -137,7 +129,6 @@ FAMILIES: tuple[Family, ...] = (
         NONE,
         edits=True,
         edit_pipeline="Flux2KleinPipeline",  # the same pipeline, given reference images
-        needs_torchvision=True,
         latents=FLUX2_PACKED,
         sglang_model_id="FLUX.2-klein-4B",
     ),
@@ -149,8 +140,9 @@ FAMILIES: tuple[Family, ...] = (
         EMBEDDED,
         edits=True,
         edit_pipeline="Flux2Pipeline",  # the same pipeline, given reference images
-        needs_torchvision=True,
         latents=FLUX2_PACKED,
+        no_first_block_cache="diffusers' Flux2Pipeline calls its transformer outside a cache context, which the cache "
+        "keeps its state in",
         sglang_model_id="FLUX.2-dev",
     ),
     Family(
@@ -164,7 +156,6 @@ FAMILIES: tuple[Family, ...] = (
         default_negative=" ",
         batch=False,  # its pipeline takes one prompt per call
         text2img=False,
-        needs_torchvision=True,
         edits=True,
         latents=QWEN_PACKED,
         sglang_model_id="Qwen-Image-Edit-2509",
@@ -180,7 +171,6 @@ FAMILIES: tuple[Family, ...] = (
         default_negative=" ",
         batch=False,  # its pipeline takes one prompt per call
         text2img=False,
-        needs_torchvision=True,
         edits=True,
         latents=QWEN_PACKED,
         sglang_model_id="Qwen-Image-Edit",
@@ -205,8 +195,11 @@ FAMILIES: tuple[Family, ...] = (
         CFG,
         size_multiple=32,
         batch=False,  # its autoregressive stage samples a whole batch from the first image's seed
-        edits=True,  # SGLang's; diffusers 0.42.1's edit path fails on transformers 5's image features, so the
-        # diffusers engine has no edit pipeline for it
+        # SGLang's edits; the diffusers engine has no edit pipeline for it: diffusers 0.42.1 concatenates the input
+        # images' features that transformers 5.24's get_image_tokens takes one per image, and past that its
+        # autoregressive and diffusion stages read the input image at grids that agree only at sizes its processor
+        # does not rescale (SGLang resizes edit inputs to multiples of 32 for the same reason)
+        edits=True,
         latents=PLAIN_NORMALIZED,
         needs_name="glm-image",
         sglang_edits_since="0.5.19",
@@ -319,10 +312,3 @@ def detect_family(folder: Path, model_id: str = "") -> Family:
 
 def family_named(name: str) -> Family:
     return next(family for family in FAMILIES if family.name == name)
-
-
-def missing_requirement(family: Family) -> str | None:
-    """Why this family cannot load here (a package its pipeline needs is not installed), or None when it can."""
-    if family.needs_torchvision and importlib.util.find_spec("torchvision") is None:
-        return f"{family.name} needs torchvision, which is not installed: {TORCHVISION}."
-    return None

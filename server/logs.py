@@ -21,6 +21,9 @@ _IRRELEVANT = (
     "/torchao/_C_cutlass_90a.",
     "register_constant() on Enum subclasses is deprecated",  # torchao's, at import
     "Unable to import `torchao` Tensor objects",  # diffusers': for torchao-serialized checkpoints, never loaded here
+    # transformers', on every FLUX.2 prompt: diffusers passes padding and truncation to apply_chat_template as
+    # keywords, which transformers 5 still applies
+    "have to be in `processor_kwargs` dict",
 )
 
 

@@ -31,7 +31,6 @@ from server.families import (
     TRUE_CFG,
     Family,
     detect_family,
-    missing_requirement,
     true_cfg_weight,
 )
 from server.hooks import EngineHooks, EnginePath, LoRATarget, PipelineContext, ProvidedPipeline
@@ -75,13 +74,27 @@ def model_folder(settings: Settings) -> Path:
 
 
 def load_pipeline(path: Path, dtype: torch.dtype, **components):
-    """The pipeline in `path`, with `components` given instead of loaded (a plugin's transformer)."""
+    """The pipeline in `path`, with `components` given instead of loaded (a plugin's transformer). A processor that
+    transformers builds only with torchvision, where it is missing, is loaded as its stand-in (processors.py) and
+    set after: diffusers checks a component given to from_pretrained against the class the folder names, which is
+    then transformers' placeholder."""
     import transformers
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
+
+    from server.engines.processors import processor_components
 
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    processors = processor_components(path)
+    pipe = _from_pretrained(path, dtype, **components, **dict.fromkeys(processors))
+    for name, processor in processors.items():
+        setattr(pipe, name, processor)
+    return pipe
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, **components):
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
     try:
         return AutoPipelineForText2Image.from_pretrained(path, dtype=dtype, **components)
     except ValueError as exc:  # a pipeline class AutoPipeline does not map: load it as it is
@@ -120,6 +133,7 @@ class DiffusersEngine(Engine):
         self.dtype = resolve_dtype(settings.dtype, self.device)
         self.max_batch = settings.max_batch
         self.pipelines: dict[str, object] = {}
+        self.unserved: dict[str, str] = {}  # mode -> why this server does not serve it (a setting's doing)
         self.preview_decoder: PreviewDecoder | None = None
         self._params: dict[str, set[str]] = {}
         self.name = served_name(settings)
@@ -134,9 +148,6 @@ class DiffusersEngine(Engine):
             os.environ["HF_HUB_OFFLINE"] = "1"
         path = model_folder(self.settings)
         self.family = detect_family(path)
-        problem = missing_requirement(self.family)
-        if problem:
-            raise SystemExit(problem)
         gpu = detect_gpu(self.device)
         self.info.update(family=self.family.name, gpu=gpu.describe() if gpu else None, offload=None, fallback=None)
         context = PipelineContext(path, self.device, gpu, self.settings, self.build, self.family)
@@ -152,6 +163,8 @@ class DiffusersEngine(Engine):
 
     def _load_diffusers(self, options: FastOptions, gpu, path: Path, hooks: EngineHooks) -> None:
         problems = check_options(options, gpu, installed_kernels())
+        if options.cache_threshold and self.family.no_first_block_cache:
+            problems.append(f"CACHE_THRESHOLD: {self.family.no_first_block_cache}; unset CACHE_THRESHOLD.")
         if problems:
             fallback = f" [fallback: {self.info['fallback']}]" if self.info["fallback"] else ""
             raise SystemExit(" ".join(problems) + fallback)
@@ -168,9 +181,23 @@ class DiffusersEngine(Engine):
         info, self.lora_applier = accelerate(pipe, options, gpu, self.dtype, ask)
         self.compiled = options.compile
         self.info.update(info, offload="model CPU offload" if options.offload else None)
+        if options.cache_threshold:
+            self._drop_modes_without_cache_context()
         if not _loads_loras(pipe):
             self.info["lora"] = f"none: diffusers has no LoRA loader for {type(pipe).__name__}"
         self._log_path()
+
+    def _drop_modes_without_cache_context(self) -> None:
+        """diffusers' first-block cache needs the pipeline to open a cache context around each transformer call;
+        some pipelines of a family do not (FLUX.1's img2img and inpaint): that mode is not served with the cache,
+        and a request for it is a 400 saying why, not a 500 at its first step."""
+        for mode, mode_pipe in list(self.pipelines.items()):
+            if "cache_context" not in inspect.getsource(type(mode_pipe).__call__):
+                del self.pipelines[mode]
+                self.unserved[mode] = f"{type(mode_pipe).__name__} cannot run with CACHE_THRESHOLD (first-block cache)"
+        if not self.pipelines:
+            raise SystemExit(f"CACHE_THRESHOLD: {self.unserved}; unset CACHE_THRESHOLD.")
+        self.info["modes"] = sorted(self.pipelines)
 
     def _adopt_provided(self, provided: ProvidedPipeline) -> None:
         self.dtype = provided.dtype
@@ -276,6 +303,9 @@ class DiffusersEngine(Engine):
     def _check_mode(self, spec: GenerationSpec) -> None:
         if spec.mode in self.pipelines:
             return
+        if spec.mode in self.unserved:
+            message = f"This server does not serve {spec.mode} on this model: {self.unserved[spec.mode]}."
+            raise bad_request(message, _MODE_FIELDS[spec.mode], "unsupported")
         reasons = {
             "text2img": f"This model ({self._label}) needs an input image: use the edits endpoint.",
             "img2img": f"This model ({self._label}) has no edit pipeline in this engine.",

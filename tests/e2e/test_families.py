@@ -5,18 +5,18 @@ after the second step).
 For an image family: a generation (the family found from model_index.json), n=2 (batched where the family
 batches, one seed each), its images through the NSFW plugin and counted in /metrics, a stream with
 partial_images=2, an edit where the family edits in this engine, a LoRA set restored bit for bit where diffusers
-loads LoRAs for the family's pipeline, and a field the family does not take refused with a 400 naming it. For
-Wan 2.2 (videos go through /v1/videos, tests/e2e/test_videos.py): the family in /v1/models and an image request
-refused naming the model. FLUX.2 and Qwen-Image-Edit need torchvision (their processors), which has no CPU wheel
-this machine can install: they are skipped here, and refused at startup where it is missing."""
+loads LoRAs for the family's pipeline, and a field the family does not take refused with a 400 naming it; for a
+family that only edits (Qwen-Image-Edit) all of it through edits. FLUX.2 and Qwen-Image-Edit load their processors
+without torchvision where it is missing (server/engines/processors.py), as here. For Wan 2.2 (videos go through
+/v1/videos, tests/e2e/test_videos.py): the family in /v1/models and an image request refused naming the model."""
 
-import importlib.util
 import json
 import subprocess
 from dataclasses import dataclass, field
 
 import openai
 import pytest
+from transformers.utils import is_torchvision_available
 
 from plugins.nsfw.demo import write_demo_classifier
 from server.engines.demos import demo_model_path
@@ -33,24 +33,21 @@ class Case:
     family: str
     edits: bool = False
     loras: bool = True
+    text2img: bool = True  # False: it only edits (its generations are refused: `refused`)
     refused: dict = field(default_factory=dict)  # a request field the family does not take -> the body sent
-    needs_torchvision: bool = False
+    stand_in: str = ""  # what its processor loads as where torchvision is missing (server/engines/processors.py)
 
 
 CASES = [
     Case("flux1", "FLUX.1-dev", edits=True, refused={"size": {"size": "72x72"}}),
     Case("flux2", "FLUX.2-dev", edits=True, refused={"negative_prompt": {"negative_prompt": "blur"}},
-         needs_torchvision=True),
+         stand_in="PixtralTextProcessor"),
     Case("qwen-image", "Qwen-Image", edits=True, refused={"true_cfg_scale": {"true_cfg_scale": 4.0}}),
-    Case("qwen-image-edit", "Qwen-Image-Edit-2509", edits=True, refused={"image": {}}, needs_torchvision=True),
+    Case("qwen-image-edit", "Qwen-Image-Edit-2509", edits=True, text2img=False, refused={"image": {}},
+         stand_in="Qwen2VLProcessorWithoutVideo"),
     Case("z-image", "Z-Image", edits=True, refused={"true_cfg_scale": {"true_cfg_scale": 4.0}}),
     Case("glm-image", "GLM-Image", loras=False, refused={"size": {"size": "80x80"}}),  # multiples of 32
 ]  # fmt: skip
-
-
-def skip_without_torchvision(case: Case) -> None:
-    if case.needs_torchvision and importlib.util.find_spec("torchvision") is None:
-        pytest.skip(f"{case.family} needs torchvision, which has no CPU wheel installable on this machine")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +60,6 @@ def served(request, tmp_path_factory, nsfw_model):
     """(case, server): one server per family, with the NSFW plugin (checks only when asked), and the LoRA plugin
     with one LoRA where the family takes LoRAs."""
     case = request.param
-    skip_without_torchvision(case)
     env = {"MODEL_PATH": f"demo:{case.demo}", "MAX_BATCH": "2", "PLUGINS": "nsfw", "NSFW_CHECK": "false"}
     env["NSFW_MODEL_PATH"] = str(nsfw_model)
     if case.loras:
@@ -82,13 +78,22 @@ def generate(server, **fields) -> list:
     return [pixels(decode_b64(item.b64_json)) for item in result.data]
 
 
-def edit(server, **fields):
+def edits(server, **fields) -> list:
     client = server.client(max_retries=0)
     result = client.images.edit(
         image=("in.png", png_bytes(gradient(64, 64)), "image/png"), prompt="make it red", size="64x64",
         output_format="png", extra_body={**FAST, **fields},
     )  # fmt: skip
-    return pixels(decode_b64(result.data[0].b64_json))
+    return [pixels(decode_b64(item.b64_json)) for item in result.data]
+
+
+def edit(server, **fields):
+    return edits(server, **fields)[0]
+
+
+def images(case: Case, server, **fields) -> list:
+    """The family's images from a prompt, or for a family that only edits from a prompt and an input image."""
+    return generate(server, **fields) if case.text2img else edits(server, **fields)
 
 
 def test_the_family_is_found_from_its_model_index(served):
@@ -97,12 +102,19 @@ def test_the_family_is_found_from_its_model_index(served):
     assert card.model_extra["engine"]["family"] == case.family
 
 
+def test_its_processor_loads_without_torchvision_logged_once(served):
+    case, server = served
+    if not case.stand_in or is_torchvision_available():
+        pytest.skip("its processor loads as transformers' own class here")
+    logs = server.logs()
+    assert logs.count(f"is loaded as {case.stand_in}") == 1
+    assert "WARNING transformers" not in logs  # nothing said per prompt (its warm-up's has been)
+
+
 def test_a_generation_and_n_2_with_a_seed_each(served):
     case, server = served
-    if case.family == "Qwen-Image-Edit-2509":
-        pytest.skip("an edit-only family: its generations are refused (test_the_unsupported_field_is_refused)")
-    (one,) = generate(server, seed=11)
-    first, second = generate(server, n=2, seed=11)
+    (one,) = images(case, server, seed=11)
+    first, second = images(case, server, n=2, seed=11)
     assert one.shape == (64, 64, 3)
     assert_same_image(first, one)  # image i of n has seed + i, batched or not
     assert_other_image(first, second)
@@ -112,28 +124,33 @@ def test_its_images_go_through_the_post_processing_plugins_and_the_metrics(serve
     case, server = served
     client = server.client(max_retries=0)
     before = server.metric("image_server_images_total")
-    if case.family == "Qwen-Image-Edit-2509":
-        item = client.images.edit(image=("in.png", png_bytes(gradient(64, 64)), "image/png"), prompt="red",
-                                  size="64x64", extra_body={**FAST, "nsfw_check": True}).data[0]  # fmt: skip
+    body = {**FAST, "nsfw_check": True}
+    if case.text2img:
+        item = client.images.generate(prompt="a fox", size="64x64", extra_body=body).data[0]
     else:
-        item = client.images.generate(prompt="a fox", size="64x64", extra_body={**FAST, "nsfw_check": True}).data[0]
+        item = client.images.edit(image=("in.png", png_bytes(gradient(64, 64)), "image/png"), prompt="red",
+                                  size="64x64", extra_body=body).data[0]  # fmt: skip
     assert 0.0 <= item.model_extra["nsfw_score"] <= 1.0
     assert server.metric("image_server_images_total") == before + 1
 
 
 def test_a_stream_with_two_partial_images(served):
     case, server = served
-    if case.family == "Qwen-Image-Edit-2509":
-        pytest.skip("an edit-only family: it streams edits only")
-    stream = server.client(max_retries=0).images.generate(
-        prompt="a fox", size="64x64", stream=True, partial_images=2, extra_body={"num_inference_steps": 4}
-    )
+    client, asked = server.client(max_retries=0), {"size": "64x64", "stream": True, "partial_images": 2}
+    asked["extra_body"] = {"num_inference_steps": 4}
+    if case.text2img:
+        stream, kind = client.images.generate(prompt="a fox", **asked), "image_generation"
+    else:
+        image = ("in.png", png_bytes(gradient(64, 64)), "image/png")
+        stream, kind = client.images.edit(image=image, prompt="make it red", **asked), "image_edit"
     types = [event.type for event in stream]
-    assert types == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert types == [f"{kind}.partial_image"] * 2 + [f"{kind}.completed"]
 
 
 def test_an_edit_where_the_family_edits(served):
     case, server = served
+    if not case.text2img:
+        pytest.skip("a family that only edits: its edits are the tests above")
     if not case.edits:
         with pytest.raises(openai.BadRequestError) as refused:
             edit(server)
@@ -148,11 +165,10 @@ def test_a_lora_set_and_the_exact_base_after_it(served):
     case, server = served
     if not case.loras:
         pytest.skip(f"diffusers has no LoRA loader for {case.family} (the lora plugin refuses it: test below)")
-    run = edit if case.family == "Qwen-Image-Edit-2509" else lambda s, **f: generate(s, **f)[0]
-    base = run(server)
-    styled = run(server, loras=[{"name": "style", "weight": 1.0}])
+    (base,) = images(case, server)
+    (styled,) = images(case, server, loras=[{"name": "style", "weight": 1.0}])
     assert (styled != base).any()
-    assert (run(server, loras=[]) == base).all()  # the base weights back, bit for bit
+    assert (images(case, server, loras=[])[0] == base).all()  # the base weights back, bit for bit
 
 
 def test_the_unsupported_field_is_refused(served):
@@ -174,13 +190,13 @@ def test_glm_image_with_the_lora_plugin_is_refused_at_startup_with_the_reason(ma
     assert "no LoRA loader for GlmImagePipeline" in server.logs()
 
 
-@pytest.mark.parametrize("demo", ["flux2", "qwen-image-edit"])
-def test_a_family_needing_torchvision_is_refused_at_startup_where_it_is_missing(make_server, demo):
-    if importlib.util.find_spec("torchvision") is not None:
-        pytest.skip("torchvision is installed here")
-    server = make_server({"MODEL_PATH": f"demo:{demo}"}, wait=False)
-    assert server.proc.wait(timeout=120) != 0
-    assert "needs torchvision" in server.logs()
+def test_flux2_with_the_first_block_cache_is_refused_at_startup_with_the_reason(make_server):
+    """Its pipeline calls the transformer outside a cache context: every generation would fail (before: a traceback
+    from the warm-up)."""
+    server = make_server({"MODEL_PATH": "demo:flux2", "CACHE_THRESHOLD": "0.2"}, wait=False)
+    assert server.proc.wait(timeout=300) != 0
+    assert "CACHE_THRESHOLD: diffusers' Flux2Pipeline calls its transformer outside a cache context" in server.logs()
+    assert "Traceback" not in server.logs()
 
 
 @pytest.fixture(scope="module")

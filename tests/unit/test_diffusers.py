@@ -76,3 +76,21 @@ def test_what_the_family_cannot_do_is_refused_naming_the_field(wan, spec, param)
     with pytest.raises(APIError) as refused:
         wan.check(spec)
     assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_a_mode_whose_pipeline_cannot_hold_the_first_block_cache_is_a_400_not_a_500():
+    """FLUX.1's img2img and inpaint pipelines call the transformer outside a cache context: with CACHE_THRESHOLD
+    an edit failed at its first step with a 500. Now edits are refused before queueing, saying why; generations
+    still run with the cache."""
+    settings = dataclasses.replace(Settings(), model="demo", cache_dir=CACHE_DIR, cache_threshold=0.2)
+    engine = DiffusersEngine(settings)
+    engine.load(NoHooks())
+    assert engine.info["modes"] == ["text2img"] and engine.info["cache"]
+    spec = GenerationSpec(prompt="a fox", n=1, width=64, height=64, steps=2, guidance=3.5, seeds=[1])
+    engine.check(spec)
+    assert len(engine.run([spec], Progress())[0]) == 1
+    edit = dataclasses.replace(spec, mode="img2img", image=Image.new("RGB", (64, 64)), strength=0.5)
+    with pytest.raises(APIError) as refused:
+        engine.check(edit)
+    assert refused.value.status == 400 and refused.value.param == "image"
+    assert "CACHE_THRESHOLD" in refused.value.message

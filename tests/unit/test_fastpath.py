@@ -182,12 +182,12 @@ def family_pipeline(demo: str):
 def family_render(pipe) -> np.ndarray:
     arguments = {"num_frames": 5} if "Wan" in type(pipe).__name__ else {}
     with torch.inference_mode():
-        out = pipe("a fox", height=64, width=64, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                   output_type="np", **arguments)  # fmt: skip
+        out = pipe(prompt="a fox", height=64, width=64, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), output_type="np", **arguments)  # fmt: skip
     return np.asarray(out.frames if arguments else out.images)
 
 
-@pytest.mark.parametrize("demo", ["qwen-image", "z-image", "wan2.2", "glm-image"])
+@pytest.mark.parametrize("demo", ["flux2", "qwen-image", "z-image", "wan2.2", "glm-image"])
 def test_fp8_and_the_lora_slot_run_on_every_family(demo):
     """FP8 (torchao's weight-only stand-in, as above) and the LoRA slot on each family's transformer: it generates,
     close to the plain weights. (torch.compile of Qwen-Image and Z-Image was run by hand: 86 s and 126 s to

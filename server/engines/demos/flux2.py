@@ -1,10 +1,11 @@
 """The tiny FLUX.2 [dev]: FLUX.2's transformer (4-axis RoPE, shared modulation), its VAE with batch-normalized
 2x2 patch latents, a Mistral 3 text encoder read at layers 10, 20 and 30 as FLUX.2 does (so it keeps 31 layers,
-each tiny) behind Pixtral's processor; shrunk. Edits are the same pipeline with reference images."""
+each tiny) behind Pixtral's processor (its text half: server/engines/processors.py); shrunk. Edits are the same
+pipeline with reference images."""
 
 from server.engines.demos.tokenizers import MISTRAL_SPECIAL, mistral_tokenizer
 
-VERSION = "flux2-tiny-v1"
+VERSION = "flux2-tiny-v2"
 FAMILY = "FLUX.2-dev"  # its row in server/families.py
 
 _HIDDEN = 16
@@ -52,14 +53,13 @@ def _text_encoder(vocab: int):
 def build():
     import torch
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
-    from transformers import PixtralImageProcessor, PixtralProcessor
+    from transformers import PixtralImageProcessorPil
+
+    from server.engines.processors import PixtralTextProcessor
 
     torch.manual_seed(0)
     tokenizer = mistral_tokenizer()
-    processor = PixtralProcessor(
-        image_processor=PixtralImageProcessor(patch_size=8), tokenizer=tokenizer, patch_size=8,
-        chat_template=tokenizer.chat_template,
-    )  # fmt: skip
+    processor = PixtralTextProcessor(PixtralImageProcessorPil(patch_size=8), tokenizer, tokenizer.chat_template)
     transformer = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels in 2x2 patches
@@ -83,10 +83,12 @@ def build():
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    return Flux2Pipeline(
+    pipe = Flux2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
         text_encoder=_text_encoder(len(tokenizer)),
         tokenizer=processor,
         transformer=transformer,
     )
+    pipe.register_to_config(tokenizer=("transformers", "PixtralProcessor"))  # saved as a real FLUX.2 folder names it
+    return pipe
