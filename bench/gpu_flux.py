@@ -544,7 +544,7 @@ def skip_reason(path: str, args, device) -> str | None:
     import torch
 
     from plugins.nunchaku_flux.package import detect
-    from plugins.nunchaku_flux.plan import Plan, decide
+    from plugins.nunchaku_flux.plan import Run, decide
     from server.config import from_env
     from server.engines.fastpath import detect_gpu, fp8_refusal
 
@@ -558,7 +558,7 @@ def skip_reason(path: str, args, device) -> str | None:
         decision = decide(
             settings, settings.section("nunchaku"), gpu, detect(), torch.__version__, sys.version_info[:2]
         )
-        return None if isinstance(decision, Plan) else getattr(decision, "message", None) or decision.reason
+        return None if isinstance(decision, Run) else getattr(decision, "message", None) or decision.reason
     return None
 
 

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from plugins.lora.hotswap import HotswapLoRA
 from plugins.lora.merge import LoRAMerger
-from server.lora import LoRAApplier, weight_shapes
+from server.hooks import LoRAApplier
+from server.lora import weight_shapes
 
 TARGET_MS = {"merged": 100.0, "slot": 50.0}
 

@@ -83,7 +83,7 @@ class InProcess:
         settings = from_env()
         torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
         self.engine = DiffusersEngine(settings)
-        self.plugins = PluginSet(settings, self.engine)
+        self.plugins = PluginSet(settings)
         self.service = ImageService(settings, self.engine, self.plugins, Metrics())
         self.service.load_now()
 
@@ -109,15 +109,13 @@ class InProcess:
         started = time.perf_counter()
         images = self.engine.run([plan.spec], Progress())[0]
         generated = time.perf_counter()
-        finished = respond.finish_images(self.plugins, images, plan.spec, plan.output)
+        finished = respond.finish_images(plan.plugins, images, plan.spec, plan.output)
         deadline = time.monotonic() + 600
-        delivered = asyncio.run(
-            self.plugins.deliver(finished.encoded, plan.output.format, plan.spec.options, finished.items, deadline)
-        )
-        respond.assemble(finished, delivered, plan.output, self.service.store)
+        deliveries = asyncio.run(plan.plugins.deliver(finished.encoded, plan.output.format, deadline))
+        answer = respond.response(respond.with_deliveries(finished, deliveries), plan.output, self.service.store)
         finished_at = time.perf_counter()
         timing = {"total": finished_at - started, "gen": generated - started, "post": finished_at - generated}
-        return {**timing, "failed_uploads": failed_uploads(finished.items)}
+        return {**timing, "failed_uploads": failed_uploads(answer.model_dump(exclude_unset=True)["data"])}
 
 
 # -- the HTTP side ---------------------------------------------------------------

@@ -7,7 +7,6 @@ Bodies are parsed off the event loop: JSON above LARGE_BODY and every multipart 
 """
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -16,12 +15,10 @@ from fastapi.responses import StreamingResponse
 
 from server.auth import require_api_key
 from server.bodies import FILE_FIELDS, FormLimits, FormPart, form_fields, media_type_of, read_form, read_json
-from server.errors import APIError, bad_request
+from server.errors import APIError, ErrorResponse, bad_request
 from server.middleware import Life
-from server.protocol import ErrorResponse, ImagesResponse, StreamEvent
+from server.protocol import MAX_INPUT_IMAGES, STREAM_EVENTS, ImagesResponse, StreamEvent
 from server.service import EventStream, ImageCall, ImageService, Result
-
-MAX_INPUT_IMAGES = 16
 
 
 def _service(request: Request) -> ImageService:
@@ -36,7 +33,7 @@ async def accepting(request: Request) -> None:
 _RESPONSES = {
     200: {
         "model": ImagesResponse,
-        "content": {"text/event-stream": {"schema": StreamEvent.model_json_schema()}},
+        "content": {"text/event-stream": {"schema": STREAM_EVENTS}},
         "description": "The images, or with stream=true their events",
     },
     **{status: {"model": ErrorResponse} for status in (400, 401, 413, 429, 500, 503, 504)},
@@ -107,7 +104,7 @@ async def _sse(events: AsyncIterator[StreamEvent | None]) -> AsyncIterator[bytes
             data = await asyncio.to_thread(event.model_dump_json, exclude_none=True)
             yield f"event: {event.type}\ndata: {data}\n\n".encode()
     except APIError as exc:
-        yield f"event: error\ndata: {json.dumps({'type': 'error', **exc.body()})}\n\n".encode()
+        yield f"event: error\ndata: {exc.event().model_dump_json()}\n\n".encode()
         return
     finally:
         await events.aclose()

@@ -34,7 +34,7 @@ PROBES = ("/health", "/ready", "/metrics")  # also answer HEAD, as GET without t
 def create_app(settings: Settings, engine: Engine | None = None, plugins: PluginSet | None = None) -> FastAPI:
     metrics = Metrics()
     engine = engine if engine is not None else create_engine(settings)
-    plugins = plugins if plugins is not None else PluginSet(settings, engine)
+    plugins = plugins if plugins is not None else PluginSet(settings)
     service = ImageService(settings, engine, plugins, metrics)
     videos = VideoService(service)
 

@@ -27,7 +27,7 @@ from typing import Any
 _SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", re.ASCII)
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a gateway's tenant header, a TENANT_WEIGHTS name
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
-MAX_WEIGHT = 1000.0
+MAX_TENANT_WEIGHT = 1000.0
 SETTINGS_GROUP = "image_server.settings"
 MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 
@@ -95,8 +95,8 @@ def parse_weights(text: str) -> dict[str, float]:
             value = float(weight)
         except ValueError:
             value = math.nan
-        if not TENANT_NAME.fullmatch(name) or not 0 < value <= MAX_WEIGHT:
-            raise ValueError(f"{part!r} is not NAME:WEIGHT with a weight above 0 and at most {MAX_WEIGHT:g}")
+        if not TENANT_NAME.fullmatch(name) or not 0 < value <= MAX_TENANT_WEIGHT:
+            raise ValueError(f"{part!r} is not NAME:WEIGHT with a weight above 0 and at most {MAX_TENANT_WEIGHT:g}")
         weights[name] = value
     return weights
 
@@ -105,7 +105,8 @@ def weights_problem(value: str) -> str | None:
     try:
         parse_weights(value)
     except ValueError:
-        return f"NAME:WEIGHT pairs with weights above 0 and at most {MAX_WEIGHT:g}, e.g. 'key-3f2a9c1b0d4e:2,batch:0.5'"
+        highest = f"{MAX_TENANT_WEIGHT:g}"
+        return f"NAME:WEIGHT pairs with weights above 0 and at most {highest}, e.g. 'key-3f2a9c1b0d4e:2,batch:0.5'"
     return None
 
 
@@ -283,8 +284,8 @@ class Settings:
     )
     preview_decoder: str = option(
         "vae",
-        "what decodes streamed previews (partial_images): vae (the model's own), linear (a projection fitted to it: "
-        "nearly free, blurry), or tiny:PATH (a tiny autoencoder for the model's latents, e.g. TAEF1)",
+        "what decodes the partial images of a stream (partial_images): vae (the model's own), linear (a projection "
+        "fitted to it: nearly free, blurry), or tiny:PATH (a tiny autoencoder for the model's latents, e.g. TAEF1)",
         check=lambda v: None if v in ("vae", "linear") or v.startswith("tiny:") else "vae, linear or tiny:PATH",
     )
     stream_keepalive: float = option(

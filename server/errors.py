@@ -1,13 +1,17 @@
 """OpenAI-shaped errors: every non-2xx body is {"error": {"message", "type", "param", "code"}}.
 
-The OpenAI SDKs pick their exception class from the status code and retry
+One model, `ErrorResponse`, is that body wherever an error is written: JSON answers (`APIError.response`),
+uvicorn's 400 for a request it cannot parse (server/http.py), a stream's `error` event (`ErrorEvent`) and the
+error responses of /openapi.json. The OpenAI SDKs pick their exception class from the status code and retry
 408/409/429/5xx, so the status codes matter as much as the body.
 """
+
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {
@@ -20,6 +24,24 @@ _TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class ErrorEvent(BaseModel):
+    """An error after a stream began: the `error` event, which the OpenAI SDK raises."""
+
+    type: Literal["error"] = "error"
+    error: ErrorBody
 
 
 class APIError(Exception):
@@ -41,11 +63,17 @@ class APIError(Exception):
         self.type = type or _TYPES.get(status, "server_error")
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def error(self) -> ErrorBody:
+        return ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=self.error())
+
+    def event(self) -> ErrorEvent:
+        return ErrorEvent(error=self.error())
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:

@@ -24,7 +24,8 @@ TRUE_CFG = "true_cfg"  # through "true CFG", with its own weight (true_cfg_scale
 WITH_CFG = "cfg"  # as the unconditional side of the family's CFG, at guidance_scale
 DEFAULT_TRUE_CFG = 4.0  # the true-CFG weight when a negative prompt comes without one
 
-# How a flow-matching pipeline holds its latents while it denoises: how a preview is decoded (previews.py).
+# How a flow-matching pipeline holds its latents while it denoises: how a partial image is decoded
+# (engines/partial_images.py).
 FLUX_PACKED = "flux"  # 2x2 patches packed into tokens, a 2D VAE (FLUX.1)
 FLUX2_PACKED = "flux2"  # 2x2 patches as channels, batch-normalized, one token per position (FLUX.2)
 QWEN_PACKED = "qwen"  # packed as FLUX.1, a 3D (video) VAE with per-channel mean and std (Qwen-Image)
@@ -76,7 +77,7 @@ class Family:
     edits: bool = False  # from an input image: an edit, or for a video family the video's first frame
     edit_pipeline: str = ""  # diffusers' class for edits, built on the loaded weights ("": the loaded one)
     video: Video | None = None
-    latents: str = ""  # how its latents are laid out for previews ("": no previews)
+    latents: str = ""  # how its latents are laid out for partial images ("": none)
     no_first_block_cache: str = ""  # why diffusers' first-block cache cannot run with its pipeline ("": it may)
     # how it is told apart from other families of the same pipeline class
     config: dict = field(default_factory=dict)  # model_index.json keys and values
@@ -267,6 +268,14 @@ FAMILIES: tuple[Family, ...] = (
 # Anything else: the diffusers engine takes the pipeline's own defaults and arguments; SGLang picks its backend
 # itself (often its diffusers fallback, which has no LoRA).
 GENERIC = Family("generic", (), 28, 3.5, CFG, negative=TRUE_CFG)
+
+
+def true_cfg_weight(requested: float | None, negative_prompt: str | None) -> float | None:
+    """The true-CFG weight a request runs at, for both engines: its own, else DEFAULT_TRUE_CFG when it gives a
+    negative prompt, else None (no true CFG)."""
+    if requested is not None:
+        return requested
+    return DEFAULT_TRUE_CFG if negative_prompt is not None else None
 
 
 def _read_json(path: Path) -> dict:

@@ -21,7 +21,6 @@ Each connection dropped for a deadline is counted, by which (`image_server_conne
 
 import asyncio
 import fcntl
-import json
 import socket
 import struct
 import termios
@@ -139,7 +138,7 @@ class ServerProtocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request it cannot parse, OpenAI-shaped, and the connection closed."""
-        body = json.dumps(bad_request(self.conn.refusal or msg, None, "invalid_http_request").body()).encode()
+        body = bad_request(self.conn.refusal or msg, None, "invalid_http_request").body().model_dump_json().encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), _CLOSE]
         for event in (
             h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),

@@ -1,9 +1,10 @@
-"""LoRA files and the `LoRAApplier` interface: what both the LoRA plugin and the engines need.
+"""LoRA files: what both the LoRA plugin and the engines need to read and check them.
 
 A LoRA set is what a request asks for: `((path, weight), ...)`, sorted by path, no zero weights. How a set
 gets into the model belongs to the engine (merged weights, a hot-swapped slot, Nunchaku's compose, SGLang's
-set_lora); every way is a `LoRAApplier`, and the base class keeps the one promise they share: a set is
-applied completely or not at all, and a failure leaves the exact base model and true bookkeeping behind.
+set_lora); every way is a `LoRAApplier` (server/hooks.py), whose base class keeps the one promise they share:
+a set is applied completely or not at all, and a failure leaves the exact base model and true bookkeeping
+behind.
 
 `parse_lora` is the one reader of LoRA files. A file it accepts is a file that applies: every layer it
 names exists with the shape the LoRA says, every A/B pair agrees on its rank, biases, alphas and metadata
@@ -25,8 +26,6 @@ import logging
 import math
 import re
 import threading
-import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -371,72 +370,3 @@ def _outcome(future: Future):
     if isinstance(result, LoRAError):
         raise LoRAError(str(result))
     return result
-
-
-# -- applying sets ------------------------------------------------------------------
-
-
-class LoRAApplier(ABC):
-    """How one engine applies LoRA sets.
-
-    check(path)   any thread but the engine's: read and check the file (LoRAError: why it cannot apply to
-                  this model), kept while its stamp holds; a request's files are checked before it queues
-    apply(loras)  the engine thread: make `loras` the applied set, all or nothing, from what `check` read
-                  (it reads no file; a file replaced since is a LoRAError)
-    forget(path)  the file was deleted or replaced: drop what was kept of it
-    install()     the engine thread, before the model is compiled (the hot-swapped slot reserves its tensors)
-
-    A subclass writes `_apply` (the set, checked before any weight changes where it can be) and `_reset`
-    (back to the exact base model); the bookkeeping and the all-or-nothing rule live here."""
-
-    how = "applied"  # for the log line
-
-    def __init__(self) -> None:
-        self._applied: SetKey | None = ()  # () the base model; None unknown (a reset failed)
-        self.broken = False  # a failed set could not be undone: the model must not serve
-
-    @abstractmethod
-    def check(self, path: Path) -> None: ...
-
-    def forget(self, path: Path) -> None:
-        """Nothing cached by default."""
-
-    def install(self) -> None:
-        """Nothing to reserve by default."""
-
-    def describe(self) -> str:
-        """How sets are applied, for /v1/models."""
-        return self.how
-
-    @abstractmethod
-    def _apply(self, loras: LoRASet) -> None: ...
-
-    @abstractmethod
-    def _reset(self) -> None: ...
-
-    @property
-    def applied(self) -> SetKey | None:
-        return self._applied
-
-    def apply(self, loras: LoRASet) -> None:
-        key = set_key(loras)
-        if key == self._applied:
-            return
-        started = time.monotonic()
-        try:
-            self._apply(loras)
-        except BaseException:
-            self._undo()
-            raise
-        self._applied = key
-        log.info("LoRA set [%s] %s in %.3fs", describe(loras), self.how, time.monotonic() - started)
-
-    def _undo(self) -> None:
-        self._applied = None
-        try:
-            self._reset()
-        except Exception:
-            self.broken = True
-            log.exception("a failed LoRA set could not be undone: the engine stops serving")
-            return
-        self._applied = ()

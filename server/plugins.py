@@ -4,19 +4,25 @@ A plugin is a class registered in the `image_server.plugins` entry-point group (
 register the same way, see pyproject.toml), enabled by name with PLUGINS=lora,nsfw,upload. It declares its
 request fields (`fields`, a pydantic model); its settings (a dataclass of `server.config.option`s: flags and
 variables like the server's own) are registered under the same name in the `image_server.settings` group, from a
-light module (`server.config.plugin_sections`), and reach it as `self.config`. Hooks, in the order they run:
+light module (`server.config.plugin_sections`), and reach it as `self.config`. Of server/ a plugin imports
+only the modules `server.hooks.PLUGIN_API` names; of the engine it sees only `server.hooks`. Hooks, in the
+order they run:
 
   engine, while it loads (engine thread)
-    provide_pipeline(context)   build the pipeline instead of the engine (Nunchaku), or name a fallback
+    provide_pipeline(context)   build the pipeline instead of the engine (Nunchaku), or name its own path
     lora_applier(target)        how LoRA sets get into this pipeline's weights (merged, or a slot)
-  load()                        after the engine has loaded, before the server is ready
-  per request
-    option(request)             validate its fields -> the value the other hooks get (None: not used)
-    loras(option)               the LoRA set the request needs applied (part of its batch key)
+  load(engine)                  engine thread, after the engine has loaded, before the server is ready: what
+                                the plugin sees of the engine (`EngineView`)
+  per request (a worker thread first: the plugins may look at files or resolve host names)
+    option(request)             its fields validated -> its option, of its own type, which the later hooks get
+    loras(request)              the LoRA set the request needs applied (part of what the engine generates)
     output_size(option, size)   the size of the images it will hand on (upscale)
-    postprocess(images, ...)    post-processing pool: look at / replace / withhold each image
-    deliver(encoded, ...)       event loop, async: send the encoded images somewhere before the deadline
-Hooks may add fields to each response item (`data[i]`).
+    postprocess(images, option) post-processing pool: each image looked at, replaced or withheld (`Processed`)
+    deliver(encoded, ...)       event loop, async: the encoded images sent somewhere by the deadline (`Delivered`)
+
+The engine sees none of it: the service keeps each request's options (`RequestPlugins`), the engine gets what
+to generate (server/spec.py). What a plugin adds to an image's `data[i]` is a pydantic model of its own, handed
+back with the image by `postprocess` or `deliver`; its fields are written as they were set (unset ones left out).
 """
 
 import logging
@@ -25,16 +31,16 @@ from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from fastapi import APIRouter
 from PIL import Image
 from pydantic import BaseModel
 
 from server.config import Settings
-from server.engines.base import Engine, Fallback, LoRATarget, PipelineContext, ProvidedPipeline
 from server.errors import bad_request
-from server.lora import LoRAApplier, LoRASet
+from server.hooks import EnginePath, EngineView, LoRAApplier, LoRATarget, PipelineContext, ProvidedPipeline
+from server.lora import LoRASet
 from server.protocol import field_keys
 
 log = logging.getLogger(__name__)
@@ -50,7 +56,28 @@ class RouteLimit:
     message: str
 
 
-class Plugin:
+Option = TypeVar("Option")  # what a plugin's `option` makes of a request's fields, for its later hooks
+
+
+@dataclass(frozen=True)
+class Processed:
+    """One image after a plugin's `postprocess`: the image to go on with (None: withheld), and what the plugin
+    adds to its `data[i]` (None: nothing)."""
+
+    image: Image.Image | None
+    fields: BaseModel | None = None
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One image after a plugin's `deliver`: whether it was delivered (it needs no b64_json or url), and what the
+    plugin adds to its `data[i]` (None: nothing)."""
+
+    done: bool
+    fields: BaseModel | None = None
+
+
+class Plugin(Generic[Option]):
     name: ClassVar[str] = ""
     fields: ClassVar[type[BaseModel] | None] = None
     order: ClassVar[int] = 50  # postprocess order: lower runs first (NSFW before upscale)
@@ -60,14 +87,13 @@ class Plugin:
         """Named in PLUGINS; a backend may also turn itself on from its own settings."""
         return cls.name in settings.plugin_names
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.config = settings.sections.get(self.name)
-        self.engine = engine
 
     # -- engine hooks ---------------------------------------------------
 
-    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | Fallback | None:
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | EnginePath | None:
         return None
 
     def lora_applier(self, target: LoRATarget) -> LoRAApplier | None:
@@ -75,7 +101,7 @@ class Plugin:
 
     # -- lifecycle ------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self, engine: EngineView) -> None:
         """Load models, check files; SystemExit with the reason stops the server."""
 
     def router(self) -> APIRouter | None:
@@ -94,31 +120,52 @@ class Plugin:
 
     # -- request hooks --------------------------------------------------
 
-    def option(self, request: BaseModel) -> Any:
-        """The validated value of this plugin's fields for one request; None when the request does not use it.
-        Runs in a worker thread: it may look at files or resolve host names."""
+    def option(self, request: BaseModel) -> Option | None:
+        """What this plugin makes of one request's fields, for its later hooks; None when the request does not
+        use it."""
         return None
 
-    def loras(self, option: Any) -> LoRASet:
+    def loras(self, request: BaseModel) -> LoRASet:
+        """The LoRA set the request needs applied, every file checked (LoRA errors: a 400 naming the field)."""
         return ()
 
-    def output_size(self, option: Any, size: tuple[int, int]) -> tuple[int, int]:
+    def output_size(self, option: Option | None, size: tuple[int, int]) -> tuple[int, int]:
         return size
 
-    def postprocess(self, images: list[Image.Image | None], option: Any, items: list[dict]) -> list[Image.Image | None]:
-        """Return the images to keep going with; None withholds an image."""
-        return images
+    def postprocess(self, images: list[Image.Image | None], option: Option | None) -> list[Processed]:
+        """Each image (None: withheld by a plugin before) as it goes on, with what this plugin adds to it."""
+        return [Processed(image) for image in images]
 
     async def deliver(
-        self, encoded: list[bytes | None], fmt: str, option: Any, items: list[dict], deadline: float
-    ) -> list[bool]:
-        """Send the encoded images (None: withheld) by `deadline` (monotonic); True where an image needs no
-        b64_json/url. An image not delivered in time is returned in the response instead."""
-        return [False] * len(encoded)
+        self, encoded: list[bytes | None], fmt: str, option: Option | None, deadline: float
+    ) -> list[Delivered]:
+        """Send the encoded images (None: withheld) by `deadline` (monotonic). An image not delivered in time
+        is returned in the response instead."""
+        return [Delivered(False) for _ in encoded]
 
 
-def _postprocess(plugin: Plugin, option: Any, items: list[dict], images: list) -> list:
-    return plugin.postprocess(images, option, items)
+@dataclass(frozen=True)
+class RequestPlugins:
+    """The enabled plugins with their options for one request: what the service keeps for its later steps."""
+
+    uses: tuple[tuple[Plugin, Any], ...]
+
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        for plugin, option in self.uses:
+            size = plugin.output_size(option, size)
+        return size
+
+    def postprocess_steps(self) -> list[Callable[[list[Image.Image | None]], list[Processed]]]:
+        """Each plugin's postprocess as a step, so that a request that is gone can stop between them."""
+        return [partial(_postprocess, plugin, option) for plugin, option in self.uses]
+
+    async def deliver(self, encoded: list[bytes | None], fmt: str, deadline: float) -> list[list[Delivered]]:
+        """Each plugin's deliveries, in order, one per image."""
+        return [await plugin.deliver(encoded, fmt, option, deadline) for plugin, option in self.uses]
+
+
+def _postprocess(plugin: Plugin, option: Any, images: list[Image.Image | None]) -> list[Processed]:
+    return plugin.postprocess(images, option)
 
 
 def discover() -> dict[str, type[Plugin]]:
@@ -128,12 +175,12 @@ def discover() -> dict[str, type[Plugin]]:
 class PluginSet:
     """The enabled plugins, in the order their hooks run. It is the engine's `EngineHooks`."""
 
-    def __init__(self, settings: Settings, engine: Engine, available: dict[str, type[Plugin]] | None = None) -> None:
+    def __init__(self, settings: Settings, available: dict[str, type[Plugin]] | None = None) -> None:
         available = discover() if available is None else available
         unknown = [n for n in settings.plugin_names if n not in available]
         if unknown:
             raise SystemExit(f"PLUGINS names unknown plugins {unknown}; installed: {sorted(available)}")
-        enabled = [cls(settings, engine) for cls in available.values() if cls.enabled(settings)]
+        enabled = [cls(settings) for cls in available.values() if cls.enabled(settings)]
         self.plugins: list[Plugin] = sorted(enabled, key=lambda p: p.order)
         self._disabled_fields = {
             field: name
@@ -152,7 +199,7 @@ class PluginSet:
 
     # -- EngineHooks ----------------------------------------------------
 
-    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | Fallback | None:
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | EnginePath | None:
         return next((found for p in self.plugins if (found := p.provide_pipeline(context)) is not None), None)
 
     def lora_applier(self, target: LoRATarget) -> LoRAApplier | None:
@@ -160,9 +207,9 @@ class PluginSet:
 
     # -- lifecycle ------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self, engine: EngineView) -> None:
         for plugin in self.plugins:
-            plugin.load()
+            plugin.load(engine)
 
     def routers(self) -> list[APIRouter]:
         return [r for p in self.plugins if (r := p.router()) is not None]
@@ -172,7 +219,9 @@ class PluginSet:
 
     # -- requests -------------------------------------------------------
 
-    def options(self, request: BaseModel) -> dict[str, Any]:
+    def use(self, request: BaseModel) -> tuple[RequestPlugins, LoRASet]:
+        """A worker thread: each plugin's option for the request and the LoRA set it needs (the first plugin's
+        that names one), each plugin in turn; a field of a disabled plugin is a 400 naming it."""
         for field in request.model_extra or {}:
             plugin = self._disabled_fields.get(field)
             if plugin:
@@ -181,25 +230,8 @@ class PluginSet:
                     field,
                     "plugin_disabled",
                 )
-        return {p.name: p.option(request) for p in self.plugins}
-
-    def loras(self, options: dict[str, Any]) -> LoRASet:
-        return next((found for p in self.plugins if (found := p.loras(options[p.name]))), ())
-
-    def output_size(self, options: dict[str, Any], size: tuple[int, int]) -> tuple[int, int]:
+        uses, loras = [], ()
         for plugin in self.plugins:
-            size = plugin.output_size(options[plugin.name], size)
-        return size
-
-    def postprocess_steps(self, options: dict[str, Any], items: list[dict]) -> list[Callable[[list], list]]:
-        """Each plugin's postprocess as a step, so that a request that is gone can stop between them."""
-        return [partial(_postprocess, p, options[p.name], items) for p in self.plugins]
-
-    async def deliver(
-        self, encoded: list[bytes | None], fmt: str, options: dict[str, Any], items: list[dict], deadline: float
-    ) -> list[bool]:
-        delivered = [False] * len(encoded)
-        for plugin in self.plugins:
-            done = await plugin.deliver(encoded, fmt, options[plugin.name], items, deadline)
-            delivered = [a or b for a, b in zip(delivered, done, strict=True)]
-        return delivered
+            uses.append((plugin, plugin.option(request)))
+            loras = loras or plugin.loras(request)
+        return RequestPlugins(tuple(uses)), loras

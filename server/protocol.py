@@ -20,9 +20,11 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import models_json_schema
 
 from server.bodies import parse_json_value
+from server.errors import ErrorEvent
 
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 10  # n
+MAX_INPUT_IMAGES = 16  # an edit's input images
 
 Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
 EditQuality = Literal["auto", "low", "medium", "high", "standard"]
@@ -84,7 +86,7 @@ class EditFields(BaseModel):
     strength: float | None = Field(default=None, gt=0, le=1)
     input_fidelity: Literal["high", "low"] | None = None
     # JSON form only; no null, as OpenAI's spec says (absent: None)
-    images: list[ImageRef] = Field(default=None, min_length=1, max_length=16)
+    images: list[ImageRef] = Field(default=None, min_length=1, max_length=MAX_INPUT_IMAGES)
     mask: ImageRef = Field(default=None)
 
 
@@ -101,9 +103,11 @@ EDIT_FORM = "ImageEditForm"
 
 
 def openapi_bodies(generation: type[BaseModel], edit: type[BaseModel]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The image routes' request bodies for /openapi.json, by path, and the component schemas they refer to.
-    The handlers read the raw request (bounded parsing), so FastAPI cannot see these on its own."""
-    _, schemas = models_json_schema([(generation, "validation"), (edit, "validation")], ref_template=_REF)
+    """The image routes' request bodies for /openapi.json, by path, and the component schemas they and
+    `STREAM_EVENTS` refer to. The handlers read the raw request (bounded parsing), so FastAPI cannot see these
+    on its own."""
+    models = [(generation, "validation"), (edit, "validation"), (StreamEvent, "serialization")]
+    _, schemas = models_json_schema([*models, (ErrorEvent, "serialization")], ref_template=_REF)
     components = schemas["$defs"]
     components[EDIT_FORM] = _edit_form(components[edit.__name__])
     bodies = {
@@ -119,11 +123,15 @@ def _body(contents: dict[str, str]) -> dict:
 
 
 def _edit_form(json_edit: dict) -> dict:
-    """The multipart edit: the JSON edit's fields, with files `image` (one, or up to 16) and `mask` in place of
-    the JSON form's `images` and `mask` references. Each value is text converted by its type (`form_payload`)."""
+    """The multipart edit: the JSON edit's fields, with files `image` (one, or up to MAX_INPUT_IMAGES) and `mask`
+    in place of the JSON form's `images` and `mask` references. Each value is text converted by its type
+    (`form_payload`)."""
     binary = {"type": "string", "format": "binary"}
     properties = {name: value for name, value in json_edit["properties"].items() if name not in ("images", "mask")}
-    files = {"image": {"anyOf": [binary, {"type": "array", "items": binary, "maxItems": 16}]}, "mask": binary}
+    files = {
+        "image": {"anyOf": [binary, {"type": "array", "items": binary, "maxItems": MAX_INPUT_IMAGES}]},
+        "mask": binary,
+    }
     return {**json_edit, "title": EDIT_FORM, "properties": {**files, **properties}, "required": ["image", "prompt"]}
 
 
@@ -247,7 +255,8 @@ class ImagesResponse(BaseModel):
 
 
 class StreamEvent(BaseModel):
-    """`image_generation.partial_image` / `.completed` and `image_edit.partial_image` / `.completed`."""
+    """`image_generation.partial_image` / `.completed` and `image_edit.partial_image` / `.completed` (an error
+    after the stream began is `errors.ErrorEvent`)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -267,15 +276,8 @@ class StreamEvent(BaseModel):
     usage: Usage | None = None  # completed events only
 
 
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+# The events of a stream in /openapi.json (their schemas are components: see `openapi_bodies`)
+STREAM_EVENTS = {"oneOf": [{"$ref": _REF.format(model=m.__name__)} for m in (StreamEvent, ErrorEvent)]}
 
 
 # -- videos (/v1/videos) -----------------------------------------------------------

@@ -11,6 +11,7 @@ from fractions import Fraction
 from server.config import Settings, parse_size
 from server.errors import bad_request
 from server.families import Family, Video
+from server.protocol import MAX_SEED
 
 _RANDOM_SEED_LIMIT = 2**31  # random seeds stay small enough for every tool to reproduce them
 
@@ -30,7 +31,6 @@ class Output:
     response_format: str  # "b64_json" or "url"
     base_url: str
     quality: str  # the preset used: low, medium or high
-    partial_images: int = 0
 
 
 def quality_preset(quality: str | None) -> str:
@@ -129,7 +129,7 @@ def seeds(seed: int | list[int] | None, n: int) -> list[int]:
     if seed is None:
         return [secrets.randbelow(_RANDOM_SEED_LIMIT) for _ in range(n)]
     if isinstance(seed, int):
-        return [(seed + i) % 2**63 for i in range(n)]
+        return [(seed + i) % (MAX_SEED + 1) for i in range(n)]
     if len(seed) != n:
         raise bad_request(
             f"'seed' lists {len(seed)} seeds for n={n} images; give one per image or a single seed.", "seed"

@@ -65,7 +65,7 @@ class Job:
     finished: float = 0.0
     bypassed: int = 0
     cancelled: bool = False
-    previews: asyncio.Queue | None = None  # stream=true: (image index, render) as the engine takes previews
+    partial_queue: asyncio.Queue | None = None  # stream=true: (image index, render) as the engine takes them
     progress: float = 0.0  # the fraction of its denoising steps done (written on the engine thread)
 
     @property
@@ -85,9 +85,9 @@ class Admission:
         self.tenant = tenant
         self.cost = cost
 
-    def submit(self, spec: GenerationSpec, previews: asyncio.Queue | None = None) -> Job:
+    def submit(self, spec: GenerationSpec, partial_queue: asyncio.Queue | None = None) -> Job:
         self.release()
-        return self._scheduler._enqueue(spec, self, previews)
+        return self._scheduler._enqueue(spec, self, partial_queue)
 
     def release(self) -> None:
         self._scheduler._admissions.discard(self)
@@ -163,6 +163,7 @@ class Scheduler:
         tenant_share: float = 1.0,
         can_batch: bool = True,
         expect_company: Callable[[], bool] = lambda: True,
+        applied: Callable[[], LoRASet | None] = lambda: (),
     ) -> None:
         self._execute = execute
         self._metrics = metrics
@@ -173,13 +174,13 @@ class Scheduler:
         self.max_bypass = max_bypass
         self.can_batch = can_batch
         self._expect_company = expect_company
+        self._applied = applied  # the LoRA set in the engine's weights (its applier keeps it)
         self._shares = FairShares(weights or {})
         self._queue: list[Job] = []  # in arrival order
         self._running: list[Job] = []
         self._running_since = 0.0
         self._busy: deque[tuple[float, float]] = deque()  # (start, end) of the batches of the last window
         self._admissions: set[Admission] = set()
-        self._applied: LoRASet | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -275,11 +276,11 @@ class Scheduler:
 
     # -- queueing --------------------------------------------------------
 
-    def _enqueue(self, spec: GenerationSpec, admission: Admission, previews: asyncio.Queue | None) -> Job:
+    def _enqueue(self, spec: GenerationSpec, admission: Admission, partial_queue: asyncio.Queue | None) -> Job:
         if not self.accepting:
             raise shutting_down()
         future = asyncio.get_running_loop().create_future()
-        job = Job(spec, future, admission.tenant, admission.cost, previews=previews)
+        job = Job(spec, future, admission.tenant, admission.cost, partial_queue=partial_queue)
         self._shares.arrive(job.tenant)
         self._queue.append(job)
         self._metrics.queue_depth.set(len(self._queue))
@@ -371,10 +372,10 @@ class Scheduler:
         return room and alone_in_queue and self.accepting and self._expect_company()
 
     def _pick_head(self, ordered: list[Job]) -> Job:
-        first = ordered[0]
-        if first.spec.loras == self._applied or first.bypassed >= self.max_bypass:
+        first, applied = ordered[0], self._applied()
+        if first.spec.loras == applied or first.bypassed >= self.max_bypass:
             return first
-        return next((j for j in ordered if j.spec.loras == self._applied), first)
+        return next((j for j in ordered if j.spec.loras == applied), first)
 
     def _gather(self, head: Job, ordered: list[Job]) -> list[Job]:
         if not self.can_batch:
@@ -400,10 +401,8 @@ class Scheduler:
             job.started = now
             self._metrics.queue_wait.observe(job.queue_wait)
         self._metrics.batch_size.observe(sum(j.spec.n for j in batch))
-        if first.spec.loras != self._applied:
-            if self._applied is not None:
-                self._metrics.prep_switches.inc()
-            self._applied = first.spec.loras
+        if first.spec.loras != self._applied():
+            self._metrics.prep_switches.inc()
 
     # -- running ---------------------------------------------------------
 
@@ -430,16 +429,16 @@ class Scheduler:
         def should_stop() -> bool:
             return self._stop_running or all(j.cancelled for j in batch)
 
-        def preview(spec_index: int, image_index: int, render) -> None:  # engine thread
+        def partial_image(spec_index: int, image_index: int, render) -> None:  # engine thread
             job = batch[spec_index]
-            if job.previews is not None and not job.cancelled:
-                loop.call_soon_threadsafe(job.previews.put_nowait, (image_index, render))
+            if job.partial_queue is not None and not job.cancelled:
+                loop.call_soon_threadsafe(job.partial_queue.put_nowait, (image_index, render))
 
         def step(done: int, total: int) -> None:  # engine thread: one float written per job
             for job in batch:
                 job.progress = done / max(1, total)
 
-        return await self._execute([j.spec for j in batch], Progress(should_stop, preview, step))
+        return await self._execute([j.spec for j in batch], Progress(should_stop, partial_image, step))
 
     def _finish(self, batch: list[Job], results: list) -> None:
         now = time.monotonic()

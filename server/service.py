@@ -31,7 +31,7 @@ from server.images import InputImage, decode_job, encode_image
 from server.inputs import EditInputs, from_refs, from_uploads
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
-from server.plugins import PluginSet
+from server.plugins import Delivered, PluginSet, RequestPlugins
 from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payload, request_models
 from server.rules import Output
 from server.scheduler import Admission, Job, Scheduler, cost
@@ -63,8 +63,9 @@ class ImageCall:
 
 @dataclass
 class Plan:
-    spec: GenerationSpec  # without its input images: they are read after admission
+    spec: GenerationSpec  # what the engine generates; without its input images: they are read after admission
     output: Output
+    plugins: RequestPlugins  # what the plugins need of the request after generation
     sized_by_input: bool = False  # an edit with size=auto: its size is known once its image's header is read
     max_pixels: int = 0  # of each image: its size, or for an auto-sized edit the most it may get (MAX_PIXELS)
 
@@ -104,7 +105,8 @@ class ImageService:
         self.in_flight = 0  # accepted and not yet answered (the event loop alone changes it)
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
-        self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="preview")  # one: previews stay in order
+        # partial images decoded (PREVIEW_DECODER) and encoded; one thread: they stay in order
+        self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="preview")
         self._reading = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="read")  # caller bytes
         self.decoders = DecoderPool(
             settings.decode_workers,
@@ -129,6 +131,7 @@ class ImageService:
             tenant_share=s.tenant_queue_share if s.several_tenants else 1.0,
             can_batch=self.engine.can_batch,
             expect_company=lambda: self.in_flight > 1,
+            applied=lambda: self.engine.applied_loras,
         )
         self.scheduler.start()
         self.decoders.start()
@@ -146,7 +149,7 @@ class ImageService:
         steps, guidance = self.engine.defaults()
         self.default_steps = self.settings.default_steps or steps
         self.default_guidance = guidance if self.settings.default_guidance < 0 else self.settings.default_guidance
-        self.plugins.load()
+        self.plugins.load(self.engine.view())
         if self.settings.warmup:
             self.engine.warmup()
         log.info(
@@ -229,10 +232,10 @@ class ImageService:
         steps = rules.steps(request.num_inference_steps, preset, self.default_steps, self.quality_steps, s.max_steps)
         strength = request.strength if mode != "text2img" else None  # a generation's `strength` is an unknown field
         rules.check_strength(strength, steps)
-        options = self.plugins.options(request)
+        plugins, loras = self.plugins.use(request)
         output = self._output(request, base_url, preset)
         if not sized_by_input:
-            rules.check_output(*self.plugins.output_size(options, (width, height)), output.format, s)
+            rules.check_output(*plugins.output_size((width, height)), output.format, s)
         n = request.n or 1
         spec = GenerationSpec(
             prompt=request.prompt,
@@ -246,18 +249,17 @@ class ImageService:
             true_cfg=request.true_cfg_scale,
             strength=strength,
             mode=mode,
-            loras=self.plugins.loras(options),
-            previews=output.partial_images if request.stream else 0,
-            options=options,
+            loras=loras,
+            partial_images=(request.partial_images or 0) if request.stream else 0,
         )
         self.engine.check(spec)
-        return Plan(spec, output, sized_by_input, s.max_pixels if sized_by_input else width * height)
+        return Plan(spec, output, plugins, sized_by_input, s.max_pixels if sized_by_input else width * height)
 
     def resized(self, plan: Plan, image_size: tuple[int, int]) -> Plan:
         """Worker thread: an auto-sized edit at its input's size (read from the header), every size rule
         checked again."""
         width, height = rules.requested_size("auto", image_size, self.settings, self.engine.family.size_multiple)
-        output_size = self.plugins.output_size(plan.spec.options, (width, height))
+        output_size = plan.plugins.output_size((width, height))
         rules.check_output(*output_size, plan.output.format, self.settings)
         spec = replace(plan.spec, width=width, height=height)
         self.engine.check(spec)
@@ -269,7 +271,7 @@ class ImageService:
             request.output_compression if request.output_compression is not None else self.settings.jpeg_quality
         )
         response_format = "b64_json" if request.stream else request.response_format or "b64_json"  # events carry b64
-        return Output(fmt, compression, response_format, base_url, preset, request.partial_images or 0)
+        return Output(fmt, compression, response_format, base_url, preset)
 
     def _admit(self, call: ImageCall, plan: Plan) -> Admission:
         """The caller's place in the queue, held (against its share) while its inputs are read, weighed by
@@ -281,7 +283,7 @@ class ImageService:
         try:
             plan = await self._with_inputs(plan, request, call)
             spec = plan.spec
-            return admission.submit(spec, asyncio.Queue() if spec.previews else None)
+            return admission.submit(spec, asyncio.Queue() if spec.partial_images else None)
         finally:
             admission.release()
 
@@ -308,22 +310,23 @@ class ImageService:
     async def _answer(self, job: Job, plan: Plan, call: ImageCall) -> Result:
         images = await self.scheduler.wait(job)
         started = time.monotonic()
-        response = await self._finish(images, plan, call.deadline)
+        finished = await self._finish(images, plan, call.deadline)
+        response = await self._in_pool(respond.response, finished, plan.output, self.store)
         post = time.monotonic() - started
         self.metrics.postprocess.observe(post)
         return Result(response, {"queue": job.queue_wait, "gen": job.generation_time, "post": post})
 
-    async def _finish(self, images, plan: Plan, deadline: float) -> ImagesResponse:
+    async def _finish(self, images, plan: Plan, deadline: float) -> respond.Finished:
         abandoned = threading.Event()  # set when the request is cancelled: its pool work stops at the next step
         try:
             finished = await self._in_pool(
-                respond.finish_images, self.plugins, images, plan.spec, plan.output, self.metrics, abandoned.is_set
+                respond.finish_images, plan.plugins, images, plan.spec, plan.output, self.metrics, abandoned.is_set
             )
         except asyncio.CancelledError:
             abandoned.set()
             raise
-        delivered = await self._deliver(finished, plan, deadline - self._answer_reserve)
-        return await self._in_pool(respond.assemble, finished, delivered, plan.output, self.store)
+        deliveries = await self._deliver(finished, plan, deadline - self._answer_reserve)
+        return respond.with_deliveries(finished, deliveries)
 
     @property
     def _answer_reserve(self) -> float:
@@ -331,15 +334,13 @@ class ImageService:
         failed) is sent in time."""
         return min(2.0, ANSWER_RESERVE * self.settings.request_timeout)
 
-    async def _deliver(self, finished: respond.Finished, plan: Plan, deadline: float) -> list[bool]:
+    async def _deliver(self, finished: respond.Finished, plan: Plan, deadline: float) -> list[list[Delivered]]:
         """Nothing accepted is lost: a delivery that fails outright leaves every image in the response."""
         try:
-            return await self.plugins.deliver(
-                finished.encoded, plan.output.format, plan.spec.options, finished.items, deadline
-            )
+            return await plan.plugins.deliver(finished.encoded, plan.output.format, deadline)
         except Exception:
             log.exception("delivery failed; the images are returned in the response")
-            return [False] * len(finished.encoded)
+            return []
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -360,28 +361,31 @@ class ImageService:
         return EventStream(self._events(job, plan, call), release)
 
     async def _events(self, job: Job, plan: Plan, call: ImageCall) -> AsyncIterator[StreamEvent | None]:
-        """Keep-alives (None) while the request waits, its previews as they form, then one completed event per
+        """Keep-alives (None) while the request waits, its partial images as they form, then one completed event per
         image: for each image, its partial images in order, then its completed event. Each wait ends by the
         request's deadline (no timeout spans a `yield`: it would fire in whoever iterates)."""
         timeout = self.settings.request_timeout
         waiting = asyncio.ensure_future(by_deadline(self.scheduler.wait(job), call.deadline, timeout))
-        previews = Previews(job.previews, self._preview_pool, plan, call.edit)
+        partials = PartialImages(job.partial_queue, self._preview_pool, plan, call.edit)
         try:
             while not waiting.done():
-                event = await previews.next(waiting, self.settings.stream_keepalive)
+                event = await partials.next(waiting, self.settings.stream_keepalive)
                 if event is not None or not waiting.done():
-                    yield event  # a preview, or a keep-alive while the request waits
-            async for preview in previews.rest():
-                yield preview
-            finishing = self._finish(waiting.result(), plan, call.deadline)
-            response = await by_deadline(finishing, call.deadline, timeout)
-            for event in completed_events(response, call.edit):
+                    yield event  # a partial image, or a keep-alive while the request waits
+            async for partial in partials.rest():
+                yield partial
+            completed = self._completed(waiting.result(), plan, call)
+            for event in await by_deadline(completed, call.deadline, timeout):
                 yield event
         finally:
             waiting.cancel()  # the client left mid-stream: its share of the work stops
 
+    async def _completed(self, images: list, plan: Plan, call: ImageCall) -> list[StreamEvent]:
+        finished = await self._finish(images, plan, call.deadline)
+        return await self._in_pool(respond.completed_events, finished, plan.output, call.edit)
 
-class Previews:
+
+class PartialImages:
     """A streamed request's partial images: decoded and encoded on the preview thread, numbered per image."""
 
     def __init__(self, queue: asyncio.Queue | None, pool: ThreadPoolExecutor, plan: Plan, edit: bool) -> None:
@@ -394,7 +398,7 @@ class Previews:
         self.seeds = plan.spec.seeds
 
     async def next(self, waiting: asyncio.Future, keepalive: float) -> StreamEvent | None:
-        """The next preview, or None (a keep-alive) when none came within `keepalive` or the job finished."""
+        """The next partial image, or None (a keep-alive) when none came within `keepalive` or the job finished."""
         if self.queue is None:
             await asyncio.wait({waiting}, timeout=keepalive)
             return None
@@ -406,21 +410,21 @@ class Previews:
         return await self._event(*getter.result())
 
     async def rest(self) -> AsyncIterator[StreamEvent]:
-        """Previews queued before the job finished (the engine hands them over before its result)."""
+        """Partial images queued before the job finished (the engine hands them over before its result)."""
         while self.queue is not None and not self.queue.empty():
             event = await self._event(*self.queue.get_nowait())
             if event is not None:
                 yield event
 
     async def _event(self, index: int, render: Callable) -> StreamEvent | None:
-        """The preview as an event; None when it could not be made (a preview is never worth failing a request)."""
+        """The partial image as an event; None when it could not be made (never worth failing a request for)."""
         fmt, compression = self.output.format, self.output.compression
         try:
             encoded = await asyncio.get_running_loop().run_in_executor(
                 self.pool, lambda: encode_image(render(), fmt, compression)
             )
         except Exception:
-            log.exception("a preview could not be made; the stream goes on without it")
+            log.exception("a partial image could not be made; the stream goes on without it")
             return None
         self.count[index] += 1
         return StreamEvent(
@@ -453,23 +457,6 @@ def validate(model: type[BaseModel], payload: dict, form: bool = False) -> Image
         return model.model_validate(form_payload(model, payload) if form else payload, strict=True)
     except ValidationError as exc:
         raise from_validation(exc) from None
-
-
-def completed_events(response: ImagesResponse, edit: bool) -> list[StreamEvent]:
-    kind = "image_edit.completed" if edit else "image_generation.completed"
-    return [
-        StreamEvent(
-            type=kind,
-            created_at=response.created,
-            size=response.size,
-            quality=response.quality,
-            background=response.background,
-            output_format=response.output_format,
-            usage=response.usage,  # the request's, as the response carries it
-            **{"b64_json": "", **item.model_dump(exclude_unset=True)},  # "": delivered elsewhere (upload)
-        )
-        for item in response.data
-    ]
 
 
 def _mode(call: ImageCall, request: ImageRequest) -> str:

@@ -1,7 +1,7 @@
 """What to generate: the engine-facing form of one request, and the key that says which requests batch together."""
 
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -41,8 +41,7 @@ class GenerationSpec:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     loras: LoRASet = ()
-    previews: int = 0  # partial images per image, when streamed
-    options: dict[str, Any] = field(default_factory=dict)  # validated plugin fields, by plugin name
+    partial_images: int = 0  # per image, when streamed
 
     @property
     def key(self) -> BatchKey:

@@ -13,8 +13,8 @@ from fastapi.responses import FileResponse
 from server.api import Tenant, accepting, deadline_of, form_parts, json_body
 from server.auth import owner, require_api_key
 from server.bodies import FormLimits, form_fields, media_type_of
-from server.errors import bad_request
-from server.protocol import ErrorResponse, Video, VideoDeleted, VideoList
+from server.errors import ErrorResponse, bad_request
+from server.protocol import Video, VideoDeleted, VideoList
 from server.video_store import ASSETS
 from server.videos import VideoCall, VideoService
 

@@ -30,9 +30,10 @@ from plugins.lora.hotswap import HotswapLoRA
 from plugins.lora.merge import LoRAMerger
 from server.auth import check_key, key_matches, presented_key, require_api_key
 from server.bodies import FormLimits, FormPart, form_file_job, spool
-from server.engines.base import LoRATarget
+from server.config import MOST_LORAS
 from server.errors import APIError, bad_request
-from server.lora import MAX_WEIGHT, MOST_LORAS, LoRAApplier, LoRAError, LoRASet
+from server.hooks import EngineView, LoRAApplier, LoRATarget
+from server.lora import MAX_WEIGHT, LoRAError, LoRASet
 from server.plugins import Plugin, RouteLimit
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,12 @@ def parse_defaults(text: str) -> list[LoRARef]:
     return refs
 
 
-class LoRAPlugin(Plugin):
+class LoRAPlugin(Plugin[None]):
     name = "lora"
     fields = LoRAFields
 
-    def __init__(self, settings, engine) -> None:
-        super().__init__(settings, engine)
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
         self.dir = Path(self.config.lora_dir).resolve()
         self.max_bytes = int(self.config.lora_max_mb * 2**20)
         self.defaults: LoRASet = ()
@@ -98,12 +99,12 @@ class LoRAPlugin(Plugin):
 
     # -- lifecycle -------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self, engine: EngineView) -> None:
         """Engine thread, after the model loaded: the engine's applier, and the default set checked."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.applier = self.engine.lora_applier
+        self.applier = engine.lora_applier
         if self.applier is None:
-            raise SystemExit(f"PLUGINS has lora, but this engine ({self.engine.info}) cannot apply LoRAs.")
+            raise SystemExit(f"PLUGINS has lora, but this engine ({engine.info}) cannot apply LoRAs.")
         try:
             self.defaults = self.resolve(parse_defaults(self.config.lora_defaults), "LORA_DEFAULTS")
         except APIError as exc:
@@ -150,16 +151,13 @@ class LoRAPlugin(Plugin):
         except LoRAError as exc:
             raise bad_request(f"LoRA '{name}' cannot be applied to this model: {exc}", param, "lora_invalid") from None
 
-    def option(self, request) -> LoRASet:
+    def loras(self, request) -> LoRASet:
         """The plan's worker thread: the request's set, every file checked before the request queues."""
         if request.loras is not None:
             return self.resolve(request.loras, "loras")
         for path, _ in self.defaults:  # a default file replaced on disk is read here, not by the engine
             self.check(path.stem, "loras")
         return self.defaults
-
-    def loras(self, option: LoRASet) -> LoRASet:
-        return option
 
     # -- management API --------------------------------------------------
 

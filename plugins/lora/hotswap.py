@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 from plugins.lora.merge import LoRAMerger
-from server.lora import Layers, LoRAApplier, LoRAError, LoRALayer, LoRASet, Shapes
+from server.hooks import LoRAApplier
+from server.lora import Layers, LoRAError, LoRALayer, LoRASet, Shapes
 
 log = logging.getLogger(__name__)
 

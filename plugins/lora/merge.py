@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from server.lora import Layers, LoRAApplier, LoRALayer, LoRASet, ParsedFiles, Shapes, parse_lora, weight_shapes
+from server.hooks import LoRAApplier
+from server.lora import Layers, LoRALayer, LoRASet, ParsedFiles, Shapes, parse_lora, weight_shapes
 
 log = logging.getLogger(__name__)
 

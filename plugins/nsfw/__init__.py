@@ -13,19 +13,31 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image, ImageFilter
 from pydantic import AliasChoices, BaseModel, Field
 
 from plugins.nsfw.demo import write_demo_classifier
 from plugins.settings import CHECK_MODES
-from server.plugins import Plugin
+from server.hooks import EngineView
+from server.plugins import Plugin, Processed
 
 log = logging.getLogger(__name__)
 
 
 class NSFWFields(BaseModel):
     nsfw_check: bool | None = Field(default=None, validation_alias=AliasChoices("nsfw_check", "enable_nsfw_check"))
+
+
+class NSFWVerdict(BaseModel):
+    """What the check adds to each image's data[i]: `nsfw_error` only when the check failed, `nsfw_action` only
+    when a flagged image was blurred or withheld."""
+
+    nsfw: bool
+    nsfw_score: float | None  # None: the check failed (the image is flagged)
+    nsfw_error: str | None = None
+    nsfw_action: Literal["blur", "block"] | None = None
 
 
 class NSFWClassifier:
@@ -51,13 +63,13 @@ class NSFWClassifier:
         return logits.float().softmax(-1)[:, self.nsfw_index].tolist()
 
 
-class NSFWPlugin(Plugin):
+class NSFWPlugin(Plugin[bool]):
     name = "nsfw"
     fields = NSFWFields
     order = 10  # before upscale: classify what the model made, at the classifier's size
 
-    def __init__(self, settings, engine) -> None:
-        super().__init__(settings, engine)
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
         self.timeout = self.config.nsfw_timeout
         self.threshold = self.config.nsfw_threshold
         self.action = self.config.nsfw_action
@@ -66,7 +78,7 @@ class NSFWPlugin(Plugin):
         # One thread: the classifier runs one batch at a time; a stuck check makes the next ones time out too.
         self._runner = ThreadPoolExecutor(1, thread_name_prefix="nsfw")
 
-    def load(self) -> None:
+    def load(self, engine: EngineView) -> None:
         path = Path(self.config.nsfw_model_path)
         if not (path / "config.json").is_file():
             raise SystemExit(
@@ -85,23 +97,25 @@ class NSFWPlugin(Plugin):
             return self.check != "off"
         return request.nsfw_check
 
-    def postprocess(self, images: list[Image.Image | None], option: bool, items: list[dict]) -> list:
+    def postprocess(self, images: list[Image.Image | None], option: bool) -> list[Processed]:
+        out = [Processed(image) for image in images]
         if not option:
-            return images
+            return out
         present = [i for i, image in enumerate(images) if image is not None]
         scores, error = self._classify([images[i] for i in present])
-        out = list(images)
         for slot, i in enumerate(present):
-            score = scores[slot] if scores else None
-            flagged = score is None or score >= self.threshold
-            items[i]["nsfw"] = flagged
-            items[i]["nsfw_score"] = score
-            if error:
-                items[i]["nsfw_error"] = error
-            if flagged and self.action != "flag":
-                items[i]["nsfw_action"] = self.action
-                out[i] = None if self.action == "block" else _blur(images[i])
+            out[i] = self._verdict(images[i], scores[slot] if scores else None, error)
         return out
+
+    def _verdict(self, image: Image.Image, score: float | None, error: str | None) -> Processed:
+        flagged = score is None or score >= self.threshold
+        verdict = NSFWVerdict(nsfw=flagged, nsfw_score=score)
+        if error:
+            verdict.nsfw_error = error
+        if not flagged or self.action == "flag":
+            return Processed(image, verdict)
+        verdict.nsfw_action = self.action
+        return Processed(None if self.action == "block" else _blur(image), verdict)
 
     def _classify(self, images: list[Image.Image]) -> tuple[list[float] | None, str | None]:
         if not images:

@@ -2,8 +2,9 @@
 
 On when NUNCHAKU_TRANSFORMER is set (or PLUGINS names it). While the engine loads, `provide_pipeline`:
 
-  decide(...)                      Plan, Fallback (NUNCHAKU_FALLBACK) or SystemExit with the reason
-  build_pipeline(plan, ...)        Nunchaku's transformer (and 4-bit T5) inside the FLUX pipeline of MODEL_PATH
+  decide(...)                      Run, Fallback (NUNCHAKU_FALLBACK: the engine's own path) or SystemExit with
+                                   the reason
+  build_pipeline(run, ...)         Nunchaku's transformer (and 4-bit T5) inside the FLUX pipeline of MODEL_PATH
   finish(pipelines)                first-block cache on every mode's pipeline, once the engine built them
 
 and hands the engine Nunchaku's LoRA applier. The decisions live in plan.py and package.py and need neither
@@ -18,9 +19,8 @@ import torch
 
 from plugins.nunchaku_flux.lora import NunchakuLoRA
 from plugins.nunchaku_flux.package import detect
-from plugins.nunchaku_flux.plan import Fallback, Plan, Refusal, decide
-from server.engines.base import Fallback as EngineFallback
-from server.engines.base import PipelineContext, ProvidedPipeline
+from plugins.nunchaku_flux.plan import Fallback, Refusal, Run, decide
+from server.hooks import GPU, EnginePath, PipelineContext, ProvidedPipeline
 from server.plugins import Plugin
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class NunchakuPlugin(Plugin):
     def enabled(cls, settings) -> bool:
         return super().enabled(settings) or bool(settings.section(cls.name).nunchaku_transformer)
 
-    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | EngineFallback:
+    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | EnginePath:
         if not context.family.name.startswith("FLUX.1"):
             raise SystemExit(
                 f"NUNCHAKU_TRANSFORMER is a 4-bit FLUX.1 transformer; this model is {context.family.name}. "
@@ -42,7 +42,7 @@ class NunchakuPlugin(Plugin):
         choice = self.choose(context.gpu)
         if isinstance(choice, Fallback):
             reason = f"{choice.to} (NUNCHAKU_FALLBACK): {choice.reason}"
-            return EngineFallback(fp8=choice.to == "fp8", compile=choice.to == "fp8", reason=reason)
+            return EnginePath(fp8=choice.to == "fp8", compile=choice.to == "fp8", reason=reason)
         pipe = build_pipeline(choice, context)
         return ProvidedPipeline(
             pipe=pipe,
@@ -53,7 +53,7 @@ class NunchakuPlugin(Plugin):
             finish=lambda pipelines: finish(choice, pipelines),
         )
 
-    def choose(self, gpu) -> Plan | Fallback:
+    def choose(self, gpu: GPU | None) -> Run | Fallback:
         decision = decide(self.settings, self.config, gpu, detect(), torch.__version__, sys.version_info[:2])
         if isinstance(decision, Refusal):
             raise SystemExit(decision.message)
@@ -64,11 +64,11 @@ class NunchakuPlugin(Plugin):
         return decision
 
 
-def _dtype(plan: Plan) -> torch.dtype:
-    return torch.float16 if plan.dtype == "fp16" else torch.bfloat16
+def _dtype(run: Run) -> torch.dtype:
+    return torch.float16 if run.dtype == "fp16" else torch.bfloat16
 
 
-def build_pipeline(plan: Plan, context: PipelineContext):
+def build_pipeline(run: Run, context: PipelineContext):
     """The FLUX pipeline of MODEL_PATH around Nunchaku's transformer. Needs the real package and a supported GPU."""
     try:
         from nunchaku import NunchakuFluxTransformer2dModel, NunchakuT5EncoderModel
@@ -76,38 +76,38 @@ def build_pipeline(plan: Plan, context: PipelineContext):
         raise SystemExit(
             f"Nunchaku failed to import ({type(exc).__name__}: {exc}); see README, GPU fast paths."
         ) from None
-    dtype, device = _dtype(plan), str(context.device)
-    log.info("Nunchaku %s transformer %s (offload %s)", plan.precision, plan.file, plan.offload)
+    dtype, device = _dtype(run), str(context.device)
+    log.info("Nunchaku %s transformer %s (offload %s)", run.precision, run.file, run.offload)
     transformer = NunchakuFluxTransformer2dModel.from_pretrained(
-        str(plan.file), device=device, offload=plan.offload, torch_dtype=dtype
+        str(run.file), device=device, offload=run.offload, torch_dtype=dtype
     )
-    if plan.fp16_attention:
+    if run.fp16_attention:
         transformer.set_attention_impl("nunchaku-fp16")
     components = {"transformer": transformer}
-    if plan.t5 is not None:
+    if run.t5 is not None:
         components["text_encoder_2"] = NunchakuT5EncoderModel.from_pretrained(
-            str(plan.t5), torch_dtype=dtype, device=device
+            str(run.t5), torch_dtype=dtype, device=device
         )
     return context.load_pipeline(context.path, dtype, **components)
 
 
-def finish(plan: Plan, pipelines: dict) -> None:
+def finish(run: Run, pipelines: dict) -> None:
     """Nunchaku's cache wraps each pipeline class's __call__; img2img and inpaint are other classes."""
-    if plan.cache_threshold > 0:
+    if run.cache_threshold > 0:
         from nunchaku.caching.diffusers_adapters import apply_cache_on_pipe
 
         for pipe in pipelines.values():
-            apply_cache_on_pipe(pipe, residual_diff_threshold=plan.cache_threshold)
+            apply_cache_on_pipe(pipe, residual_diff_threshold=run.cache_threshold)
 
 
-def describe(plan: Plan) -> dict:
+def describe(run: Run) -> dict:
     return {
-        "precision": f"{plan.precision} (Nunchaku SVDQuant, {Path(plan.file).name})",
-        "attention": "nunchaku-fp16" if plan.fp16_attention else "flashattn2 (Nunchaku)",
+        "precision": f"{run.precision} (Nunchaku SVDQuant, {Path(run.file).name})",
+        "attention": "nunchaku-fp16" if run.fp16_attention else "flashattn2 (Nunchaku)",
         "compile": False,
-        "cache": f"first-block (Nunchaku), threshold {plan.cache_threshold:g}" if plan.cache_threshold > 0 else None,
-        "offload": "Nunchaku per-layer + sequential" if plan.offload else None,
-        "text_encoder_2": f"Nunchaku int4 T5 ({plan.t5.name})" if plan.t5 else "as in the model folder",
+        "cache": f"first-block (Nunchaku), threshold {run.cache_threshold:g}" if run.cache_threshold > 0 else None,
+        "offload": "Nunchaku per-layer + sequential" if run.offload else None,
+        "text_encoder_2": f"Nunchaku int4 T5 ({run.t5.name})" if run.t5 else "as in the model folder",
         "lora": "Nunchaku compose_lora + update_lora_params",
-        "notes": list(plan.notes),
+        "notes": list(run.notes),
     }

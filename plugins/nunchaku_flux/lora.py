@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from server.hooks import LoRAApplier
 from server.lora import (
     Layers,
-    LoRAApplier,
     LoRAError,
     LoRALayer,
     LoRASet,

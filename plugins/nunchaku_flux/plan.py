@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from plugins.nunchaku_flux.package import Package, package_aside, problem
-from server.engines.fastpath import FP8_MIN_CAPABILITY, GPU
+from server.hooks import FP8_MIN_CAPABILITY, GPU
 
 INT4_SMS = (75, 80, 86, 89)
 FP4_SMS = (120, 121)
@@ -28,8 +28,8 @@ _WEIGHT_DTYPES = {"int4": "int4", "fp4_e2m1_all": "fp4"}
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Run Nunchaku."""
+class Run:
+    """Run Nunchaku: which file, at which precision, how."""
 
     precision: str  # "int4" or "fp4"
     file: Path
@@ -183,7 +183,7 @@ def pick_file(setting: str, precision: str, gpu: GPU) -> Path | str:
 
 
 def decide(settings, config, gpu: GPU | None, package: Package, torch_version: str, python: tuple[int, int]):
-    """Plan, Fallback or Refusal for NUNCHAKU_TRANSFORMER on this machine (`settings`: the server's; `config`:
+    """Run, Fallback or Refusal for NUNCHAKU_TRANSFORMER on this machine (`settings`: the server's; `config`:
     the plugin's NunchakuSettings)."""
     if settings.fp8 or settings.compile:
         return Refusal(
@@ -205,7 +205,7 @@ def decide(settings, config, gpu: GPU | None, package: Package, torch_version: s
         return Refusal(chosen)
     turing = gpu.sm == 75
     notes = ("Turing: fp16 weights and Nunchaku's fp16 attention (bf16 is not supported there)",) if turing else ()
-    return Plan(
+    return Run(
         precision=precision,
         file=chosen,
         dtype="fp16" if turing else "bf16",

@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -30,7 +31,7 @@ from plugins.upload.ssrf import Target, UnsafeURL, check_url, resolve_checked
 from server.config import split
 from server.errors import bad_request
 from server.images import CONTENT_TYPES
-from server.plugins import Plugin
+from server.plugins import Delivered, Plugin
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,22 @@ MAX_ANSWER_BYTES = 4096
 
 class UploadFields(BaseModel):
     upload_urls: list[str] | None = Field(default=None, max_length=10)
+
+
+class UploadStatus(BaseModel):
+    """How an image's upload went (`http_status` and `error` as far as they are known)."""
+
+    status: Literal["uploaded", "failed"]
+    http_status: int | None = None
+    error: str | None = None
+    attempts: int
+
+
+class Uploaded(BaseModel):
+    """What an upload adds to its image's data[i]: where the object is, and how its upload went."""
+
+    s3_url: str
+    upload: UploadStatus
 
 
 def object_url(url: str) -> str:
@@ -72,12 +89,12 @@ async def read_head(response: httpx.Response, limit: int) -> bytes:
     return head
 
 
-class UploadPlugin(Plugin):
+class UploadPlugin(Plugin[list[Target] | None]):
     name = "upload"
     fields = UploadFields
 
-    def __init__(self, settings, engine) -> None:
-        super().__init__(settings, engine)
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
         self.allowed = split(self.config.upload_allowed_hosts)
         self.retries = self.config.upload_retries
         self.timeout = self.config.upload_timeout
@@ -102,25 +119,21 @@ class UploadPlugin(Plugin):
         return targets
 
     async def deliver(
-        self, encoded: list[bytes | None], fmt: str, option, items: list[dict], deadline: float
-    ) -> list[bool]:
+        self, encoded: list[bytes | None], fmt: str, option: list[Target] | None, deadline: float
+    ) -> list[Delivered]:
         if option is None:
-            return [False] * len(encoded)
+            return [Delivered(False) for _ in encoded]
         uploads = [
-            self._upload(target, data, CONTENT_TYPES[fmt], deadline) if data is not None else _withheld()
+            self._delivered(target, data, CONTENT_TYPES[fmt], deadline) if data is not None else _withheld()
             for target, data in zip(option, encoded, strict=True)
         ]
-        delivered = []
-        for target, data, item, status in zip(option, encoded, items, await asyncio.gather(*uploads), strict=True):
-            if data is None:  # withheld by another plugin: nothing was uploaded
-                delivered.append(False)
-                continue
-            item["s3_url"] = object_url(target.url)
-            item["upload"] = status
-            delivered.append(status["status"] == "uploaded")
-        return delivered
+        return list(await asyncio.gather(*uploads))
 
-    async def _upload(self, target: Target, data: bytes, content_type: str, deadline: float) -> dict:
+    async def _delivered(self, target: Target, data: bytes, content_type: str, deadline: float) -> Delivered:
+        status = await self._upload(target, data, content_type, deadline)
+        return Delivered(status.status == "uploaded", Uploaded(s3_url=object_url(target.url), upload=status))
+
+    async def _upload(self, target: Target, data: bytes, content_type: str, deadline: float) -> UploadStatus:
         attempts, error, code = 0, "", None
         while attempts <= self.retries:
             if attempts:
@@ -132,19 +145,19 @@ class UploadPlugin(Plugin):
             try:
                 answer = await self._attempt(target, data, content_type, deadline)
             except UnsafeURL as exc:
-                return {"status": "failed", "error": str(exc), "attempts": attempts}
+                return UploadStatus(status="failed", error=str(exc), attempts=attempts)
             except (httpx.HTTPError, TimeoutError) as exc:
                 log.info("upload to %s: attempt %d failed: %r", object_url(target.url), attempts, exc)
                 error, code = _transport_error(exc, self.timeout), None
                 continue
             code = answer.status
             if 200 <= code < 300:
-                return {"status": "uploaded", "http_status": code, "attempts": attempts}
+                return UploadStatus(status="uploaded", http_status=code, attempts=attempts)
             error = answer.error()
             if code < 500:
                 break  # 3xx (redirects are not followed) and 4xx: retrying cannot help
         log.warning("upload to %s failed after %d attempts: %s", object_url(target.url), attempts, error)
-        return {"status": "failed", "http_status": code, "error": error, "attempts": attempts}
+        return UploadStatus(status="failed", http_status=code, error=error, attempts=attempts)
 
     async def _attempt(self, target: Target, data: bytes, content_type: str, deadline: float) -> Answer:
         """One PUT, start to answer within UPLOAD_TIMEOUT and the request's deadline (TimeoutError past it)."""
@@ -181,5 +194,6 @@ def _transport_error(exc: Exception, timeout: float) -> str:
     return "the connection to the upload target failed before its answer"
 
 
-async def _withheld() -> dict:
-    return {}
+async def _withheld() -> Delivered:
+    """An image withheld by another plugin: nothing is uploaded, nothing added to its data[i]."""
+    return Delivered(False)

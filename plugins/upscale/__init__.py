@@ -10,14 +10,14 @@ from typing import Annotated
 from PIL import Image
 from pydantic import AfterValidator, BaseModel, WithJsonSchema
 
-from server.plugins import Plugin
+from server.plugins import Plugin, Processed
 
 FACTORS = (1, 2, 4)
 
 
 def _factor(value: int) -> int:
     if value not in FACTORS:
-        raise ValueError("must be 1, 2 or 4")
+        raise ValueError(f"must be {', '.join(map(str, FACTORS[:-1]))} or {FACTORS[-1]}")
     return value
 
 
@@ -30,7 +30,7 @@ class UpscaleFields(BaseModel):
     upscale: Factor | None = None
 
 
-class UpscalePlugin(Plugin):
+class UpscalePlugin(Plugin[int]):
     name = "upscale"
     fields = UpscaleFields
     order = 20  # after the NSFW check, which looks at what the model made
@@ -41,10 +41,11 @@ class UpscalePlugin(Plugin):
     def output_size(self, option: int, size: tuple[int, int]) -> tuple[int, int]:
         return size[0] * option, size[1] * option
 
-    def postprocess(self, images: list[Image.Image | None], option: int, items: list[dict]) -> list:
-        if option == 1:
-            return images
-        return [
-            None if image is None else image.resize((image.width * option, image.height * option), Image.LANCZOS)
-            for image in images
-        ]
+    def postprocess(self, images: list[Image.Image | None], option: int) -> list[Processed]:
+        return [Processed(_enlarged(image, option)) for image in images]
+
+
+def _enlarged(image: Image.Image | None, factor: int) -> Image.Image | None:
+    if image is None or factor == 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.LANCZOS)

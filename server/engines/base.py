@@ -3,98 +3,42 @@
 An engine owns one thread, the engine thread: loading, warm-up, LoRA switches and generation all run there,
 one at a time, because pipelines are not thread-safe. The server reaches it through `call` alone.
 
-What an engine may ask of the plugins is `EngineHooks`: a pipeline provider (Nunchaku's 4-bit FLUX) and a
-LoRA applier for weights that LoRAs can be merged into or slotted into before compilation. `server/` names
-these hooks; `plugins/` implements them; an engine never imports a plugin.
+What an engine may ask of the plugins is `EngineHooks` (server/hooks.py, the plugins' contract): a pipeline
+provider (Nunchaku's 4-bit FLUX) and a LoRA applier for weights that LoRAs can be merged into or slotted into
+before compilation. `server/` names these hooks; `plugins/` implements them; an engine never imports a plugin.
 """
 
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import TypeVar
 
-import torch
 from PIL import Image
 
-from server.config import Settings
 from server.errors import bad_request
 from server.families import GENERIC, Family
-from server.lora import LoRAApplier, LoRAError, LoRASet, Shapes, describe
+from server.hooks import EngineHooks, EngineView, LoRAApplier, LoRATarget, PipelineContext
+from server.lora import LoRAError, LoRASet, describe
 from server.spec import GenerationSpec
 
 T = TypeVar("T")
 
 
-# (index of the spec in the batch, index of the image in its spec, render) -> None. `render` decodes the preview;
-# the receiver calls it on another thread.
-PreviewSink = Callable[[int, int, Callable[[], Image.Image]], None]
+# (index of the spec in the batch, index of the image in its spec, render) -> None. `render` decodes the partial
+# image; the receiver calls it on another thread (the preview thread).
+PartialImageSink = Callable[[int, int, Callable[[], Image.Image]], None]
 
 
 @dataclass
 class Progress:
-    """What a running batch reports and learns: previews as they form (stream=true), the denoising steps done
-    (a video job's `progress`), and that nobody waits for it any more (stop at the next step)."""
+    """What a running batch reports and learns: partial images as they form (stream=true), the denoising steps
+    done (a video job's `progress`), and that nobody waits for it any more (stop at the next step)."""
 
     should_stop: Callable[[], bool] = lambda: False
-    preview: PreviewSink | None = None
+    partial_image: PartialImageSink | None = None
     step: Callable[[int, int], None] | None = None  # (steps done, steps in all), on the engine thread
-
-
-# -- what engines may ask the plugins ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PipelineContext:
-    """What a pipeline provider gets: the model folder and its family, where it runs, and the engine's own
-    loader."""
-
-    path: Path
-    device: torch.device
-    gpu: Any  # server.engines.fastpath.GPU or None
-    settings: Settings
-    load_pipeline: Callable[..., Any]  # (path, dtype, **components) -> pipeline
-    family: Family = GENERIC
-
-
-@dataclass
-class ProvidedPipeline:
-    """A pipeline built by a plugin (Nunchaku), with how to place it and what to finish once adopted."""
-
-    pipe: Any
-    dtype: torch.dtype
-    offload: str = ""  # "", "model" or "sequential" (diffusers' CPU offload)
-    info: dict = field(default_factory=dict)
-    lora_applier: LoRAApplier | None = None
-    finish: Callable[[dict[str, Any]], None] = lambda pipelines: None  # every mode's pipeline, once built
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """The provider cannot run here; serve the engine's own path with these fast options (logged, shown)."""
-
-    fp8: bool
-    compile: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class LoRATarget:
-    """Where LoRA sets must go: merged into `pipe`'s weights, or (not mergeable: FP8 or compiled weights)
-    into a slot reserved before compilation. `shapes` are the layers as LoRA files name them."""
-
-    pipe: Any
-    mergeable: bool
-    shapes: Shapes
-    dtype: torch.dtype
-
-
-class EngineHooks(Protocol):
-    def provide_pipeline(self, context: PipelineContext) -> ProvidedPipeline | Fallback | None: ...
-
-    def lora_applier(self, target: LoRATarget) -> LoRAApplier | None: ...
 
 
 class NoHooks:
@@ -126,6 +70,10 @@ class Engine(ABC):
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    def view(self) -> EngineView:
+        """What the plugins see of this engine, once it has loaded."""
+        return EngineView(self.name, self.info, self.lora_applier, self.call)
 
     @abstractmethod
     def load(self, hooks: EngineHooks) -> None:
@@ -161,6 +109,11 @@ class Engine(ABC):
             raise bad_request(
                 f"The LoRA set [{describe(loras)}] cannot be applied: {exc}", "loras", "lora_invalid"
             ) from None
+
+    @property
+    def applied_loras(self) -> LoRASet | None:
+        """The LoRA set in the weights now, as requests name it (None: unknown, a failed set not undone)."""
+        return self.lora_applier.applied_set if self.lora_applier is not None else ()
 
     @property
     def broken(self) -> bool:

@@ -19,20 +19,21 @@ import torch
 from PIL import Image
 
 from server.config import Settings
-from server.engines.base import Engine, EngineHooks, Fallback, LoRATarget, PipelineContext, Progress, ProvidedPipeline
+from server.engines.base import Engine, Progress
 from server.engines.compile_cache import CompileCache
 from server.engines.fastpath import FastOptions, accelerate, check_options, detect_gpu, installed_kernels
-from server.engines.previews import PreviewDecoder, decoder_problem, predicted_clean, preview_steps
+from server.engines.partial_images import PreviewDecoder, decoder_problem, partial_image_steps, predicted_clean
 from server.errors import bad_request
 from server.families import (
     CFG,
-    DEFAULT_TRUE_CFG,
     GENERIC,
     NONE,
     TRUE_CFG,
     Family,
     detect_family,
+    true_cfg_weight,
 )
+from server.hooks import EngineHooks, EnginePath, LoRATarget, PipelineContext, ProvidedPipeline
 from server.lora import weight_shapes
 from server.spec import GenerationSpec
 
@@ -133,7 +134,7 @@ class DiffusersEngine(Engine):
         self.max_batch = settings.max_batch
         self.pipelines: dict[str, object] = {}
         self.unserved: dict[str, str] = {}  # mode -> why this server does not serve it (a setting's doing)
-        self.previews: PreviewDecoder | None = None
+        self.preview_decoder: PreviewDecoder | None = None
         self._params: dict[str, set[str]] = {}
         self.name = served_name(settings)
         self.info = {"engine": "diffusers", "device": str(self.device), "precision": str(self.dtype)[6:]}
@@ -155,7 +156,7 @@ class DiffusersEngine(Engine):
             self._adopt_provided(provided)
             return
         options = FastOptions.from_settings(self.settings)
-        if isinstance(provided, Fallback):
+        if isinstance(provided, EnginePath):
             options = options.with_fallback(provided.fp8, provided.compile)
             self.info["fallback"] = provided.reason
         self._load_diffusers(options, gpu, path, hooks)
@@ -223,17 +224,17 @@ class DiffusersEngine(Engine):
         for mode_pipe in self.pipelines.values():
             mode_pipe.set_progress_bar_config(disable=True)
         self._params = {m: set(inspect.signature(p.__call__).parameters) for m, p in self.pipelines.items()}
-        self.previews = self._preview_decoder(pipe)
+        self.preview_decoder = self._decoder_for(pipe)
         if not self.family.batch:
             self.max_batch = 1
         self.info.update(
             pipeline=type(pipe).__name__,
             modes=sorted(self.pipelines),
-            previews=self.previews.kind if self.previews else None,
+            previews=self.preview_decoder.kind if self.preview_decoder else None,
         )
 
-    def _preview_decoder(self, pipe) -> PreviewDecoder | None:
-        """Previews for a flow-matching family whose latents it knows; a decoder that cannot read them stops the
+    def _decoder_for(self, pipe) -> PreviewDecoder | None:
+        """Partial images for a flow-matching family whose latents it knows; a decoder that cannot read them stops the
         server."""
         layout, kind = self.family.latents, self.settings.preview_decoder
         if not layout or getattr(pipe, "vae", None) is None:
@@ -292,7 +293,7 @@ class DiffusersEngine(Engine):
         problem = video.frames_problem(spec.frames) if video is not None else None
         if problem:
             raise bad_request(f"This model ({family.name}) makes {problem}.", "seconds", "unsupported")
-        if spec.previews and self.previews is None:
+        if spec.partial_images and self.preview_decoder is None:
             raise bad_request(
                 f"This model ({family.name}) has no partial images; ask without 'partial_images'.",
                 "partial_images",
@@ -383,7 +384,7 @@ class DiffusersEngine(Engine):
     def _call(self, mode: str, pipe, rows: list["Row"], progress: Progress) -> list:
         head = rows[0].spec
         kwargs = self.arguments(mode, rows)
-        watcher = StepWatcher(progress, rows, self.previews)
+        watcher = StepWatcher(progress, rows, self.preview_decoder)
         if "callback_on_step_end" in self._params[mode]:
             kwargs["callback_on_step_end"] = watcher
         with torch.inference_mode():
@@ -434,11 +435,9 @@ def _optional_arguments(spec: GenerationSpec, family: Family, params: set[str]) 
     negative = spec.negative_prompt if spec.negative_prompt is not None else family.default_negative
     if negative is not None and "negative_prompt" in params:
         kwargs["negative_prompt"] = negative
-    if family.negative == TRUE_CFG and "true_cfg_scale" in params:
-        if spec.true_cfg is not None:
-            kwargs["true_cfg_scale"] = spec.true_cfg
-        elif spec.negative_prompt is not None:
-            kwargs["true_cfg_scale"] = DEFAULT_TRUE_CFG
+    true_cfg = true_cfg_weight(spec.true_cfg, spec.negative_prompt)
+    if family.negative == TRUE_CFG and "true_cfg_scale" in params and true_cfg is not None:
+        kwargs["true_cfg_scale"] = true_cfg
     if spec.strength is not None:
         kwargs["strength"] = spec.strength
     return kwargs
@@ -471,18 +470,18 @@ class Row:
 
 class StepWatcher:
     """The pipeline's step callback (engine thread): stops the batch once every waiter has gone, and hands
-    over the previews its streamed requests asked for."""
+    over the partial images its streamed requests asked for."""
 
     def __init__(self, progress: Progress, rows: list[Row], decoder: PreviewDecoder | None) -> None:
         self.progress = progress
         self.rows = rows
         self.decoder = decoder
-        self.wanted: dict[int, list[int]] = {}  # step -> rows that want a preview after it
-        if progress.preview is not None and decoder is not None:
+        self.wanted: dict[int, list[int]] = {}  # step -> rows that want a partial image after it
+        if progress.partial_image is not None and decoder is not None:
             for index, row in enumerate(rows):
-                for step in preview_steps(row.spec.steps, row.spec.previews):
+                for step in partial_image_steps(row.spec.steps, row.spec.partial_images):
                     self.wanted.setdefault(step, []).append(index)
-        self.before: torch.Tensor | None = None  # the latents before the next preview's step
+        self.before: torch.Tensor | None = None  # the latents before the next partial image's step
         self.stopped_after = 0
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
@@ -504,4 +503,4 @@ class StepWatcher:
         for index in indices:
             row = self.rows[index]
             render = self.decoder.render(clean[index].clone(), row.spec.width, row.spec.height)
-            self.progress.preview(row.spec_index, row.image_index, render)
+            self.progress.partial_image(row.spec_index, row.image_index, render)

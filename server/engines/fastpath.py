@@ -12,7 +12,7 @@ that works:
   torch.compile (last: it sees the final modules)
 
 The Nunchaku 4-bit path is another backend (plugins/nunchaku_flux, a pipeline
-provider); it shares `GPU` and the refusal style with this module.
+provider); it shares `GPU` (server/hooks.py) and the refusal style with this module.
 """
 
 import dataclasses
@@ -23,24 +23,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from server.lora import LoRAApplier
+from server.hooks import FP8_MIN_CAPABILITY, GPU, LoRAApplier
 
 log = logging.getLogger(__name__)
-
-FP8_MIN_CAPABILITY = (8, 9)  # torchao's FP8 dynamic quantization: Ada, Hopper, Blackwell
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    capability: tuple[int, int]
-
-    @property
-    def sm(self) -> int:
-        return self.capability[0] * 10 + self.capability[1]
-
-    def describe(self) -> str:
-        return f"{self.name} (compute capability {self.capability[0]}.{self.capability[1]})"
 
 
 def detect_gpu(device: torch.device) -> GPU | None:

@@ -1,9 +1,11 @@
-"""The plugin interface: a third-party plugin found through the entry-point group, and the built-ins together."""
+"""The plugin interface: a third-party plugin found through the entry-point group (the contract it sees: its fields,
+its option, what it adds to data[i], the engine thread), and the built-ins together."""
 
 import io
 import textwrap
 
 import boto3
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -24,24 +26,43 @@ def third_party(tmp_path):
     (site / "invert_plugin.py").parent.mkdir(parents=True)
     (site / "invert_plugin.py").write_text(
         textwrap.dedent("""
+        import threading
+
+        from fastapi import APIRouter
         from PIL import ImageOps
         from pydantic import BaseModel
-        from server.plugins import Plugin
+        from server.plugins import Plugin, Processed
 
-        class InvertFields(BaseModel):
+        class InvertFields(BaseModel):  # the request's field
             invert: bool = False
 
-        class InvertPlugin(Plugin):
+        class Inverted(BaseModel):  # what it adds to each data[i]
+            inverted: bool
+
+        class InvertPlugin(Plugin[bool]):
             name = "invert"
             fields = InvertFields
+
+            def load(self, engine):
+                self.engine = engine
 
             def option(self, request):
                 return request.invert
 
-            def postprocess(self, images, option, items):
-                for item in items:
-                    item["inverted"] = option
-                return [ImageOps.invert(i) if option and i is not None else i for i in images]
+            def postprocess(self, images, option):
+                return [
+                    Processed(ImageOps.invert(i) if option and i is not None else i, Inverted(inverted=option))
+                    for i in images
+                ]
+
+            def router(self):
+                router = APIRouter()
+
+                @router.get("/v1/invert/engine-thread")
+                async def engine_thread():
+                    return {"thread": await self.engine.call(lambda: threading.current_thread().name)}
+
+                return router
     """)
     )
     dist = site / "invert_plugin-1.0.dist-info"
@@ -62,9 +83,11 @@ def test_third_party_plugin_from_its_own_package(make_server, third_party):
         return result.data[0]
 
     plain, inverted = generate(False), generate(True)
-    assert inverted.model_extra["inverted"] is True
+    assert inverted.model_extra["inverted"] is True and plain.model_extra["inverted"] is False
     assert (pixels(decode_b64(plain.b64_json)) + pixels(decode_b64(inverted.b64_json)) == 255).all()
     assert srv.client().models.list().data[0].model_extra["plugins"] == ["invert"]
+    # the contract's way onto the engine thread (server/hooks.py, EngineView.call)
+    assert httpx.get(f"{srv.url}/v1/invert/engine-thread").json()["thread"].startswith("engine")
 
 
 def test_unknown_plugin_name_stops_startup(make_server):

@@ -19,9 +19,10 @@ from PIL import Image
 
 from server.app import create_app
 from server.config import from_env
-from server.engines.base import Engine, EngineHooks, Progress
+from server.engines.base import Engine, Progress
 from server.errors import bad_request
 from server.families import CFG, Family, Video
+from server.hooks import EngineHooks
 from server.spec import GenerationSpec
 
 FAILED_FILE = "/srv/models/flux/transformer/diffusion_pytorch_model.safetensors"  # in an EXPLODE's error
@@ -73,22 +74,22 @@ class FakeEngine(Engine):
         if progress.step is not None:
             progress.step(1, specs[0].steps)
         self.gate.wait(30)
-        self._previews(specs, progress)
+        self._partial_images(specs, progress)
         if any("EXPLODE" in s.prompt for s in specs):
             raise FileNotFoundError(2, "No such file or directory", FAILED_FILE)
         return [_frames(s) if s.frames else [_painted(s, seed) for seed in s.seeds] for s in specs]
 
     @staticmethod
-    def _previews(specs: list[GenerationSpec], progress: Progress) -> None:
-        """spec.previews previews per image, as the diffusers engine hands them over; BADPREVIEW's cannot render."""
-        for step in range(max((s.previews for s in specs), default=0)):
+    def _partial_images(specs: list[GenerationSpec], progress: Progress) -> None:
+        """spec.partial_images per image, as the diffusers engine hands them over; BADPREVIEW's cannot render."""
+        for step in range(max((s.partial_images for s in specs), default=0)):
             for i, spec in enumerate(specs):
                 for j, seed in enumerate(spec.seeds):
-                    if step < spec.previews and progress.preview is not None:
-                        progress.preview(i, j, partial(_preview, spec, seed, step))
+                    if step < spec.partial_images and progress.partial_image is not None:
+                        progress.partial_image(i, j, partial(_partial_image, spec, seed, step))
 
 
-def _preview(spec: GenerationSpec, seed: int, step: int) -> Image.Image:
+def _partial_image(spec: GenerationSpec, seed: int, step: int) -> Image.Image:
     if "BADPREVIEW" in spec.prompt:
         raise RuntimeError("the decoder failed")
     return _painted(spec, seed + 1000 * (step + 1))

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import re
 import threading
 from types import SimpleNamespace
 
@@ -162,8 +163,18 @@ def test_openapi_has_the_response_schemas(app):
     spec = app.http.get("/openapi.json").json()
     responses = spec["paths"]["/v1/images/generations"]["post"]["responses"]
     assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ImagesResponse")
-    assert "text/event-stream" in responses["200"]["content"]
-    assert "429" in responses and "ImagesResponse" in spec["components"]["schemas"]
+    events = [ref["$ref"] for ref in responses["200"]["content"]["text/event-stream"]["schema"]["oneOf"]]
+    assert events == ["#/components/schemas/StreamEvent", "#/components/schemas/ErrorEvent"]
+    assert responses["429"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "ImagesResponse" in spec["components"]["schemas"]
+
+
+def test_every_reference_in_openapi_names_a_published_component(app):
+    """The event schemas were once inlined with their own `#/$defs/...` references, which resolve nowhere."""
+    spec = app.http.get("/openapi.json").json()
+    refs = set(re.findall(r'"\$ref": "([^"]+)"', json.dumps(spec)))
+    published = {f"#/components/schemas/{name}" for name in spec["components"]["schemas"]}
+    assert refs and refs <= published
 
 
 def test_each_image_streams_its_partial_images_in_order_then_its_completed_one(app):
@@ -179,7 +190,7 @@ def test_each_image_streams_its_partial_images_in_order_then_its_completed_one(a
         assert len({e.b64_json for e in mine}) == 4
 
 
-def test_a_preview_that_fails_is_left_out_and_the_image_still_comes(app):
+def test_a_partial_image_that_fails_is_left_out_and_the_image_still_comes(app):
     events = list(app.client().images.generate(prompt="BADPREVIEW", size="64x64", stream=True, partial_images=2))
     assert [e.type for e in events] == ["image_generation.completed"]
 
@@ -187,7 +198,7 @@ def test_a_preview_that_fails_is_left_out_and_the_image_still_comes(app):
 def test_partial_images_without_stream_changes_nothing(app):
     before = len(app.engine.calls)
     result = app.client().images.generate(prompt="p", size="64x64", partial_images=2)
-    assert result.data[0].b64_json and app.engine.calls[before].specs[0].previews == 0
+    assert result.data[0].b64_json and app.engine.calls[before].specs[0].partial_images == 0
 
 
 # -- the request's owner (RequestLife) and its streams ------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The rules docs/ARCHITECTURE.md promises: server/ never imports plugins/, and no function is too long.
-(Complexity is ruff's C901, at most 10, in pyproject.toml.)"""
+"""The rules docs/ARCHITECTURE.md promises: server/ never imports plugins/, plugins/ import of server/ only the
+plugins' contract, and no function is too long. (Complexity is ruff's C901, at most 10, in pyproject.toml.)"""
 
 import ast
 from pathlib import Path
+
+from server.hooks import PLUGIN_API
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_LINES = 50
@@ -26,6 +28,18 @@ def test_server_never_imports_plugins():
     offenders = {
         str(path.relative_to(ROOT)): sorted(n for n in imported(path) if n.split(".")[0] == "plugins")
         for path in modules("server")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_plugins_import_of_server_only_the_modules_of_the_plugin_contract():
+    """server/hooks.py is the plugins' view of the engine; nothing else of server/engines/ (nor the service, the
+    scheduler, the app) is theirs to import."""
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(
+            n for n in imported(path) if n.split(".")[0] == "server" and n not in PLUGIN_API
+        )
+        for path in modules("plugins")
     }
     assert {k: v for k, v in offenders.items() if v} == {}
 

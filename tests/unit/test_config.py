@@ -75,3 +75,44 @@ def test_each_settings_entry_point_is_named_after_an_installed_plugin():
 
     assert set(SECTIONS) <= set(discover())
     assert {"lora", "nsfw", "upload", "nunchaku"} <= set(SECTIONS)
+
+
+# -- the README's settings tables ---------------------------------------------------------------------------------
+
+
+def _readme_defaults() -> dict[str, str]:
+    """Each setting a README table row names (`| `A`, `B` | a, b | meaning |`), with the default the row gives."""
+    import re
+    from pathlib import Path
+
+    rows = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    defaults = {}
+    for row in (r for r in rows if r.startswith("| `")):
+        names_cell, default_cell = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        names = re.findall(r"`([A-Z][A-Z0-9_]*)`", names_cell)
+        given = default_cell.split(", ") if len(names) > 1 else [default_cell]
+        defaults.update(zip(names, given, strict=len(names) > 1))
+    return defaults
+
+
+def _agrees(written: str, default) -> bool:
+    """README's words for a default: none (empty), "from ..." or "..., else ..." (worked out at run time), a
+    number (with a note in parentheses), true/false, or the value in backticks."""
+    if written == "none" or written.startswith("from ") or ", else " in written:
+        return str(default) in ("", ".")
+    value = written.split(" (")[0].strip("`")
+    if isinstance(default, bool) or value in ("true", "false"):
+        return str(default).lower() == value
+    if isinstance(default, int | float):
+        return float(value) == default
+    return str(default) == value
+
+
+def test_the_readmes_settings_tables_give_the_defaults_the_code_has():
+    """The README's tables are the settings' second home, for readers: they must not drift from the code."""
+    from server.config import Settings, env_name, options
+
+    settings = {env_name(f): f.default for section in (Settings, *SECTIONS.values()) for f in options(section)}
+    written = {name: text for name, text in _readme_defaults().items() if name in settings}
+    assert len(written) > 50  # the tables are still there
+    assert {name: text for name, text in written.items() if not _agrees(text, settings[name])} == {}

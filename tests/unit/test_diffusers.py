@@ -69,7 +69,7 @@ def test_image_to_video_starts_from_the_given_image(wan):
         (video(9, true_cfg=4.0), "true_cfg_scale"),
         (video(9, strength=0.5, mode="img2img", image=Image.new("RGB", (64, 64))), "strength"),
         (video(9, mode="inpaint", image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64))), "mask"),
-        (video(9, previews=2), "partial_images"),
+        (video(9, partial_images=2), "partial_images"),
     ],
 )
 def test_what_the_family_cannot_do_is_refused_naming_the_field(wan, spec, param):

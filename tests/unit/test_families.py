@@ -9,7 +9,17 @@ import diffusers
 import pytest
 
 from server.config import from_env
-from server.families import CFG, FAMILIES, GENERIC, TRUE_CFG, Video, detect_family, family_named
+from server.families import (
+    CFG,
+    DEFAULT_TRUE_CFG,
+    FAMILIES,
+    GENERIC,
+    TRUE_CFG,
+    Video,
+    detect_family,
+    family_named,
+    true_cfg_weight,
+)
 from server.service import check_family_settings
 
 
@@ -82,3 +92,11 @@ def test_settings_every_request_of_the_family_would_break_on_stop_the_server():
         check_family_settings(glm, from_env(default_size="1040x1040"))
     with pytest.raises(SystemExit, match=r"DEFAULT_GUIDANCE=3\.5: FLUX\.1-schnell takes no guidance"):
         check_family_settings(schnell, from_env(default_guidance=3.5))
+
+
+def test_true_cfg_runs_at_the_requests_weight_else_the_default_with_a_negative_prompt_else_not_at_all():
+    """The one rule both engines follow (the diffusers engine's pipeline arguments, SGLang's fields)."""
+    assert true_cfg_weight(2.5, None) == 2.5
+    assert true_cfg_weight(2.5, "blurry") == 2.5
+    assert true_cfg_weight(None, "blurry") == DEFAULT_TRUE_CFG
+    assert true_cfg_weight(None, None) is None

@@ -12,7 +12,6 @@ import torch
 from plugins.lora.merge import LoRAMerger
 from server.engines.fastpath import (
     FA4_BACKEND,
-    GPU,
     AttentionKernels,
     FastOptions,
     accelerate,
@@ -23,6 +22,7 @@ from server.engines.fastpath import (
     fuse_qkv,
     set_attention,
 )
+from server.hooks import GPU
 from tests.support.demo import demo_pipeline, lora_sets, render, slot, switch
 
 H100 = GPU("NVIDIA H100 80GB HBM3", (9, 0))

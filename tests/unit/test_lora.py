@@ -11,11 +11,11 @@ import torch
 
 from plugins.lora.merge import LoRAMerger
 from server import lora
+from server.hooks import LoRAApplier
 from server.lora import (
     FLOAT_DTYPES,
     MAX_WEIGHT,
     MOST_LORAS,
-    LoRAApplier,
     LoRAError,
     LoRASet,
     ParsedFiles,

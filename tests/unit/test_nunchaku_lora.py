@@ -139,8 +139,8 @@ def test_the_lora_plugin_uses_the_engines_applier(lora_dir):
 
     engine = FakeEngine()
     engine.lora_applier = nunchaku()
-    plugin = LoRAPlugin(from_env(lora_dir=lora_dir, lora_defaults="style:0.8"), engine)
-    plugin.load()
+    plugin = LoRAPlugin(from_env(lora_dir=lora_dir, lora_defaults="style:0.8"))
+    plugin.load(engine.view())
     assert plugin.applier is engine.lora_applier
     engine.apply_loras(plugin.defaults)
     assert engine.lora_applier.transformer.calls == [("update", "x")]

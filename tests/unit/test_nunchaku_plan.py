@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from plugins.nunchaku_flux.package import Package, problem
-from plugins.nunchaku_flux.plan import Fallback, Plan, Refusal, decide, precision_for
+from plugins.nunchaku_flux.plan import Fallback, Refusal, Run, decide, precision_for
 from server.config import from_env
-from server.engines.fastpath import GPU
+from server.hooks import GPU
 from tests.support.nunchaku import svdq_file
 
 # Fake GPUs: what torch.cuda would report (name, compute capability) on each machine.
@@ -160,7 +160,7 @@ def test_the_fp4_file_on_ada_is_refused_naming_the_int4_file(tmp_path):
 
 def test_the_precision_comes_from_the_files_metadata_not_its_name(tmp_path):
     renamed = svdq_file(tmp_path / "flux-dev-4bit.safetensors", "fp4")
-    assert isinstance(decide_for(renamed, RTX5090, REAL), Plan)
+    assert isinstance(decide_for(renamed, RTX5090, REAL), Run)
     assert "is FP4" in decide_for(renamed, A100, REAL).message
     by_name = svdq_file(tmp_path / "svdq-int4_r32-flux.1-dev.safetensors", "int4", with_metadata=False)
     assert decide_for(by_name, A100, REAL).file == by_name
@@ -168,10 +168,10 @@ def test_the_precision_comes_from_the_files_metadata_not_its_name(tmp_path):
 
 @pytest.mark.parametrize(("gpu", "precision"), [(RTX5090, "fp4"), (A100, "int4"), (RTX4090, "int4"), (T4, "int4")])
 def test_a_folder_with_both_files_gives_the_gpus_precision(both, gpu, precision):
-    plan = decide_for(both, gpu, REAL)
-    assert isinstance(plan, Plan)
-    assert plan.precision == precision
-    assert plan.file == both / f"svdq-{precision}_r32-flux.1-dev.safetensors"
+    run = decide_for(both, gpu, REAL)
+    assert isinstance(run, Run)
+    assert run.precision == precision
+    assert run.file == both / f"svdq-{precision}_r32-flux.1-dev.safetensors"
 
 
 def test_turing_runs_fp16_with_nunchakus_fp16_attention(both):

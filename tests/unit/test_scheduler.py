@@ -20,8 +20,10 @@ class Engine:
         self.progress: list[Progress] = []
         self.release = asyncio.Event()
         self.started = asyncio.Event()
+        self.applied = ()  # the LoRA set in its weights, as an engine's applier keeps it
 
     async def execute(self, specs: list[GenerationSpec], progress: Progress):
+        self.applied = specs[0].loras
         self.batches.append([s.prompt for s in specs])
         self.progress.append(progress)
         self.started.set()
@@ -37,7 +39,7 @@ def spec(prompt: str, n: int = 1, size: int = 64, loras=()) -> GenerationSpec:
 
 def scheduler(engine: Engine, **kwargs) -> Scheduler:
     options = {"max_queue": 10, "max_batch": 4, "batch_window": 0, "max_bypass": 4} | kwargs
-    s = Scheduler(engine.execute, Metrics(), **options)
+    s = Scheduler(engine.execute, Metrics(), applied=lambda: engine.applied, **options)
     s.start()
     return s
 
@@ -132,6 +134,25 @@ def test_the_applied_lora_set_goes_first_but_not_forever():
 
     assert run(main(4)) == ["first", "2", "4", "6", "1", "3", "5"]
     assert run(main(1)) == ["first", "2", "1", "3", "5", "4", "6"]  # "1" and "4" wait once each
+
+
+def test_the_set_preferred_is_the_one_the_engine_holds_not_the_one_last_picked():
+    """One home for which set is applied (the engine's applier): a set that failed to apply (the weights are the
+    base model again) is not preferred over requests for the base model."""
+    a = ((Path("/l/a"), 1.0),)
+
+    async def main():
+        engine = Engine()
+        s = scheduler(engine, max_batch=1)
+        jobs = [submit(s, spec("first", loras=a))]
+        await engine.started.wait()
+        engine.applied = ()  # applying `a` failed and was undone
+        jobs += [submit(s, spec("a again", loras=a)), submit(s, spec("base"))]
+        order = await release(engine, 3)
+        await asyncio.gather(*(s.wait(j) for j in jobs))
+        return order
+
+    assert run(main()) == ["first", "base", "a again"]
 
 
 def test_a_request_cancelled_before_its_turn_is_dropped_and_one_cancelled_mid_batch_stops_it():

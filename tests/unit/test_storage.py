@@ -29,10 +29,10 @@ def test_expired_images_are_deleted_and_not_served(tmp_path):
 
 def test_an_image_larger_than_the_quota_comes_back_inline(tmp_path):
     from server.protocol import Usage
-    from server.respond import Finished, assemble
+    from server.respond import Finished, response
     from server.rules import Output
 
     store = ImageStore(tmp_path, ttl=60, max_bytes=10)
-    finished = Finished([b"x" * 100], [{"seed": 1}], "64x64", Usage.of_images(0, 16))
-    item = assemble(finished, [False], Output("png", 0, "url", "http://h", "high"), store).data[0]
+    finished = Finished([b"x" * 100], [1], [[]], [False], "64x64", Usage.of_images(0, 16))
+    item = response(finished, Output("png", 0, "url", "http://h", "high"), store).data[0]
     assert item.b64_json and item.url is None and "IMAGE_DIR_MAX_MB" in item.model_extra["url_error"]

@@ -23,7 +23,7 @@ import httpx
 from PIL import Image
 
 from server.config import Settings
-from server.engines.base import Engine, EngineHooks, Progress
+from server.engines.base import Engine, Progress
 from server.engines.diffusers import served_name
 from server.engines.sglang.errors import MAX_ANSWER, error_text, read_bounded, refused
 from server.engines.sglang.lora import LoRAChecker, SGLangLoRAApplier
@@ -31,7 +31,8 @@ from server.engines.sglang.models import EDIT_TASKS, IMAGE_TASKS, VIDEO_TASKS, v
 from server.engines.sglang.process import Ports, SGLangProcess
 from server.engines.sglang.video import SGLangVideos
 from server.errors import APIError, bad_request, unavailable
-from server.families import DEFAULT_TRUE_CFG, EMBEDDED, NONE, detect_family
+from server.families import EMBEDDED, NONE, detect_family, true_cfg_weight
+from server.hooks import EngineHooks
 from server.spec import GenerationSpec
 
 log = logging.getLogger("server.engines.sglang")
@@ -358,10 +359,10 @@ class SGLangEngine(Engine):
             fields["guidance_scale"] = spec.guidance
         if spec.negative_prompt is not None:
             fields["negative_prompt"] = spec.negative_prompt
-            # explicit, so that CFG runs at the weight the request meant and not at SGLang's guidance default
-            fields["true_cfg_scale"] = spec.true_cfg if spec.true_cfg is not None else DEFAULT_TRUE_CFG
-        elif spec.true_cfg is not None:
-            fields["true_cfg_scale"] = spec.true_cfg
+        # explicit with a negative prompt, so that CFG runs at the weight the request meant, not SGLang's default
+        true_cfg = true_cfg_weight(spec.true_cfg, spec.negative_prompt)
+        if true_cfg is not None:
+            fields["true_cfg_scale"] = true_cfg
         return fields
 
     def _call(self, spec: GenerationSpec, seed: int, count: int) -> list[Image.Image]:

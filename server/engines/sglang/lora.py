@@ -35,8 +35,8 @@ import httpx
 import torch
 
 from server.engines.sglang.errors import refused
+from server.hooks import BASE_MODEL, LoRAApplier
 from server.lora import (
-    LoRAApplier,
     LoRAError,
     LoRASet,
     ParsedFiles,
@@ -175,7 +175,7 @@ class SGLangLoRAApplier(LoRAApplier):
         if self._process.epoch != self._epoch:
             self._epoch = self._process.epoch
             self._loaded.clear()
-            self._applied = ()  # a new child starts with its base weights
+            self._applied = BASE_MODEL  # a new child starts with its base weights
             self.broken = False
 
     def _apply(self, loras: LoRASet) -> None:

@@ -1,16 +1,18 @@
-"""Previews of images still being denoised (stream=true, partial_images): the predicted clean image at a step.
+"""Partial images (stream=true, `partial_images`): the predicted clean image of an image still being denoised.
 
 A flow-matching model's step is x_next = x + (sigma_next - sigma) * v, so two consecutive latents give the
 velocity v and the prediction of the finished latent, x0 = x_next - sigma_next * v. Decoding that prediction
-shows a recognisable image that sharpens step by step (what ComfyUI and AUTOMATIC1111 show their users); the
-noisy latent itself would show noise. The engine thread only takes the latents (a copy per preview); decoding
-and encoding run on another thread.
+shows a recognisable image that sharpens step by step (what ComfyUI and AUTOMATIC1111 show as previews); the
+noisy latent itself would show noise. The engine thread only takes the latents (a copy per partial image);
+decoding and encoding run on the preview thread (server/service.py), with the pipeline's VAE (or a decoder of
+its own): the one thing off the engine thread that uses the pipeline's weights, read-only.
 
 Each family holds its latents its own way while it denoises (server/families.py, `latents`): FLUX.1 and
 Qwen-Image pack 2x2 patches into tokens, FLUX.2 packs them as channels and normalizes them, Z-Image and GLM-Image
 keep them as images. `_vae_input` undoes what the pipeline itself undoes before its VAE decodes.
 
-Decoders (PREVIEW_DECODER): `vae`, the pipeline's own (exact, a full decode per preview); for FLUX.1 also
+The preview decoder (PREVIEW_DECODER): `vae`, the pipeline's own (exact, a full decode per partial image); for
+FLUX.1 also
 `linear`, a 16-channel-to-RGB projection fitted to that VAE when the engine loads (nearly free, blurry: upsampled
 from the latent grid), and `tiny:PATH`, a tiny autoencoder for the model's latent space from a local folder
 (TAEF1).
@@ -27,15 +29,15 @@ from server.families import FLUX2_PACKED, FLUX_PACKED, PLAIN, PLAIN_NORMALIZED, 
 
 log = logging.getLogger(__name__)
 
-FIRST_PREVIEW_STEP = 2  # the estimate needs the latents before and after a step; the first step has no before
+FIRST_STEP = 2  # the estimate needs the latents before and after a step; the first step has no before
 
 
-def preview_steps(steps: int, count: int) -> list[int]:
-    """The steps after which `count` previews are taken, spread evenly; fewer when the run is too short."""
-    if count <= 0 or steps <= FIRST_PREVIEW_STEP:
+def partial_image_steps(steps: int, count: int) -> list[int]:
+    """The steps after which `count` partial images are taken, spread evenly; fewer when the run is too short."""
+    if count <= 0 or steps <= FIRST_STEP:
         return []
     spread = {round(steps * (j + 1) / (count + 1)) for j in range(count)}
-    return sorted({min(steps - 1, max(FIRST_PREVIEW_STEP, s)) for s in spread})
+    return sorted({min(steps - 1, max(FIRST_STEP, s)) for s in spread})
 
 
 def predicted_clean(scheduler, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -104,7 +106,7 @@ def _vae_input(pipe, layout: str, latents: torch.Tensor, width: int, height: int
         return _vae_space(pipe.vae, latents)
     if layout == PLAIN_NORMALIZED:
         return latents * _per_channel(config.latents_std, latents) + _per_channel(config.latents_mean, latents)
-    raise ValueError(f"no preview for latents laid out as {layout!r}")
+    raise ValueError(f"no partial image for latents laid out as {layout!r}")
 
 
 def _per_channel(values, like: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,7 @@ def _tiny_decoder(path: str, vae) -> Callable[[torch.Tensor], torch.Tensor]:
     from diffusers import AutoencoderTiny
 
     tiny = AutoencoderTiny.from_pretrained(path).to(vae.device).eval()
-    log.info("previews decoded by the tiny autoencoder in %s", path)
+    log.info("partial images decoded by the tiny autoencoder in %s", path)
 
     def decode(z: torch.Tensor) -> torch.Tensor:  # a tiny autoencoder decodes the model's latents as they are
         return tiny.decode(_vae_space(tiny, z).to(tiny.dtype), return_dict=False)[0].float()

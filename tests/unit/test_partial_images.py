@@ -1,10 +1,10 @@
-"""server/engines/previews.py: when previews are taken, the predicted clean latent, and the decoders."""
+"""server/engines/partial_images.py: when partial images are taken, the predicted clean latent, and the decoders."""
 
 import pytest
 import torch
 from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler
 
-from server.engines.previews import PreviewDecoder, decoder_problem, predicted_clean, preview_steps
+from server.engines.partial_images import PreviewDecoder, decoder_problem, partial_image_steps, predicted_clean
 from server.families import FLUX_PACKED, PLAIN, QWEN_PACKED
 from tests.support.demo import demo_pipeline
 
@@ -13,8 +13,8 @@ from tests.support.demo import demo_pipeline
     ("steps", "count", "expected"),
     [(28, 3, [7, 14, 21]), (8, 2, [3, 5]), (8, 1, [4]), (4, 3, [2, 3]), (2, 3, []), (28, 0, []), (3, 2, [2])],
 )
-def test_previews_are_spread_over_the_run_and_never_the_first_or_last_step(steps, count, expected):
-    assert preview_steps(steps, count) == expected
+def test_partial_images_are_spread_over_the_run_and_never_the_first_or_last_step(steps, count, expected):
+    assert partial_image_steps(steps, count) == expected
 
 
 def test_the_clean_latent_is_predicted_exactly_from_two_steps_of_a_flow_matching_model():
