@@ -92,7 +92,7 @@ class InProcess:
         from server.engines.diffusers import Row
         from server.service import validate
 
-        spec = self.service.plan(validate(self.service.generation_model, body), None, "http://in-process").spec
+        spec = self.service.plan(validate(self.service.generation_model, body), "text2img", "http://in-process").spec
         arguments = self.engine.arguments(spec.mode, [Row(0, j, spec, seed) for j, seed in enumerate(spec.seeds)])
         started = time.perf_counter()
         self.engine.pipelines[spec.mode](**arguments)

@@ -203,5 +203,5 @@ def test_test_sh_sets_up_the_unit_tier_only_for_paths_inside_it(tmp_path, args, 
         f"setup.sh {tier}",
         "ruff check .",
         "ruff format --check .",
-        " ".join(["python -m pytest -q -ra", *args]),
+        " ".join(["python -m pytest -q -ra --durations=25", *args]),
     ]

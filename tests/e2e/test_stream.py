@@ -3,12 +3,12 @@ ones, per image and in order; edits the same; a client that leaves mid-stream fr
 
 import itertools
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from bench import harness
 from tests.support.images import decode_b64, gradient, pixels, png_bytes
 from tests.support.waiting import until
 
@@ -22,11 +22,6 @@ def streamer():
     srv = ServerProcess({"MAX_BATCH": "4", "BATCH_WINDOW_MS": "300", "STREAM_KEEPALIVE": "0.2"}).start()
     yield srv
     srv.stop()
-
-
-def timed(events) -> list[tuple[float, object]]:
-    started = time.monotonic()
-    return [(time.monotonic() - started, event) for event in events]
 
 
 @pytest.mark.parametrize("partial_images", [0, 1, 2, 3])
@@ -49,16 +44,25 @@ def test_partial_images_then_the_completed_one_per_image(streamer, partial_image
         assert all((a != b).any() for a, b in itertools.pairwise(frames))  # each sharper than the last
 
 
-def test_the_first_preview_arrives_well_before_the_completed_image(streamer):
+def test_the_first_partial_image_arrives_while_the_image_is_still_being_generated(streamer):
+    """Not a timing: the server's count of images made says the image was not made yet when its first partial
+    image (after 7 of 28 steps) reached the client."""
+
+    def made() -> float:
+        return harness.scrape(streamer.url, "image_server_images_total")
+
     client = streamer.client(max_retries=0)
-    arrivals = timed(
+    before = made()
+    events = iter(
         client.images.generate(
             prompt="slow", size="1024x1024", stream=True, partial_images=3, extra_body={"num_inference_steps": 28}
         )
     )
-    first_preview = next(t for t, e in arrivals if e.type.endswith("partial_image"))
-    completed = next(t for t, e in arrivals if e.type.endswith("completed"))
-    assert first_preview < completed / 2  # after 7 of 28 steps, long before the last
+    first = next(events)
+    assert first.type == "image_generation.partial_image"
+    assert made() == before
+    assert [e.type for e in events][-1] == "image_generation.completed"
+    assert made() == before + 1
 
 
 def test_batched_streams_each_get_their_own_events(streamer):

@@ -367,7 +367,10 @@ class SGLangEngine(Engine):
 
     def _call(self, spec: GenerationSpec, seed: int, count: int) -> list[Image.Image]:
         fields = self._fields(spec, seed, count)
-        limit = MAX_ANSWER + count * 5 * spec.width * spec.height  # base64 of lossless RGB PNGs, with room
+        # base64 of lossless RGB PNGs, with room; at the largest size a request may ask, not this one's: an edit
+        # model may answer at its own resolution (FLUX.1 Kontext does), which the engine then checks
+        pixels = max(spec.width * spec.height, self.settings.max_pixels)
+        limit = MAX_ANSWER + count * 5 * pixels
         if spec.mode == "text2img":
             response = self._post("/v1/images/generations", limit, json=fields)
         else:
