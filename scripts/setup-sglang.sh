@@ -24,7 +24,7 @@ if ! installed; then
     echo "setup-sglang: installing sglang[diffusion]==$version into $venv (several minutes, ~11 GB)" >&2
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip >&2
-    "$venv/bin/python" -m pip install -q "sglang[diffusion]==$version" >&2
+    "$venv/bin/python" -m pip install -q --no-cache-dir "sglang[diffusion]==$version" >&2
     installed || { echo "setup-sglang: sglang $version did not install" >&2; exit 1; }
   fi
 fi
