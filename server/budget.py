@@ -1,0 +1,100 @@
+"""The input memory budget (INPUT_MEMORY_MB): callers' bytes the server holds at once, reserved before they are read.
+
+A request reserves its body before the first byte is read: by its Content-Length when it sends one, else as its
+chunks arrive. A body counts BODY_COPIES_READING times while it is read and parsed (the bytes; the parsed copy
+as it comes back from the decode process; that copy as strings or files), then BODY_COPIES_KEPT times until the
+request ends (the parsed copy it keeps; its images decoded from base64). A remote input image holds MAX_IMAGE_MB
+while it is fetched, then its size while it waits to be decoded if it is the one edited (nothing if it is
+dropped once checked). Bodies of at most LARGE_BODY (64 KiB, parsed on the event loop) bypass the budget: the
+common request costs nothing to admit.
+
+One tenant holds at most its share of the budget (TENANT_QUEUE_SHARE, when requests can come from several
+tenants), but a request may always take what it needs while its tenant holds nothing else: the largest legal
+request fits
+(config.py checks INPUT_MEMORY_MB against MAX_BODY_MB and MAX_IMAGE_MB). Past the budget or the share: 429, as
+a full queue answers, before the bytes are read. The request's owner (RequestLife) releases what it holds when
+it ends however it ends; a fetch's reservation ends with the edit's decode.
+"""
+
+import math
+from collections import Counter
+from collections.abc import Callable
+
+from prometheus_client import Gauge
+
+from server.bodies import LARGE_BODY
+from server.config import BODY_COPIES_READING
+from server.errors import too_many
+
+
+def body_bytes(size: int, copies: int = BODY_COPIES_READING) -> int:
+    """What a body of `size` bytes reserves: `copies` of it, or nothing for a small one."""
+    return copies * size if size > LARGE_BODY else 0
+
+
+class InputBudget:
+    def __init__(
+        self, total: int, tenant_share: float, gauge: Gauge, retry_after: Callable[[], int] = lambda: 1
+    ) -> None:
+        self.total = total
+        self.tenant_bytes = max(1, math.floor(total * tenant_share))  # what one tenant may hold beside others
+        self.held: Counter[str] = Counter()
+        self._gauge = gauge
+        self._retry_after = retry_after
+
+    def reservation(self, tenant: str) -> "Reservation":
+        return Reservation(self, tenant)
+
+    def take(self, tenant: str, size: int, own: int = 0) -> None:
+        """`size` more bytes for a request of `tenant` that holds `own`, or 429: the budget is full, or the
+        tenant's other requests hold bytes and with these it would pass its share."""
+        held = self.held.total()
+        if held + size > self.total:
+            raise too_many(
+                f"The server holds as many request bodies and input images as its memory allows "
+                f"({self.total / 2**20:g} MiB); retry later.",
+                "input_memory_full",
+                self._retry_after(),
+            )
+        mine = self.held[tenant]
+        if mine > own and mine + size > self.tenant_bytes:
+            raise too_many(
+                f"Your requests already hold {mine / 2**20:.0f} MiB of the server's input memory, your share of "
+                "it; retry later.",
+                "tenant_input_memory_full",
+                self._retry_after(),
+            )
+        self.held[tenant] += size
+        self._gauge.inc(size)
+
+    def give(self, tenant: str, size: int) -> None:
+        self.held[tenant] -= size
+        if self.held[tenant] <= 0:
+            del self.held[tenant]
+        self._gauge.dec(size)
+
+
+class Reservation:
+    """What one request holds of the budget; `release` (idempotent) gives it all back."""
+
+    def __init__(self, budget: InputBudget, tenant: str) -> None:
+        self._budget = budget
+        self.tenant = tenant
+        self.bytes = 0
+
+    def resize(self, size: int) -> None:
+        """Hold `size` bytes in all: more is taken (or 429, holding what it held), less is given back."""
+        if size > self.bytes:
+            self._budget.take(self.tenant, size - self.bytes, self.bytes)
+        elif size < self.bytes:
+            self._budget.give(self.tenant, self.bytes - size)
+        self.bytes = size
+
+    def take(self, size: int) -> None:
+        self.resize(self.bytes + size)
+
+    def give(self, size: int) -> None:
+        self.resize(max(0, self.bytes - size))
+
+    def release(self) -> None:
+        self.resize(0)
