@@ -224,10 +224,10 @@ class Settings:
     )
     max_image_mb: float = option(50.0, "largest input image file, in MiB", low=0.01)
     input_memory_mb: float = option(
-        256.0, "memory for callers' bytes held at once (bodies over 64 KiB as read and parsed, fetched input images), "
-        "in MiB; reserved before they are read, past it 429 (at least 3 x MAX_BODY_MB and 2 x (MAX_BODY_MB + "
-        "MAX_IMAGE_MB): the largest request fits)",
-        low=1,
+        0.0, "memory for callers' bytes held at once (bodies over 64 KiB as read and parsed, fetched input images), "
+        "in MiB; reserved before they are read, past it 429; at least what the largest request holds, 3 x "
+        "MAX_BODY_MB and 2 x (MAX_BODY_MB + MAX_IMAGE_MB) (0: that least, 228 with the defaults)",
+        low=0,
     )  # fmt: skip
     max_input_pixels: int = option(
         50_000_000, "most pixels of all input images of one edit together, read from their headers before decoding",
@@ -364,6 +364,11 @@ class Settings:
         key is checked, so none names a tenant), or a gateway naming the callers."""
         keys = set(self.api_keys + self.admin_keys) if self.api_keys else set()
         return bool(self.tenant_header) or len(keys) > 1
+
+    @property
+    def input_memory_bytes(self) -> int:
+        """INPUT_MEMORY_MB, or (0) the least that holds the largest request."""
+        return int((self.input_memory_mb or largest_input_mb(self)) * 2**20)
 
     @property
     def tenant_share(self) -> float:
@@ -521,7 +526,7 @@ def _cross_problems(s: Settings) -> list[str]:
             f"DEFAULT_SIZE={s.default_size!r}: expected a size within MIN_PIXELS, MAX_PIXELS and MAX_SIDE "
             f"({s.min_pixels} to {s.max_pixels} pixels, sides up to {s.max_side})"
         )
-    if s.input_memory_mb < largest_input_mb(s):
+    if 0 < s.input_memory_mb < largest_input_mb(s):
         problems.append(
             f"INPUT_MEMORY_MB={s.input_memory_mb:g} is below what the largest request holds, {largest_input_mb(s):g} "
             f"(3 x MAX_BODY_MB; 2 x (MAX_BODY_MB + MAX_IMAGE_MB))"

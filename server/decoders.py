@@ -133,12 +133,13 @@ class DecoderPool:
         self.killed = killed  # a counter: workers killed for their deadline
         memory = (1 << 30) + 16 * max_pixels  # Python and Pillow, a body, and an RGBA image with its copies
         self.argv = [sys.executable, "-m", "server.decoders", str(max_pixels), str(memory)]
-        self._idle: asyncio.Queue[Worker] | None = None
+        # the worker idle last goes first: jobs one at a time keep one process's memory warm, not every one's
+        self._idle: asyncio.LifoQueue[Worker] | None = None
         self._threads = ThreadPoolExecutor(2 * workers, thread_name_prefix="decode-io")  # jobs, starts and ends
 
     def start(self) -> None:
         """On the event loop."""
-        self._idle = asyncio.Queue()
+        self._idle = asyncio.LifoQueue()
         for _ in range(self.size):
             self._spawn()
 

@@ -106,7 +106,7 @@ class ImageService:
         self.scheduler: Scheduler | None = None
         self.in_flight = 0  # accepted and not yet answered (the event loop alone changes it)
         self.memory = InputBudget(
-            int(settings.input_memory_mb * 2**20), settings.tenant_share, metrics.input_memory, self._retry_after
+            settings.input_memory_bytes, settings.tenant_share, metrics.input_memory, self._retry_after
         )
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")

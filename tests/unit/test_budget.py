@@ -109,3 +109,12 @@ def test_a_chunked_body_reserves_as_it_comes_and_every_ending_releases():
         assert app.metric(GAUGE) == 0
         bad = edit(app, b"[" * MIB)
         assert bad.status_code == 400 and app.metric(GAUGE) == 0
+
+
+def test_the_budget_holds_at_least_the_largest_request():
+    from server.config import ConfigError, from_env
+
+    assert from_env().input_memory_bytes == 228 * MIB  # 2 x (64 + 50): a 64 MiB body parsed, two remote images
+    assert from_env(max_body_mb=100).input_memory_bytes == 300 * MIB  # 3 copies of the body while it is parsed
+    with pytest.raises(ConfigError, match="INPUT_MEMORY_MB=200 is below what the largest request holds, 228"):
+        from_env(input_memory_mb=200)
