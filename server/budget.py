@@ -16,6 +16,7 @@ a full queue answers, before the bytes are read. The request's owner (RequestLif
 it ends however it ends; a fetch's reservation ends with the edit's decode.
 """
 
+import ctypes
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +26,18 @@ from prometheus_client import Gauge
 from server.bodies import LARGE_BODY
 from server.config import BODY_COPIES_READING
 from server.errors import too_many
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_allocations() -> None:
+    """Each allocation over 128 KiB (a body, an image, a long string) mapped and unmapped on its own, so that its
+    memory goes back to the system when the request drops it. glibc's default raises that threshold after each
+    large free, up to 32 MiB: the bodies of the next requests then stay in the heaps of the threads that read
+    them (+170 MiB held after three 46 MB bodies, measured). Nothing to do on a libc without mallopt."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def body_bytes(size: int, copies: int = BODY_COPIES_READING) -> int:

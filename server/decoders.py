@@ -215,25 +215,34 @@ def timed_out_while(what: str) -> APIError:
 def serve(max_pixels: int, memory: int) -> None:
     """A worker's life: frames in on stdin, frames out on stdout, until stdin closes."""
     from server import bodies, images
+    from server.budget import return_large_allocations
 
+    return_large_allocations()
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check, behind the structure walk
     source, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # stdout carries frames only
     ops = {"json": bodies.split_json, "form": bodies.split_form, "image": images.decode_frame}
     write_frame(out, {"ready": True}, [])
-    while True:
-        try:
-            header, blobs = read_frame(source, 1 << 40)
-        except WorkerDied:
-            return
-        try:
-            reply, out_blobs = ops[header["op"]](header, blobs)
-        except APIError as exc:
-            reply, out_blobs = {"error": {"message": exc.message, "param": exc.param, "code": exc.code}}, []
-        except MemoryError:
-            reply, out_blobs = {"error": {"message": "decoding it needs more memory than any input may use"}}, []
-        write_frame(out, reply, out_blobs)
+    while _serve_one(ops, source, out):
+        pass
+
+
+def _serve_one(ops: dict, source: BinaryIO, out: BinaryIO) -> bool:
+    """One job: its frame in, its answer out; False once stdin has closed. Nothing of a job outlives it (its
+    answer's blobs held until the next job's end would double what a worker holds)."""
+    try:
+        header, blobs = read_frame(source, 1 << 40)
+    except WorkerDied:
+        return False
+    try:
+        reply, out_blobs = ops[header["op"]](header, blobs)
+    except APIError as exc:
+        reply, out_blobs = {"error": {"message": exc.message, "param": exc.param, "code": exc.code}}, []
+    except MemoryError:
+        reply, out_blobs = {"error": {"message": "decoding it needs more memory than any input may use"}}, []
+    write_frame(out, reply, out_blobs)
+    return True
 
 
 if __name__ == "__main__":
