@@ -215,9 +215,9 @@ def timed_out_while(what: str) -> APIError:
 def serve(max_pixels: int, memory: int) -> None:
     """A worker's life: frames in on stdin, frames out on stdout, until stdin closes."""
     from server import bodies, images
-    from server.budget import return_large_allocations
+    from server.budget import map_large_allocations
 
-    return_large_allocations()
+    map_large_allocations()
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check, behind the structure walk
     source, out = sys.stdin.buffer, sys.stdout.buffer

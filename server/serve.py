@@ -85,9 +85,7 @@ def serve(settings: config.Settings) -> int:
              threads, host, port)  # fmt: skip
 
     from server.app import create_app
-    from server.budget import return_large_allocations
 
-    return_large_allocations()
     app = create_app(settings)
     uv_config = uvicorn.Config(
         app,
