@@ -40,6 +40,15 @@ def map_large_allocations() -> None:
         mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
+def trim_heaps() -> None:
+    """A worker thread (ctypes lets go of the GIL): the free memory of the server's heaps back to the system.
+    glibc keeps what a large request freed in the heap of the thread that held it, and the next large requests
+    stack on it (+170 MiB held after three 46 MB bodies, measured; +20 MiB with this after each). Nothing to
+    do on a C library without malloc_trim."""
+    if malloc_trim := getattr(ctypes.CDLL(None), "malloc_trim", None):
+        malloc_trim(0)
+
+
 def body_bytes(size: int, copies: int = BODY_COPIES_READING) -> int:
     """What a body of `size` bytes reserves: `copies` of it, or nothing for a small one."""
     return copies * size if size > LARGE_BODY else 0
@@ -47,13 +56,19 @@ def body_bytes(size: int, copies: int = BODY_COPIES_READING) -> int:
 
 class InputBudget:
     def __init__(
-        self, total: int, tenant_share: float, gauge: Gauge, retry_after: Callable[[], int] = lambda: 1
+        self,
+        total: int,
+        tenant_share: float,
+        gauge: Gauge,
+        retry_after: Callable[[], int] = lambda: 1,
+        freed: Callable[[], None] = lambda: None,
     ) -> None:
         self.total = total
         self.tenant_bytes = max(1, math.floor(total * tenant_share))  # what one tenant may hold beside others
         self.held: Counter[str] = Counter()
         self._gauge = gauge
         self._retry_after = retry_after
+        self._freed = freed  # called when a large reservation is given back (the server trims its heaps)
 
     def reservation(self, tenant: str) -> "Reservation":
         return Reservation(self, tenant)
@@ -85,6 +100,8 @@ class InputBudget:
         if self.held[tenant] <= 0:
             del self.held[tenant]
         self._gauge.dec(size)
+        if size > LARGE_BODY:
+            self._freed()
 
 
 class Reservation:

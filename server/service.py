@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from server import respond, rules
 from server.auth import DEFAULT_TENANT
 from server.bodies import LARGE_BODY
-from server.budget import InputBudget, Reservation
+from server.budget import InputBudget, Reservation, trim_heaps
 from server.config import Settings, parse_quality_steps
 from server.decoders import DecoderPool
 from server.engines.base import Engine
@@ -106,8 +106,9 @@ class ImageService:
         self.scheduler: Scheduler | None = None
         self.in_flight = 0  # accepted and not yet answered (the event loop alone changes it)
         self.memory = InputBudget(
-            settings.input_memory_bytes, settings.tenant_share, metrics.input_memory, self._retry_after
+            settings.input_memory_bytes, settings.tenant_share, metrics.input_memory, self._retry_after, self._trim
         )
+        self._trimming: asyncio.Future | None = None
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
         # partial images decoded (PREVIEW_DECODER) and encoded; one thread: they stay in order
@@ -144,6 +145,12 @@ class ImageService:
     def _retry_after(self) -> int:
         """What a 429 of the input memory tells the caller to wait: the queue's wait frees it."""
         return self.scheduler.retry_after() if self.scheduler else 1
+
+    def _trim(self) -> None:
+        """A large input was given back: the heaps' free memory goes back to the system, in a thread, one trim
+        at a time."""
+        if self._trimming is None or self._trimming.done():
+            self._trimming = asyncio.get_running_loop().run_in_executor(None, trim_heaps)
 
     async def load(self) -> None:
         """The engine and the plugins, on the engine thread, while /health already answers."""
