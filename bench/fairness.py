@@ -4,8 +4,8 @@ Two servers: `shared` knows two API keys, the flooder's (A) and the light tenant
 Measured, in this order:
 
   a_*_images_s    A's images/s with --clients concurrent clients back to back (a 429 waits its Retry-After, as
-                  the OpenAI SDK does), on shared with B idle and on alone, flooded at the same time so that the
-                  machine's other load slows both alike
+                  the OpenAI SDK does), on shared with B idle and on alone, flooded in turn (shared, alone, alone,
+                  shared) so that a drift of the machine's other load weighs on both alike
   b_alone         B's latency on shared, one request every --interval seconds, while A floods the other server:
                   B has its server to itself, but the machine is as busy as under the flood (on a CPU the flood's
                   HTTP work slows generation too; on a GPU it would not)
@@ -94,13 +94,17 @@ async def flooding(url: str, args) -> AsyncIterator[Counter]:
 
 
 async def images_per_second(urls: list[str], args) -> list[float]:
-    """A's images/s on each server, flooded side by side: the machine's other load hits all of them alike."""
-    async with contextlib.AsyncExitStack() as stack:
-        floods = [await stack.enter_async_context(flooding(url, args)) for url in urls]
-        await asyncio.sleep(args.warmup)
-        before = [statuses[200] for statuses in floods]
-        await asyncio.sleep(args.window)
-        return [(statuses[200] - b) / args.window for statuses, b in zip(floods, before, strict=True)]
+    """A's images/s on each server, flooded one at a time in mirrored order (1 2 2 1): a drift of the machine's other
+    load over the run weighs on every server alike, and no server shares the CPU with another's flood. Each server
+    gets two windows of half --window."""
+    counted = dict.fromkeys(urls, 0)
+    for url in urls + urls[::-1]:
+        async with flooding(url, args) as statuses:
+            await asyncio.sleep(args.warmup)
+            before = statuses[200]
+            await asyncio.sleep(args.window / 2)
+            counted[url] += statuses[200] - before
+    return [counted[url] / args.window for url in urls]
 
 
 async def light(url: str, args, count: int, interval: float) -> tuple[list[float], Counter, list[dict]]:

@@ -3,9 +3,10 @@ back), key B sends one request every 2 s. B gets no 429 and is served about as f
 the whole server.
 
 Timing by nature: bench/fairness.py measures (its docstring says how each figure is kept fair on a shared CPU:
-A's throughput on both servers at once, B's latency alone while A floods the other server), and this test holds
-the figures to issue 20's targets. The machine's noise can still spoil one measurement, so a miss is measured once
-more; a scheduler that serves B behind A's backlog, or holds capacity back for an idle key, misses both times.
+A's throughput on each server in turn, in mirrored order; B's latency alone while A floods the other server), and
+this test holds the figures to issue 20's targets. The machine's noise can still spoil one measurement, so a miss is
+measured once more; a scheduler that serves B behind A's backlog, or holds capacity back for an idle key, misses
+both times.
 """
 
 import asyncio
