@@ -43,7 +43,7 @@ def map_large_allocations() -> None:
 def trim_heaps() -> None:
     """A worker thread (ctypes lets go of the GIL): the free memory of the server's heaps back to the system.
     glibc keeps what a large request freed in the heap of the thread that held it, and the next large requests
-    stack on it (+170 MiB held after three 46 MB bodies, measured; +20 MiB with this after each). Nothing to
+    stack on it (+170 MiB held after three 46 MB bodies, measured; with the trim +10 to +40 MiB). Nothing to
     do on a C library without malloc_trim."""
     if malloc_trim := getattr(ctypes.CDLL(None), "malloc_trim", None):
         malloc_trim(0)
