@@ -10,10 +10,9 @@ common request costs nothing to admit.
 
 One tenant holds at most its share of the budget (TENANT_QUEUE_SHARE, when requests can come from several
 tenants), but a request may always take what it needs while its tenant holds nothing else: the largest legal
-request fits
-(config.py checks INPUT_MEMORY_MB against MAX_BODY_MB and MAX_IMAGE_MB). Past the budget or the share: 429, as
-a full queue answers, before the bytes are read. The request's owner (RequestLife) releases what it holds when
-it ends however it ends; a fetch's reservation ends with the edit's decode.
+request fits (config.py checks INPUT_MEMORY_MB against MAX_BODY_MB and MAX_IMAGE_MB). Past the budget or the
+share: 429, as a full queue answers, before the bytes are read. The request's owner (RequestLife) releases what
+it holds when it ends however it ends; a fetch's reservation ends with the edit's decode.
 """
 
 import ctypes
