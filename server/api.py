@@ -7,6 +7,7 @@ Bodies are parsed off the event loop: JSON above LARGE_BODY and every multipart 
 """
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -15,6 +16,8 @@ from fastapi.responses import StreamingResponse
 
 from server.auth import require_api_key
 from server.bodies import FILE_FIELDS, FormLimits, FormPart, form_fields, media_type_of, read_form, read_json
+from server.budget import Reservation, body_bytes
+from server.config import BODY_COPIES_KEPT
 from server.errors import APIError, ErrorResponse, bad_request
 from server.middleware import Life
 from server.protocol import MAX_INPUT_IMAGES, STREAM_EVENTS, ImagesResponse, StreamEvent
@@ -123,21 +126,56 @@ def deadline_of(request: Request) -> float:
     return _life(request).deadline
 
 
+def _memory(request: Request) -> Reservation:
+    """The request's share of the input memory (server/budget.py), released by its owner when it ends."""
+    if getattr(request.state, "memory", None) is None:
+        request.state.memory = _service(request).memory.reservation(request.state.tenant)
+        _life(request).on_end(request.state.memory.release)
+    return request.state.memory
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, its input memory reserved before any byte of it is read: by its Content-Length, else as it
+    comes (429, as a full queue answers, when the memory or the tenant's share of it is full)."""
+    memory = _memory(request)
+    length = request.headers.get("content-length", "")
+    if length.isdigit():
+        memory.resize(body_bytes(int(length)))
+    body = io.BytesIO()  # its buffer becomes the body: no second copy
+    async for chunk in request.stream():
+        body.write(chunk)
+        memory.resize(max(memory.bytes, body_bytes(body.tell())))
+    return body.getvalue()
+
+
+def _parsed(request: Request, size: int) -> None:
+    """A body of `size` bytes is parsed and its bytes dropped: its parsed copy, and what its images decode to,
+    stay counted until the request ends."""
+    _memory(request).resize(body_bytes(size, BODY_COPIES_KEPT))
+
+
 async def _json_call(request: Request, edit: bool, tenant: str) -> ImageCall:
-    body = await request.body()
+    body = await read_body(request)
     payload = await json_body(request, body)
-    return ImageCall(edit, payload, _base_url(request), deadline_of(request), len(body), tenant=tenant)
+    return ImageCall(
+        edit, payload, _base_url(request), deadline_of(request), len(body), tenant=tenant, memory=_memory(request)
+    )
 
 
 async def json_body(request: Request, body: bytes) -> dict:
     """A JSON body, parsed off the event loop when large (server/bodies.py), by the request's deadline."""
-    return await read_json(body, _service(request).decoders, deadline_of(request))
+    payload = await read_json(body, _service(request).decoders, deadline_of(request))
+    _parsed(request, len(body))
+    return payload
 
 
 async def form_parts(request: Request, limits: FormLimits) -> list[FormPart]:
     """A multipart body's parts, parsed in a decode process by the request's deadline."""
     content_type = request.headers.get("content-type", "")
-    return await read_form(await request.body(), content_type, limits, _service(request).decoders, deadline_of(request))
+    body = await read_body(request)
+    parts = await read_form(body, content_type, limits, _service(request).decoders, deadline_of(request))
+    _parsed(request, len(body))
+    return parts
 
 
 async def _multipart_edit(request: Request, tenant: str) -> ImageCall:
@@ -160,6 +198,7 @@ async def _multipart_edit(request: Request, tenant: str) -> ImageCall:
         uploads=files,
         mask_upload=masks[0].data if masks else None,
         tenant=tenant,
+        memory=_memory(request),
     )
 
 

@@ -42,10 +42,11 @@ def media_type_of(content_type: str | None) -> str:
     return parse_options_header(content_type)[0].decode("latin-1")
 
 
-def _check_shape(body: bytes) -> None:
+def _check_shape(body: bytes | str) -> None:
     """A cheap scan (C speed, no objects) that bounds what json.loads will build. Commas and colons inside
     strings count too: prompts are at most 32000 characters, far below the limit."""
-    if body.count(b",") + body.count(b":") > MAX_JSON_VALUES:
+    comma, colon = (",", ":") if isinstance(body, str) else (b",", b":")
+    if body.count(comma) + body.count(colon) > MAX_JSON_VALUES:
         raise invalid_json(f"it holds more than {MAX_JSON_VALUES} values; no image request needs that many")
 
 
@@ -57,7 +58,7 @@ def _no_constant(name: str) -> None:
     raise _NotJSON(f"{name} is not a JSON number")
 
 
-def parse_json(body: bytes) -> dict:
+def parse_json(body: bytes | str) -> dict:
     """The body as a JSON object; a 400 `invalid_json` for anything else (never a 500)."""
     _check_shape(body)
     try:
@@ -178,8 +179,9 @@ def json_job(body: bytes) -> Job:
 
 
 def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
-    """Decode process: the body parsed, its long strings taken out and sent as blobs, where they were kept."""
-    data = parse_json(blobs[0])
+    """Decode process: the body parsed, its long strings taken out and sent as blobs, where they were kept. The
+    body is held once at a time: its bytes dropped once decoded to text, the text once parsed."""
+    data = parse_json(_text(blobs.pop()))
     paths, strings, stack = [], [], [(data, [])]
     while stack:
         node, path = stack.pop()
@@ -195,13 +197,23 @@ def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]
     return {"data": data, "paths": paths}, strings
 
 
+def _text(body: bytearray) -> str:
+    try:
+        return body.decode(json.detect_encoding(body), "surrogatepass")
+    except UnicodeDecodeError:
+        raise invalid_json("it is not UTF-8 JSON text") from None
+
+
 def _joined_json(reply: dict, strings: list[bytearray]) -> dict:
+    """The long strings back in their places, each blob dropped once decoded: the strings are held once."""
     data = reply["data"]
-    for path, value in zip(reply["paths"], strings, strict=True):
+    if len(reply["paths"]) != len(strings):
+        raise ValueError("a JSON reply's strings do not match its paths")
+    for path in reversed(reply["paths"]):
         node = data
         for key in path[:-1]:
             node = node[key]
-        node[path[-1]] = value.decode("utf-8", "surrogatepass")
+        node[path[-1]] = strings.pop().decode("utf-8", "surrogatepass")
     return data
 
 
@@ -232,10 +244,11 @@ def split_form(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]
 
 
 def _form_parts(reply: dict, blobs: list[bytearray]) -> list[FormPart]:
-    return [
-        FormPart(name, filename, content_type, bytes(data), path)
-        for (name, filename, content_type, path), data in zip(reply["parts"], blobs, strict=True)
-    ]
+    """The parts, each blob dropped once copied: the files are held once."""
+    if len(reply["parts"]) != len(blobs):
+        raise ValueError("a form reply's blobs do not match its parts")
+    parts = [FormPart(*part[:3], bytes(blobs.pop()), part[3]) for part in reversed(reply["parts"])]
+    return parts[::-1]
 
 
 async def spool(chunks: AsyncIterator[bytes], path: Path) -> None:

@@ -29,6 +29,10 @@ TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a gateway's tena
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
 MAX_TENANT_WEIGHT = 1000.0
 SETTINGS_GROUP = "image_server.settings"
+# Copies of a large body the server holds (server/budget.py): while it is read and parsed (the bytes, the parsed
+# copy coming back from the decode process, that copy as strings or files), then until the request ends (the
+# parsed copy; its images decoded from base64).
+BODY_COPIES_READING, BODY_COPIES_KEPT = 3, 2
 MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 
 
@@ -219,6 +223,12 @@ class Settings:
         64.0, "largest request body accepted, in MiB (larger: 413 before reading it all)", low=0.01
     )
     max_image_mb: float = option(50.0, "largest input image file, in MiB", low=0.01)
+    input_memory_mb: float = option(
+        0.0, "memory for callers' bytes held at once (bodies over 64 KiB as read and parsed, fetched input images), "
+        "in MiB; reserved before they are read, past it 429; at least what the largest request holds, 3 x "
+        "MAX_BODY_MB and 2 x (MAX_BODY_MB + MAX_IMAGE_MB) (0: that least, 228 with the defaults)",
+        low=0,
+    )  # fmt: skip
     max_input_pixels: int = option(
         50_000_000, "most pixels of all input images of one edit together, read from their headers before decoding",
         low=1,
@@ -329,8 +339,9 @@ class Settings:
         check=weights_problem,
     )
     tenant_queue_share: float = option(
-        0.5, "the most of MAX_QUEUE one tenant may hold, when requests can come from several", low=0.01, high=1
-    )
+        0.5, "the most of MAX_QUEUE and of INPUT_MEMORY_MB one tenant may hold, when requests can come from several",
+        low=0.01, high=1,
+    )  # fmt: skip
 
     # Plugins
     plugins: str = option("", "comma-separated plugins to enable, e.g. lora,nsfw,upload,upscale")
@@ -353,6 +364,16 @@ class Settings:
         key is checked, so none names a tenant), or a gateway naming the callers."""
         keys = set(self.api_keys + self.admin_keys) if self.api_keys else set()
         return bool(self.tenant_header) or len(keys) > 1
+
+    @property
+    def input_memory_bytes(self) -> int:
+        """INPUT_MEMORY_MB, or (0) the least that holds the largest request."""
+        return int((self.input_memory_mb or largest_input_mb(self)) * 2**20)
+
+    @property
+    def tenant_share(self) -> float:
+        """The most of the queue and of the input memory one tenant may hold."""
+        return self.tenant_queue_share if self.several_tenants else 1.0
 
     @property
     def default_dimensions(self) -> tuple[int, int]:
@@ -489,6 +510,12 @@ def _values(section: type, flags: Mapping[str, Any], environ: Mapping[str, str],
     return values
 
 
+def largest_input_mb(s: Settings) -> float:
+    """What the largest legal request holds of INPUT_MEMORY_MB at its peak (server/budget.py): a body of
+    MAX_BODY_MB while it is parsed, or its parsed copy kept with two remote images (the edited one and its mask)."""
+    return max(BODY_COPIES_READING * s.max_body_mb, BODY_COPIES_KEPT * s.max_body_mb + 2 * s.max_image_mb)
+
+
 def _cross_problems(s: Settings) -> list[str]:
     problems = []
     if s.min_pixels > s.max_pixels:
@@ -498,6 +525,11 @@ def _cross_problems(s: Settings) -> list[str]:
         problems.append(
             f"DEFAULT_SIZE={s.default_size!r}: expected a size within MIN_PIXELS, MAX_PIXELS and MAX_SIDE "
             f"({s.min_pixels} to {s.max_pixels} pixels, sides up to {s.max_side})"
+        )
+    if 0 < s.input_memory_mb < largest_input_mb(s):
+        problems.append(
+            f"INPUT_MEMORY_MB={s.input_memory_mb:g} is below what the largest request holds, {largest_input_mb(s):g} "
+            f"(3 x MAX_BODY_MB; 2 x (MAX_BODY_MB + MAX_IMAGE_MB))"
         )
     if s.max_output_pixels < s.max_pixels:
         problems.append(f"MAX_OUTPUT_PIXELS={s.max_output_pixels} is below MAX_PIXELS={s.max_pixels}")

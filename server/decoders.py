@@ -133,12 +133,13 @@ class DecoderPool:
         self.killed = killed  # a counter: workers killed for their deadline
         memory = (1 << 30) + 16 * max_pixels  # Python and Pillow, a body, and an RGBA image with its copies
         self.argv = [sys.executable, "-m", "server.decoders", str(max_pixels), str(memory)]
-        self._idle: asyncio.Queue[Worker] | None = None
+        # the worker idle last goes first: jobs one at a time keep one process's memory warm, not every one's
+        self._idle: asyncio.LifoQueue[Worker] | None = None
         self._threads = ThreadPoolExecutor(2 * workers, thread_name_prefix="decode-io")  # jobs, starts and ends
 
     def start(self) -> None:
         """On the event loop."""
-        self._idle = asyncio.Queue()
+        self._idle = asyncio.LifoQueue()
         for _ in range(self.size):
             self._spawn()
 
@@ -214,25 +215,34 @@ def timed_out_while(what: str) -> APIError:
 def serve(max_pixels: int, memory: int) -> None:
     """A worker's life: frames in on stdin, frames out on stdout, until stdin closes."""
     from server import bodies, images
+    from server.budget import map_large_allocations
 
+    map_large_allocations()
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own check, behind the structure walk
     source, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # stdout carries frames only
     ops = {"json": bodies.split_json, "form": bodies.split_form, "image": images.decode_frame}
     write_frame(out, {"ready": True}, [])
-    while True:
-        try:
-            header, blobs = read_frame(source, 1 << 40)
-        except WorkerDied:
-            return
-        try:
-            reply, out_blobs = ops[header["op"]](header, blobs)
-        except APIError as exc:
-            reply, out_blobs = {"error": {"message": exc.message, "param": exc.param, "code": exc.code}}, []
-        except MemoryError:
-            reply, out_blobs = {"error": {"message": "decoding it needs more memory than any input may use"}}, []
-        write_frame(out, reply, out_blobs)
+    while _serve_one(ops, source, out):
+        pass
+
+
+def _serve_one(ops: dict, source: BinaryIO, out: BinaryIO) -> bool:
+    """One job: its frame in, its answer out; False once stdin has closed. Nothing of a job outlives it (its
+    answer's blobs held until the next job's end would double what a worker holds)."""
+    try:
+        header, blobs = read_frame(source, 1 << 40)
+    except WorkerDied:
+        return False
+    try:
+        reply, out_blobs = ops[header["op"]](header, blobs)
+    except APIError as exc:
+        reply, out_blobs = {"error": {"message": exc.message, "param": exc.param, "code": exc.code}}, []
+    except MemoryError:
+        reply, out_blobs = {"error": {"message": "decoding it needs more memory than any input may use"}}, []
+    write_frame(out, reply, out_blobs)
+    return True
 
 
 if __name__ == "__main__":

@@ -84,6 +84,12 @@ def unavailable(message: str, code: str, retry_after: int = 5) -> APIError:
     return APIError(503, message, code=code, headers={"Retry-After": str(retry_after)})
 
 
+def too_many(message: str, code: str, retry_after: int) -> APIError:
+    """429: the server is at a bound (the queue, input memory) or the caller at its share of it; the OpenAI SDK
+    retries after Retry-After."""
+    return APIError(429, message, code=code, headers={"Retry-After": str(retry_after)})
+
+
 def timed_out(seconds: float) -> APIError:
     return APIError(
         504, f"The request did not finish within {seconds:g} seconds.", type="timeout_error", code="timeout"

@@ -113,15 +113,17 @@ def unreadable_image(param: str, exc: Exception) -> APIError:
 def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
     """A base64 data URL's bytes, decoded a MiB at a time: one long C call would hold the GIL, and with it the
     event loop, for a tenth of a second per 20 MB."""
-    header, _, payload = url.partition(",")
-    if not header.startswith("data:") or ";base64" not in header:
+    start = url.find(",") + 1  # the payload is read in place: no copy of it is made
+    header = url[: start - 1] if start else url
+    if not start or not header.startswith("data:") or ";base64" not in header:
         raise bad_request(f"'{param}' must be a base64 data URL (data:image/png;base64,...).", param)
-    if len(payload) * 3 // 4 > max_bytes:
+    if (len(url) - start) * 3 // 4 > max_bytes:
         raise bad_request(f"'{param}' is larger than {max_bytes / 2**20:g} MiB.", param, "image_too_large")
+    out = io.BytesIO()  # its buffer becomes the result: no second copy of the bytes either
     try:
-        return b"".join(
-            base64.b64decode(payload[i : i + _BASE64_STEP], validate=True) for i in range(0, len(payload), _BASE64_STEP)
-        )
+        for i in range(start, len(url), _BASE64_STEP):
+            out.write(base64.b64decode(url[i : i + _BASE64_STEP], validate=True))
+        return out.getvalue()
     except (binascii.Error, ValueError):
         raise bad_request(f"'{param}' is not valid base64.", param) from None
 
@@ -160,13 +162,12 @@ async def _download(url: str, param: str, max_bytes: int) -> bytes:
     ):
         if response.status_code != 200:
             raise bad_request(f"'{param}': {url} answered {response.status_code}.", param)
-        chunks, size = [], 0
+        data = io.BytesIO()  # its buffer becomes the result: the image is held once
         async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > max_bytes:
+            if data.tell() + len(chunk) > max_bytes:
                 raise bad_request(f"'{param}' is larger than {max_bytes / 2**20:g} MiB.", param, "image_too_large")
-            chunks.append(chunk)
-    return b"".join(chunks)
+            data.write(chunk)
+    return data.getvalue()
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from server.budget import Reservation
 from server.config import Settings
 from server.errors import bad_request
 from server.images import InputImage, check_mask, check_pixels, decode_data_url, fetch_remote, inspect
@@ -49,19 +50,30 @@ async def from_uploads(images: list[bytes], mask: bytes | None, s: Settings, off
     return _checked(inspected, mask_image, s)
 
 
-async def from_refs(request, s: Settings, deadline: float, off_loop: OffLoop) -> EditInputs:
-    """JSON: `images: [{"image_url": ...}]` and an optional `mask`, as data URLs or URLs of allowed hosts."""
+async def from_refs(request, s: Settings, deadline: float, off_loop: OffLoop, memory: Reservation) -> EditInputs:
+    """JSON: `images: [{"image_url": ...}]` and an optional `mask`, as data URLs or URLs of allowed hosts. Each
+    remote image holds MAX_IMAGE_MB of the request's input memory while it is fetched, then its size if kept."""
     if not request.images:
         raise bad_request("Missing required parameter: 'images'.", "images", "missing_required_parameter")
     images = [
-        await _ref_image(ref, f"images[{i}]", s, deadline, off_loop, i == 0) for i, ref in enumerate(request.images)
+        await _ref_image(ref, f"images[{i}]", s, deadline, off_loop, memory, i == 0)
+        for i, ref in enumerate(request.images)
     ]
-    mask = await _ref_image(request.mask, "mask", s, deadline, off_loop, True) if request.mask is not None else None
+    mask = None if request.mask is None else await _ref_image(request.mask, "mask", s, deadline, off_loop, memory, True)
     return _checked(images, mask, s)
 
 
-async def _ref_image(ref, param: str, s: Settings, deadline: float, off_loop: OffLoop, keep: bool) -> InputImage:
-    return await off_loop(_inspected, await ref_bytes(ref, param, s, deadline, off_loop), param, s, keep)
+async def _ref_image(
+    ref, param: str, s: Settings, deadline: float, off_loop: OffLoop, memory: Reservation, keep: bool
+) -> InputImage:
+    limit = int(s.max_image_mb * 2**20)
+    remote = bool(ref.image_url) and not ref.image_url.startswith("data:")
+    if remote:
+        memory.take(limit)  # 429 before the fetch when the input memory, or the tenant's share of it, is full
+    image = await off_loop(_inspected, await ref_bytes(ref, param, s, deadline, off_loop), param, s, keep)
+    if remote:
+        memory.give(limit - len(image.data))  # its size while it waits to be decoded, if it is the one kept
+    return image
 
 
 async def ref_bytes(ref, param: str, s: Settings, deadline: float, off_loop: OffLoop) -> bytes:

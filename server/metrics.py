@@ -52,7 +52,8 @@ class Metrics:
         self._isolation_counters()
 
     def _isolation_counters(self) -> None:
-        """What the isolation limits did (docs/SECURITY.md): connections dropped, decode processes killed."""
+        """What the isolation limits did (docs/SECURITY.md): connections dropped, decode processes killed, input
+        memory held."""
         r = self.registry
         self.dropped = Counter(
             "image_server_connections_dropped",
@@ -63,6 +64,11 @@ class Metrics:
         self.decodes_killed = Counter(
             "image_server_decodes_killed",
             "decode processes killed and replaced: a body or image outlived DECODE_TIMEOUT or its request",
+            registry=r,
+        )
+        self.input_memory = Gauge(
+            "image_server_input_memory_bytes",
+            "bytes of callers' bodies and input images the requests hold, reserved from INPUT_MEMORY_MB",
             registry=r,
         )
 

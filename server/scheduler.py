@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from server.engines.base import Progress
-from server.errors import APIError, shutting_down
+from server.errors import APIError, shutting_down, too_many
 from server.lora import LoRASet
 from server.metrics import UTILIZATION_WINDOW, Metrics
 from server.spec import GenerationSpec
@@ -145,10 +145,6 @@ def _seconds(estimate: float) -> int:
     return max(1, min(MAX_RETRY_AFTER, math.ceil(estimate)))
 
 
-def _refused(message: str, code: str, retry_after: int) -> APIError:
-    return APIError(429, message, code=code, headers={"Retry-After": str(retry_after)})
-
-
 class Scheduler:
     def __init__(
         self,
@@ -209,13 +205,13 @@ class Scheduler:
             raise shutting_down()
         held = self._places()
         if held.total() >= self.max_queue:
-            raise _refused(
+            raise too_many(
                 f"The server's queue is full ({self.max_queue} requests waiting); retry later.",
                 "queue_full",
                 self.retry_after(),
             )
         if held[tenant] >= self.tenant_places:
-            raise _refused(
+            raise too_many(
                 f"Your requests already hold {held[tenant]} places in the server's queue, your share of it; "
                 "retry later.",
                 "tenant_queue_full",

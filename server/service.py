@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from server import respond, rules
 from server.auth import DEFAULT_TENANT
 from server.bodies import LARGE_BODY
+from server.budget import InputBudget, Reservation, trim_heaps
 from server.config import Settings, parse_quality_steps
 from server.decoders import DecoderPool
 from server.engines.base import Engine
@@ -56,6 +57,7 @@ class ImageCall:
     uploads: list[bytes] = field(default_factory=list)  # multipart edits: the image files
     mask_upload: bytes | None = None
     tenant: str = DEFAULT_TENANT  # who the request is queued as (server/auth.py)
+    memory: Reservation | None = None  # what it holds of the input memory (server/budget.py); its owner releases it
 
     def has_mask(self, request: ImageRequest) -> bool:
         return self.mask_upload is not None if self.multipart else request.mask is not None  # an edit request
@@ -103,6 +105,10 @@ class ImageService:
         self.quality_steps = parse_quality_steps(settings.quality_steps)
         self.scheduler: Scheduler | None = None
         self.in_flight = 0  # accepted and not yet answered (the event loop alone changes it)
+        self.memory = InputBudget(
+            settings.input_memory_bytes, settings.tenant_share, metrics.input_memory, self._retry_after, self._trim
+        )
+        self._trimming: asyncio.Future | None = None
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
         # partial images decoded (PREVIEW_DECODER) and encoded; one thread: they stay in order
@@ -128,13 +134,23 @@ class ImageService:
             batch_window=s.batch_window_ms / 1000,
             max_bypass=s.max_bypass,
             weights=s.weights,
-            tenant_share=s.tenant_queue_share if s.several_tenants else 1.0,
+            tenant_share=s.tenant_share,
             can_batch=self.engine.can_batch,
             expect_company=lambda: self.in_flight > 1,
             applied=lambda: self.engine.applied_loras,
         )
         self.scheduler.start()
         self.decoders.start()
+
+    def _retry_after(self) -> int:
+        """What a 429 of the input memory tells the caller to wait: the queue's wait frees it."""
+        return self.scheduler.retry_after() if self.scheduler else 1
+
+    def _trim(self) -> None:
+        """A large input was given back: the heaps' free memory goes back to the system, in a thread, one trim
+        at a time."""
+        if self._trimming is None or self._trimming.done():
+            self._trimming = asyncio.get_running_loop().run_in_executor(None, trim_heaps)
 
     async def load(self) -> None:
         """The engine and the plugins, on the engine thread, while /health already answers."""
@@ -288,20 +304,26 @@ class ImageService:
             admission.release()
 
     async def _with_inputs(self, plan: Plan, request: ImageRequest, call: ImageCall) -> Plan:
-        """An edit's inputs fetched and inspected, its size from them if auto, its image and mask decoded."""
+        """An edit's inputs fetched and inspected, its size from them if auto, its image and mask decoded; what
+        its fetches held of the input memory is given back once they are decoded or dropped."""
         if not call.edit:
             return plan
-        inputs = await self._inputs(request, call)
-        if plan.sized_by_input:
-            plan = await self.off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
-        image = await self.decode(inputs.image, False, call.deadline)
-        mask = await self.decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
+        memory = call.memory or self.memory.reservation(call.tenant)
+        held = memory.bytes
+        try:
+            inputs = await self._inputs(request, call, memory)
+            if plan.sized_by_input:
+                plan = await self.off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
+            image = await self.decode(inputs.image, False, call.deadline)
+            mask = await self.decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
+        finally:
+            memory.resize(held)
         return replace(plan, spec=replace(plan.spec, image=image, mask=mask))
 
-    async def _inputs(self, request: ImageRequest, call: ImageCall) -> EditInputs:
+    async def _inputs(self, request: ImageRequest, call: ImageCall, memory: Reservation) -> EditInputs:
         if call.multipart:
             return await from_uploads(call.uploads, call.mask_upload, self.settings, self.off_loop)
-        return await from_refs(request, self.settings, call.deadline, self.off_loop)
+        return await from_refs(request, self.settings, call.deadline, self.off_loop, memory)
 
     async def decode(self, image: InputImage, mask: bool, deadline: float) -> Image.Image:
         """An inspected input's pixels (RGB, or a mask), from a decode process by `deadline`."""

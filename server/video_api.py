@@ -10,7 +10,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
-from server.api import Tenant, accepting, deadline_of, form_parts, json_body
+from server.api import Tenant, accepting, deadline_of, form_parts, json_body, read_body
 from server.auth import owner, require_api_key
 from server.bodies import FormLimits, form_fields, media_type_of
 from server.errors import ErrorResponse, bad_request
@@ -33,7 +33,7 @@ async def create_video(request: Request, tenant: Tenant) -> Video:
     if media_type == "multipart/form-data":
         call = await _multipart(request, tenant)
     elif media_type == "application/json":
-        payload = await json_body(request, await request.body())
+        payload = await json_body(request, await read_body(request))
         call = VideoCall(owner(request), payload, deadline_of(request), tenant=tenant)
     else:
         raise bad_request(
@@ -81,5 +81,5 @@ async def video_content(
 
 @router.post("/v1/videos/{video_id}/remix", dependencies=[Depends(accepting)])
 async def remix_video(request: Request, video_id: str, tenant: Tenant) -> Video:
-    payload = await json_body(request, await request.body())
+    payload = await json_body(request, await read_body(request))
     return await _videos(request).remix(owner(request), tenant, video_id, payload, deadline_of(request))

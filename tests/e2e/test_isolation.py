@@ -11,6 +11,7 @@ the same seed, and no answer was a 500.
 import base64
 import json
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,10 +22,12 @@ import pytest
 from bench.attacks import (
     HostileServer,
     closed_by_server,
+    connect,
     headers_then_nothing,
     many_scan_jpeg,
     non_reading,
     padded_png,
+    raw_request,
 )
 from bench.harness import peak_rss_mib, reset_peak_rss
 from tests.support.images import gradient, png_bytes
@@ -236,3 +239,75 @@ def test_a_full_queue_costs_the_caller_no_fetch(strict):
         assert second.status_code == 429, second.text
         assert target.requests == 1  # the refused edit fetched nothing
         assert first.result().status_code == 504  # the trickle holds its sender's place, up to its deadline
+
+
+# -- 6. one key's bodies hold at most its share of the input memory ------------------------------------------
+
+KEYS = ("key-heavy", "key-light")
+BUDGET = {"MAX_BODY_MB": 8, "MAX_IMAGE_MB": 8, "INPUT_MEMORY_MB": 64}  # a key's share: 32 MiB
+GAUGE = "image_server_input_memory_bytes"
+
+
+@pytest.fixture(scope="module")
+def budgeted():
+    """Two keys, bodies and images up to 8 MiB, 64 MiB of input memory: one body of 6.4 MB holds 19 MB (three
+    copies) while it is read and parsed, so a key holding one cannot start a second."""
+    from tests.support.server import ServerProcess
+
+    srv = ServerProcess({"API_KEY": ",".join(KEYS), **{k: str(v) for k, v in BUDGET.items()}}).start()
+    yield srv
+    srv.stop()
+
+
+def promise(srv, key: str, size: int) -> socket.socket:
+    """A JSON edit's headers from `key`, promising `size` bytes of body, and none of them sent."""
+    sock = connect(srv.url)
+    headers = {"Content-Type": "application/json", "Content-Length": str(size), "Authorization": f"Bearer {key}"}
+    sock.sendall(raw_request("POST", "/v1/images/edits", srv.url.removeprefix("http://"), headers=headers))
+    return sock
+
+
+def answer(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the answer on `sock`, read until the server closes it."""
+    sock.settimeout(MARGIN)
+    data = b""
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_key_past_its_share_of_input_memory_gets_429_before_its_bodies_are_read(budgeted):
+    srv = budgeted
+    large = json.dumps({"prompt": "p", "images": [{"image_url": data_url(padded_png(64, 400_000))}]}).encode()
+    reset_peak_rss(srv.proc.pid)
+    before = peak_rss_mib(srv.proc.pid)
+    holder = promise(srv, KEYS[0], len(large))  # reserved from its Content-Length, its body never sent
+    until(lambda: srv.metric(GAUGE) == 3 * len(large), timeout=MARGIN, what="the first body reserved")
+    with ThreadPoolExecutor(16) as pool:
+        posts = [pool.submit(post_edit, srv, KEYS[0], large) for _ in range(16)]  # whole bodies, sent at once
+        refused = [answer(promise(srv, KEYS[0], len(large))) for _ in range(4)]
+        light = post_edit(srv, KEYS[1], json.dumps(normal_edit()).encode())
+        light_large = post_edit(srv, KEYS[1], large)  # the other key's large body is still read and parsed
+        heavy = [post.result() for post in posts]
+    assert [(status, error["error"]["code"]) for status, error in refused] == [(429, "tenant_input_memory_full")] * 4
+    assert light == 200 and light_large == 400  # served; and refused from its structure, not for memory
+    assert set(heavy) <= {429, None}  # refused before read (None: the refusal reset the connection mid-body)
+    holder.close()  # its owner ends the request when its client goes, and releases what it held
+    until(lambda: srv.metric(GAUGE) == 0, timeout=MARGIN, what="the memory released")
+    assert srv.metric("image_server_requests_total", 'status="500"') == 0
+    # the budget, and what the two decode processes hold of a body being parsed (three copies each), at most
+    limit = BUDGET["INPUT_MEMORY_MB"] + 2 * 3 * BUDGET["MAX_BODY_MB"]
+    assert peak_rss_mib(srv.proc.pid) - before < limit
+
+
+def normal_edit() -> dict:
+    return {"prompt": "p", "size": "64x64", "images": [{"image_url": data_url(png_bytes(gradient(64, 64)))}], **FAST}
+
+
+def post_edit(srv, key: str, body: bytes) -> int | None:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    try:
+        return httpx.post(srv.url + "/v1/images/edits", content=body, headers=headers, timeout=60).status_code
+    except httpx.TransportError:
+        return None

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import httpx
 
+from server.engines.sglang.errors import MAX_ANSWER, read_bounded
+from server.errors import APIError
+
 log = logging.getLogger("server.engines.sglang")
 child_log = logging.getLogger("sglang")
 
@@ -276,11 +279,16 @@ class SGLangProcess:
         proc.stdout.close()
 
     def _health(self) -> str:
-        """'ok'; 'starting' (not listening yet, or warming up: 503 with no body); 'broken' (503 with a reason)."""
+        """'ok'; 'starting' (not listening yet, or warming up: 503 with no body); 'broken' (503 with a reason, or
+        an answer past MAX_ANSWER: the rest is never read)."""
         try:
-            response = self._http.get(self.base_url + "/health")
+            with self._http.stream("GET", self.base_url + "/health") as streamed:
+                response = read_bounded(streamed)
         except httpx.HTTPError:
             return "starting"
+        except APIError:
+            self._why = f"sglang answered /health with more than {MAX_ANSWER} bytes"
+            return "broken"
         if response.status_code == 200:
             return "ok"
         if response.content and response.status_code == 503:

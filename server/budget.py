@@ -1,0 +1,129 @@
+"""The input memory budget (INPUT_MEMORY_MB): callers' bytes the server holds at once, reserved before they are read.
+
+A request reserves its body before the first byte is read: by its Content-Length when it sends one, else as its
+chunks arrive. A body counts BODY_COPIES_READING times while it is read and parsed (the bytes; the parsed copy
+as it comes back from the decode process; that copy as strings or files), then BODY_COPIES_KEPT times until the
+request ends (the parsed copy it keeps; its images decoded from base64). A remote input image holds MAX_IMAGE_MB
+while it is fetched, then its size while it waits to be decoded if it is the one edited (nothing if it is
+dropped once checked). Bodies of at most LARGE_BODY (64 KiB, parsed on the event loop) bypass the budget: the
+common request costs nothing to admit.
+
+One tenant holds at most its share of the budget (TENANT_QUEUE_SHARE, when requests can come from several
+tenants), but a request may always take what it needs while its tenant holds nothing else: the largest legal
+request fits (config.py checks INPUT_MEMORY_MB against MAX_BODY_MB and MAX_IMAGE_MB). Past the budget or the
+share: 429, as a full queue answers, before the bytes are read. The request's owner (RequestLife) releases what
+it holds when it ends however it ends; a fetch's reservation ends with the edit's decode.
+"""
+
+import ctypes
+import math
+from collections import Counter
+from collections.abc import Callable
+
+from prometheus_client import Gauge
+
+from server.bodies import LARGE_BODY
+from server.config import BODY_COPIES_READING
+from server.errors import too_many
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations() -> None:
+    """A decode process: each allocation over 128 KiB (a body, a string, an image) mapped and unmapped on its own,
+    so that a job's memory goes back to the system when it ends. glibc raises that threshold after each large
+    free, up to 32 MiB, and the next jobs' bodies then stay in the heap (+120 MiB held after three 46 MB bodies,
+    measured). Not in the server process: torch's CPU tensors would be mapped afresh at each step (2x slower).
+    Nothing to do on a C library without mallopt."""
+    if mallopt := getattr(ctypes.CDLL(None), "mallopt", None):
+        mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def trim_heaps() -> None:
+    """A worker thread (ctypes lets go of the GIL): the free memory of the server's heaps back to the system.
+    glibc keeps what a large request freed in the heap of the thread that held it, and the next large requests
+    stack on it (+170 MiB held after three 46 MB bodies, measured; with the trim +10 to +40 MiB). Nothing to
+    do on a C library without malloc_trim."""
+    if malloc_trim := getattr(ctypes.CDLL(None), "malloc_trim", None):
+        malloc_trim(0)
+
+
+def body_bytes(size: int, copies: int = BODY_COPIES_READING) -> int:
+    """What a body of `size` bytes reserves: `copies` of it, or nothing for a small one."""
+    return copies * size if size > LARGE_BODY else 0
+
+
+class InputBudget:
+    def __init__(
+        self,
+        total: int,
+        tenant_share: float,
+        gauge: Gauge,
+        retry_after: Callable[[], int] = lambda: 1,
+        freed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.total = total
+        self.tenant_bytes = max(1, math.floor(total * tenant_share))  # what one tenant may hold beside others
+        self.held: Counter[str] = Counter()
+        self._gauge = gauge
+        self._retry_after = retry_after
+        self._freed = freed  # called when a large reservation is given back (the server trims its heaps)
+
+    def reservation(self, tenant: str) -> "Reservation":
+        return Reservation(self, tenant)
+
+    def take(self, tenant: str, size: int, own: int = 0) -> None:
+        """`size` more bytes for a request of `tenant` that holds `own`, or 429: the budget is full, or the
+        tenant's other requests hold bytes and with these it would pass its share."""
+        held = self.held.total()
+        if held + size > self.total:
+            raise too_many(
+                f"The server holds as many request bodies and input images as its memory allows "
+                f"({self.total / 2**20:g} MiB); retry later.",
+                "input_memory_full",
+                self._retry_after(),
+            )
+        mine = self.held[tenant]
+        if mine > own and mine + size > self.tenant_bytes:
+            raise too_many(
+                f"Your requests already hold {mine / 2**20:.0f} MiB of the server's input memory, your share of "
+                "it; retry later.",
+                "tenant_input_memory_full",
+                self._retry_after(),
+            )
+        self.held[tenant] += size
+        self._gauge.inc(size)
+
+    def give(self, tenant: str, size: int) -> None:
+        self.held[tenant] -= size
+        if self.held[tenant] <= 0:
+            del self.held[tenant]
+        self._gauge.dec(size)
+        if size > LARGE_BODY:
+            self._freed()
+
+
+class Reservation:
+    """What one request holds of the budget; `release` (idempotent) gives it all back."""
+
+    def __init__(self, budget: InputBudget, tenant: str) -> None:
+        self._budget = budget
+        self.tenant = tenant
+        self.bytes = 0
+
+    def resize(self, size: int) -> None:
+        """Hold `size` bytes in all: more is taken (or 429, holding what it held), less is given back."""
+        if size > self.bytes:
+            self._budget.take(self.tenant, size - self.bytes, self.bytes)
+        elif size < self.bytes:
+            self._budget.give(self.tenant, self.bytes - size)
+        self.bytes = size
+
+    def take(self, size: int) -> None:
+        self.resize(self.bytes + size)
+
+    def give(self, size: int) -> None:
+        self.resize(max(0, self.bytes - size))
+
+    def release(self) -> None:
+        self.resize(0)
