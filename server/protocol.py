@@ -100,19 +100,25 @@ def request_models(plugin_fields: list[type[BaseModel]]) -> tuple[type[ImageRequ
 
 _REF = "#/components/schemas/{model}"
 EDIT_FORM = "ImageEditForm"
+VIDEO_FORM = "VideoForm"
 
 
 def openapi_bodies(generation: type[BaseModel], edit: type[BaseModel]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """The image routes' request bodies for /openapi.json, by path, and the component schemas they and
-    `STREAM_EVENTS` refer to. The handlers read the raw request (bounded parsing), so FastAPI cannot see these
-    on its own."""
-    models = [(generation, "validation"), (edit, "validation"), (StreamEvent, "serialization")]
-    _, schemas = models_json_schema([*models, (ErrorEvent, "serialization")], ref_template=_REF)
+    """The request bodies of the routes that read the raw request (bounded parsing), by path, for /openapi.json,
+    and the component schemas they and `STREAM_EVENTS` refer to: FastAPI cannot see these on its own."""
+    models = [(m, "validation") for m in (generation, edit, VideoRequest, VideoRemixRequest)]
+    models += [(m, "serialization") for m in (StreamEvent, ErrorEvent)]
+    _, schemas = models_json_schema(models, ref_template=_REF)
     components = schemas["$defs"]
-    components[EDIT_FORM] = _edit_form(components[edit.__name__])
+    binary = {"type": "string", "format": "binary"}
+    image_files = {"image": {"anyOf": [binary, {"type": "array", "items": binary, "maxItems": MAX_INPUT_IMAGES}]}}
+    components[EDIT_FORM] = _form(components[edit.__name__], EDIT_FORM, {**image_files, "mask": binary}, "image")
+    components[VIDEO_FORM] = _form(components["VideoRequest"], VIDEO_FORM, {"input_reference": binary})
     bodies = {
         "/v1/images/generations": _body({"application/json": generation.__name__}),
         "/v1/images/edits": _body({"multipart/form-data": EDIT_FORM, "application/json": edit.__name__}),
+        "/v1/videos": _body({"multipart/form-data": VIDEO_FORM, "application/json": "VideoRequest"}),
+        "/v1/videos/{video_id}/remix": _body({"application/json": "VideoRemixRequest"}),
     }
     return bodies, components
 
@@ -122,17 +128,15 @@ def _body(contents: dict[str, str]) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
-def _edit_form(json_edit: dict) -> dict:
-    """The multipart edit: the JSON edit's fields, with files `image` (one, or up to MAX_INPUT_IMAGES) and `mask`
-    in place of the JSON form's `images` and `mask` references. Each value is text converted by its type
-    (`form_payload`)."""
-    binary = {"type": "string", "format": "binary"}
-    properties = {name: value for name, value in json_edit["properties"].items() if name not in ("images", "mask")}
-    files = {
-        "image": {"anyOf": [binary, {"type": "array", "items": binary, "maxItems": MAX_INPUT_IMAGES}]},
-        "mask": binary,
-    }
-    return {**json_edit, "title": EDIT_FORM, "properties": {**files, **properties}, "required": ["image", "prompt"]}
+def _form(json_model: dict, title: str, files: dict[str, dict], required_file: str | None = None) -> dict:
+    """The multipart form of a JSON model: its fields as text converted by their type (`form_payload`), with
+    `files` in place of the JSON form's image references (an edit's `images` and `mask`, a video's
+    `input_reference`)."""
+    replaced = {"images", "mask", "input_reference"}
+    properties = {name: value for name, value in json_model["properties"].items() if name not in replaced}
+    required = [name for name in json_model.get("required", []) if name not in replaced]
+    required = [required_file, *required] if required_file else required
+    return {**json_model, "title": title, "properties": {**files, **properties}, "required": required}
 
 
 def field_keys(model: type[BaseModel]) -> dict[str, FieldInfo]:

@@ -179,3 +179,19 @@ def test_openapi_publishes_the_request_bodies_with_the_enabled_plugins_fields(ap
     with InProcess() as plain:  # no plugins: none of their fields
         published = plain.http.get("/openapi.json").json()["components"]["schemas"]["ImageGenerationRequest"]
     assert "upscale" not in published["properties"] and "n" in published["properties"]
+
+
+def test_openapi_publishes_the_video_request_bodies(app):
+    document = app.http.get("/openapi.json").json()
+    create = document["paths"]["/v1/videos"]["post"]["requestBody"]["content"]
+    remix = document["paths"]["/v1/videos/{video_id}/remix"]["post"]["requestBody"]["content"]
+    assert {media: c["schema"]["$ref"].rsplit("/", 1)[1] for media, c in create.items()} == {
+        "multipart/form-data": "VideoForm",
+        "application/json": "VideoRequest",
+    }
+    assert remix["application/json"]["schema"]["$ref"].endswith("/VideoRemixRequest")
+    schemas = document["components"]["schemas"]
+    form, request = schemas["VideoForm"], schemas["VideoRequest"]
+    assert form["required"] == ["prompt"] and request["required"] == ["prompt"]
+    assert form["properties"]["input_reference"] == {"type": "string", "format": "binary"}
+    assert {"seconds", "size", "seed"} <= set(form["properties"]) and "input_reference" in request["properties"]
