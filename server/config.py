@@ -33,6 +33,7 @@ SETTINGS_GROUP = "image_server.settings"
 # copy coming back from the decode process, that copy as strings or files), then until the request ends (the
 # parsed copy; its images decoded from base64).
 BODY_COPIES_READING, BODY_COPIES_KEPT = 3, 2
+MAX_IMAGES = 10  # images one request may ask for (n, as OpenAI's): one upload URL each
 MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 
 

@@ -20,10 +20,10 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import models_json_schema
 
 from server.bodies import parse_json_value
+from server.config import MAX_IMAGES
 from server.errors import ErrorEvent
 
 MAX_SEED = 2**63 - 1
-MAX_IMAGES = 10  # n
 MAX_INPUT_IMAGES = 16  # an edit's input images
 
 Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
@@ -74,10 +74,13 @@ class ImageRequest(BaseModel):
         return value
 
 
+IMAGE_URL_CHARS = 20_971_520  # OpenAI's spec: a JSON edit's image_url (a URL or a data URL) is at most 20 MiB long
+
+
 class ImageRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image_url: str | None = Field(default=None, max_length=20 * 2**20 * 4 // 3 + 64)
+    image_url: str | None = Field(default=None, max_length=IMAGE_URL_CHARS)
     file_id: str | None = Field(default=None, max_length=256)
 
 

@@ -28,7 +28,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from plugins.upload.ssrf import Target, UnsafeURL, check_url, resolve_checked
-from server.config import split
+from server.config import MAX_IMAGES, split
 from server.errors import bad_request
 from server.images import CONTENT_TYPES
 from server.plugins import Delivered, Plugin
@@ -41,7 +41,7 @@ MAX_ANSWER_BYTES = 4096
 
 
 class UploadFields(BaseModel):
-    upload_urls: list[str] | None = Field(default=None, max_length=10)
+    upload_urls: list[str] | None = Field(default=None, max_length=MAX_IMAGES)
 
 
 class UploadStatus(BaseModel):
