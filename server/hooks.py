@@ -201,11 +201,18 @@ class EngineHooks(Protocol):
 # -- what a plugin sees of the loaded engine -------------------------------------------
 
 
+# Runs a job of server/bodies.py (a form to parse, say) in a decode process by a deadline (time.monotonic()),
+# naming what it reads and its field in the 400 it may answer (server/decoders.py, `DecoderPool.run`).
+Decode = Callable[[Any, float, str, str | None], Awaitable[Any]]
+
+
 @dataclass(frozen=True)
 class EngineView:
-    """The loaded engine, as a plugin sees it (`Plugin.load`, which itself runs on the engine thread)."""
+    """The loaded engine, as a plugin sees it (`Plugin.load`, which itself runs on the engine thread), and the
+    server's decode processes for what its routes parse."""
 
     name: str  # the model's id in /v1/models
     info: dict  # how it runs (/v1/models' `engine`)
     lora_applier: LoRAApplier | None  # None: this engine cannot apply LoRAs
     call: Callable[[Callable[[], Any]], Awaitable[Any]]  # from the event loop: run a function on the engine thread
+    decode: Decode  # from the event loop: the server's decode processes

@@ -165,7 +165,7 @@ class ImageService:
         steps, guidance = self.engine.defaults()
         self.default_steps = self.settings.default_steps or steps
         self.default_guidance = guidance if self.settings.default_guidance < 0 else self.settings.default_guidance
-        self.plugins.load(self.engine.view())
+        self.plugins.load(self.engine.view(self.decoders.run))
         if self.settings.warmup:
             self.engine.warmup()
         log.info(

@@ -31,8 +31,8 @@ from plugins.lora.merge import LoRAMerger
 from server.auth import check_key, key_matches, presented_key, require_api_key
 from server.bodies import FormLimits, FormPart, form_file_job, spool
 from server.config import MOST_LORAS
-from server.errors import APIError, bad_request
-from server.hooks import EngineView, LoRAApplier, LoRATarget
+from server.errors import APIError, bad_request, unavailable
+from server.hooks import Decode, EngineView, LoRAApplier, LoRATarget
 from server.lora import MAX_WEIGHT, LoRAError, LoRASet
 from server.plugins import Plugin, RouteLimit
 
@@ -88,6 +88,7 @@ class LoRAPlugin(Plugin[None]):
         self.max_bytes = int(self.config.lora_max_mb * 2**20)
         self.defaults: LoRASet = ()
         self.applier: LoRAApplier | None = None
+        self.decode: Decode | None = None  # the server's decode processes, once loaded
         self._claimed: set[str] = set()  # names being uploaded right now
 
     # -- engine hooks ----------------------------------------------------
@@ -103,6 +104,7 @@ class LoRAPlugin(Plugin[None]):
         """Engine thread, after the model loaded: the engine's applier, and the default set checked."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.applier = engine.lora_applier
+        self.decode = engine.decode
         if self.applier is None:
             raise SystemExit(f"PLUGINS has lora, but this engine ({engine.info}) cannot apply LoRAs.")
         try:
@@ -188,6 +190,8 @@ class LoRAPlugin(Plugin[None]):
 
     async def upload(self, request: Request) -> dict:
         self.check_admin(request)
+        if self.decode is None:  # the routes are up while the model loads; the checks need the loaded engine
+            raise unavailable("The model is still loading; retry shortly.", "model_loading", 10)
         parts = await self._read_upload(request)
         try:
             return await self._add(parts)
@@ -203,11 +207,11 @@ class LoRAPlugin(Plugin[None]):
         os.close(fd)
         body = Path(name)
         limits = FormLimits(1, 4, 4096, self.max_bytes, "file_too_large")
-        service, content_type = request.app.state.service, request.headers.get("content-type", "")
+        content_type = request.headers.get("content-type", "")
         try:
             await spool(request.stream(), body)
             job = form_file_job(body, content_type, limits, self.dir)
-            return await service.decoders.run(job, request.state.life.deadline, "the LoRA upload", "file")
+            return await self.decode(job, request.state.life.deadline, "the LoRA upload", "file")
         finally:
             body.unlink(missing_ok=True)
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from server.errors import bad_request
 from server.families import GENERIC, Family
-from server.hooks import EngineHooks, EngineView, LoRAApplier, LoRATarget, PipelineContext
+from server.hooks import Decode, EngineHooks, EngineView, LoRAApplier, LoRATarget, PipelineContext
 from server.lora import LoRAError, LoRASet, describe
 from server.spec import GenerationSpec
 
@@ -71,9 +71,9 @@ class Engine(ABC):
         """Run `fn` on the engine thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
 
-    def view(self) -> EngineView:
-        """What the plugins see of this engine, once it has loaded."""
-        return EngineView(self.name, self.info, self.lora_applier, self.call)
+    def view(self, decode: Decode) -> EngineView:
+        """What the plugins see of this engine, once it has loaded, with the server's `decode`."""
+        return EngineView(self.name, self.info, self.lora_applier, self.call, decode)
 
     @abstractmethod
     def load(self, hooks: EngineHooks) -> None:

@@ -2,12 +2,17 @@
 into a real demo pipeline through `LoRAMerger` (the fake's images ignore them): where files are read, what a
 caller learns when one disappears, names."""
 
+import asyncio
 import threading
 
 import pytest
+from starlette.requests import Request
 
+from plugins.lora import LoRAPlugin
 from plugins.lora.merge import LoRAMerger
 from server import lora
+from server.config import from_env
+from server.errors import APIError
 from tests.support.demo import demo_pipeline, write_loras
 from tests.support.fakes import FakeEngine, InProcess
 from tests.support.images import assert_openai_shape
@@ -102,3 +107,12 @@ def test_an_upload_past_the_header_bounds_or_of_integers_is_a_400_naming_why(app
         response = upload(app, path)
         error = assert_openai_shape(response.json())
         assert response.status_code == 400 and error["code"] == "lora_invalid" and why in error["message"]
+
+
+def test_an_upload_while_the_model_loads_is_a_503(tmp_path):
+    """The routes are up before the engine has loaded: an upload then is refused, not a 500."""
+    plugin = LoRAPlugin(from_env(lora_dir=tmp_path))
+    request = Request({"type": "http", "method": "POST", "path": "/v1/loras", "headers": []})
+    with pytest.raises(APIError) as refused:
+        asyncio.run(plugin.upload(request))
+    assert (refused.value.status, refused.value.code) == (503, "model_loading")

@@ -132,6 +132,10 @@ def test_nunchaku_refuses_a_lora_that_would_overflow_its_dtype(lora_dir, tmp_pat
     NunchakuLoRA(RecordingNunchakuTransformer(), torch.bfloat16, convert=convert).check(path)  # bf16 holds it
 
 
+async def _no_decode(*_):
+    raise AssertionError("this test parses no upload")
+
+
 def test_the_lora_plugin_uses_the_engines_applier(lora_dir):
     from plugins.lora import LoRAPlugin
     from server.config import from_env
@@ -140,7 +144,7 @@ def test_the_lora_plugin_uses_the_engines_applier(lora_dir):
     engine = FakeEngine()
     engine.lora_applier = nunchaku()
     plugin = LoRAPlugin(from_env(lora_dir=lora_dir, lora_defaults="style:0.8"))
-    plugin.load(engine.view())
+    plugin.load(engine.view(decode=_no_decode))
     assert plugin.applier is engine.lora_applier
     engine.apply_loras(plugin.defaults)
     assert engine.lora_applier.transformer.calls == [("update", "x")]
