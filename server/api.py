@@ -126,7 +126,7 @@ def deadline_of(request: Request) -> float:
     return _life(request).deadline
 
 
-def _memory(request: Request) -> Reservation:
+def memory_of(request: Request) -> Reservation:
     """The request's share of the input memory (server/budget.py), released by its owner when it ends."""
     if getattr(request.state, "memory", None) is None:
         request.state.memory = _service(request).memory.reservation(request.state.tenant)
@@ -135,30 +135,32 @@ def _memory(request: Request) -> Reservation:
 
 
 async def read_body(request: Request) -> bytes:
-    """The body, its input memory reserved before any byte of it is read: by its Content-Length, else as it
-    comes (429, as a full queue answers, when the memory or the tenant's share of it is full)."""
-    memory = _memory(request)
+    """The body, its input memory reserved as it arrives, before each chunk is kept (429, as a full queue
+    answers, when the memory or the tenant's share of it is full). A Content-Length that could not fit is
+    refused before the first byte; it reserves nothing itself, so a client that promises a body and sends
+    none holds nothing."""
+    memory = memory_of(request)
     length = request.headers.get("content-length", "")
     if length.isdigit():
-        memory.resize(body_bytes(int(length)))
+        memory.check(body_bytes(int(length)))
     body = io.BytesIO()  # its buffer becomes the body: no second copy
     async for chunk in request.stream():
+        memory.resize(max(memory.bytes, body_bytes(body.tell() + len(chunk))))
         body.write(chunk)
-        memory.resize(max(memory.bytes, body_bytes(body.tell())))
     return body.getvalue()
 
 
 def _parsed(request: Request, size: int) -> None:
     """A body of `size` bytes is parsed and its bytes dropped: its parsed copy, and what its images decode to,
     stay counted until the request ends."""
-    _memory(request).resize(body_bytes(size, BODY_COPIES_KEPT))
+    memory_of(request).resize(body_bytes(size, BODY_COPIES_KEPT))
 
 
 async def _json_call(request: Request, edit: bool, tenant: str) -> ImageCall:
     body = await read_body(request)
     payload = await json_body(request, body)
     return ImageCall(
-        edit, payload, _base_url(request), deadline_of(request), len(body), tenant=tenant, memory=_memory(request)
+        edit, payload, _base_url(request), deadline_of(request), len(body), tenant=tenant, memory=memory_of(request)
     )
 
 
@@ -198,7 +200,7 @@ async def _multipart_edit(request: Request, tenant: str) -> ImageCall:
         uploads=files,
         mask_upload=masks[0].data if masks else None,
         tenant=tenant,
-        memory=_memory(request),
+        memory=memory_of(request),
     )
 
 

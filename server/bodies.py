@@ -44,7 +44,7 @@ def media_type_of(content_type: str | None) -> str:
 
 def _check_shape(body: bytes | str) -> None:
     """A cheap scan (C speed, no objects) that bounds what json.loads will build. Commas and colons inside
-    strings count too: prompts are at most 32000 characters, far below the limit."""
+    strings count too: prompts are at most MAX_TEXT characters, far below the limit."""
     comma, colon = (",", ":") if isinstance(body, str) else (b",", b":")
     if body.count(comma) + body.count(colon) > MAX_JSON_VALUES:
         raise invalid_json(f"it holds more than {MAX_JSON_VALUES} values; no image request needs that many")
@@ -130,6 +130,9 @@ def parse_json_value(text: str) -> object:
 
 LARGE_BODY = 64 * 1024  # bytes of JSON above which the body is parsed in a decode process, not on the event loop
 LONG_STRING = 4096  # characters: longer strings (data URLs) travel back as bytes, outside the JSON
+# The longest text a field takes (prompt, negative_prompt). Longer strings are URLs and data URLs, ASCII: one of
+# non-ASCII text is refused, as Python would hold it at up to 4 bytes a character, past what its body reserved.
+MAX_TEXT = 32_000
 MAX_REST = 1 << 20  # bytes of a body's JSON once its long strings are out: no image request needs more
 
 
@@ -187,6 +190,8 @@ def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]
         node, path = stack.pop()
         for key, value in node.items() if isinstance(node, dict) else enumerate(node):
             if isinstance(value, str) and len(value) > LONG_STRING:
+                if len(value) > MAX_TEXT and not value.isascii():
+                    raise invalid_json(f"no field takes non-ASCII text of more than {MAX_TEXT} characters")
                 paths.append([*path, key])
                 strings.append(value.encode("utf-8", "surrogatepass"))
                 node[key] = ""

@@ -27,6 +27,7 @@ from server.config import BODY_COPIES_READING
 from server.errors import too_many
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+TRIM_AFTER = 32 * 2**20  # bytes given back to the budget between two trims of the server's heaps
 
 
 def map_large_allocations() -> None:
@@ -67,14 +68,21 @@ class InputBudget:
         self.held: Counter[str] = Counter()
         self._gauge = gauge
         self._retry_after = retry_after
-        self._freed = freed  # called when a large reservation is given back (the server trims its heaps)
+        self._freed = freed  # called once TRIM_AFTER bytes have been given back (the server trims its heaps)
+        self._given = 0
 
     def reservation(self, tenant: str) -> "Reservation":
         return Reservation(self, tenant)
 
     def take(self, tenant: str, size: int, own: int = 0) -> None:
-        """`size` more bytes for a request of `tenant` that holds `own`, or 429: the budget is full, or the
-        tenant's other requests hold bytes and with these it would pass its share."""
+        """`size` more bytes for a request of `tenant` that holds `own`, or 429 (`check`)."""
+        self.check(tenant, size, own)
+        self.held[tenant] += size
+        self._gauge.inc(size)
+
+    def check(self, tenant: str, size: int, own: int = 0) -> None:
+        """429 if `size` more bytes for a request of `tenant` that holds `own` do not fit: the budget is full, or
+        the tenant's other requests hold bytes and with these it would pass its share."""
         held = self.held.total()
         if held + size > self.total:
             raise too_many(
@@ -91,15 +99,15 @@ class InputBudget:
                 "tenant_input_memory_full",
                 self._retry_after(),
             )
-        self.held[tenant] += size
-        self._gauge.inc(size)
 
     def give(self, tenant: str, size: int) -> None:
         self.held[tenant] -= size
         if self.held[tenant] <= 0:
             del self.held[tenant]
         self._gauge.dec(size)
-        if size > LARGE_BODY:
+        self._given += size
+        if self._given >= TRIM_AFTER:  # a trim walks every heap under its lock: not at every give-back
+            self._given = 0
             self._freed()
 
 
@@ -113,11 +121,20 @@ class Reservation:
 
     def resize(self, size: int) -> None:
         """Hold `size` bytes in all: more is taken (or 429, holding what it held), less is given back."""
+        held, self.bytes = self.bytes, size
+        if size > held:
+            try:
+                self._budget.take(self.tenant, size - held, held)
+            except BaseException:
+                self.bytes = held
+                raise
+        elif size < held:
+            self._budget.give(self.tenant, held - size)
+
+    def check(self, size: int) -> None:
+        """429 if this request could not hold `size` bytes in all; nothing is taken."""
         if size > self.bytes:
-            self._budget.take(self.tenant, size - self.bytes, self.bytes)
-        elif size < self.bytes:
-            self._budget.give(self.tenant, self.bytes - size)
-        self.bytes = size
+            self._budget.check(self.tenant, size - self.bytes, self.bytes)
 
     def take(self, size: int) -> None:
         self.resize(self.bytes + size)

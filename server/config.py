@@ -225,9 +225,10 @@ class Settings:
     )
     max_image_mb: float = option(50.0, "largest input image file, in MiB", low=0.01)
     input_memory_mb: float = option(
-        0.0, "memory for callers' bytes held at once (bodies over 64 KiB as read and parsed, fetched input images), "
-        "in MiB; reserved before they are read, past it 429; at least what the largest request holds, 3 x "
-        "MAX_BODY_MB and 2 x (MAX_BODY_MB + MAX_IMAGE_MB) (0: that least, 228 with the defaults)",
+        0.0, "memory for callers' bytes held at once (bodies over 64 KiB as read and parsed, fetched input images, "
+        "decoded input pixels), in MiB; reserved before they are kept, past it 429; at least what the largest "
+        "request holds, 3 x MAX_BODY_MB and 2 x (MAX_BODY_MB + MAX_IMAGE_MB) + 3 bytes x MAX_INPUT_PIXELS (0: room "
+        "for that in each tenant's share: 371 with the defaults, 742 with several tenants)",
         low=0,
     )  # fmt: skip
     max_input_pixels: int = option(
@@ -368,8 +369,9 @@ class Settings:
 
     @property
     def input_memory_bytes(self) -> int:
-        """INPUT_MEMORY_MB, or (0) the least that holds the largest request."""
-        return int((self.input_memory_mb or largest_input_mb(self)) * 2**20)
+        """INPUT_MEMORY_MB, or (0) room for the largest request in each tenant's share: one tenant holding its
+        share never keeps another's largest request out."""
+        return int((self.input_memory_mb or largest_input_mb(self) / self.tenant_share) * 2**20)
 
     @property
     def tenant_share(self) -> float:
@@ -513,8 +515,10 @@ def _values(section: type, flags: Mapping[str, Any], environ: Mapping[str, str],
 
 def largest_input_mb(s: Settings) -> float:
     """What the largest legal request holds of INPUT_MEMORY_MB at its peak (server/budget.py): a body of
-    MAX_BODY_MB while it is parsed, or its parsed copy kept with two remote images (the edited one and its mask)."""
-    return max(BODY_COPIES_READING * s.max_body_mb, BODY_COPIES_KEPT * s.max_body_mb + 2 * s.max_image_mb)
+    MAX_BODY_MB while it is parsed, or its parsed copy kept with two remote images (the edited one and its mask)
+    and their pixels decoded (3 bytes each of an RGB image, 1 of a mask: at most 3 x MAX_INPUT_PIXELS)."""
+    decoded = 2 * s.max_image_mb + 3 * s.max_input_pixels / 2**20
+    return max(BODY_COPIES_READING * s.max_body_mb, BODY_COPIES_KEPT * s.max_body_mb + decoded)
 
 
 def _cross_problems(s: Settings) -> list[str]:
@@ -530,7 +534,7 @@ def _cross_problems(s: Settings) -> list[str]:
     if 0 < s.input_memory_mb < largest_input_mb(s):
         problems.append(
             f"INPUT_MEMORY_MB={s.input_memory_mb:g} is below what the largest request holds, {largest_input_mb(s):g} "
-            f"(3 x MAX_BODY_MB; 2 x (MAX_BODY_MB + MAX_IMAGE_MB))"
+            f"(3 x MAX_BODY_MB; 2 x (MAX_BODY_MB + MAX_IMAGE_MB) + 3 bytes x MAX_INPUT_PIXELS)"
         )
     if s.max_output_pixels < s.max_pixels:
         problems.append(f"MAX_OUTPUT_PIXELS={s.max_output_pixels} is below MAX_PIXELS={s.max_pixels}")

@@ -28,6 +28,11 @@ class EditInputs:
     def image(self) -> InputImage:
         return self.images[0]
 
+    @property
+    def decoded_bytes(self) -> int:
+        """What the edited image and the mask hold once decoded: RGB, and one byte a pixel of the mask."""
+        return 3 * self.image.pixels + (self.mask.pixels if self.mask is not None else 0)
+
 
 def _image_param(index: int, count: int) -> str:
     return f"image[{index}]" if count > 1 else "image"
@@ -66,24 +71,30 @@ async def from_refs(request, s: Settings, deadline: float, off_loop: OffLoop, me
 async def _ref_image(
     ref, param: str, s: Settings, deadline: float, off_loop: OffLoop, memory: Reservation, keep: bool
 ) -> InputImage:
-    limit = int(s.max_image_mb * 2**20)
-    remote = bool(ref.image_url) and not ref.image_url.startswith("data:")
-    if remote:
-        memory.take(limit)  # 429 before the fetch when the input memory, or the tenant's share of it, is full
-    image = await off_loop(_inspected, await ref_bytes(ref, param, s, deadline, off_loop), param, s, keep)
-    if remote:
-        memory.give(limit - len(image.data))  # its size while it waits to be decoded, if it is the one kept
+    data = await ref_bytes(ref, param, s, deadline, off_loop, memory)
+    image = await off_loop(_inspected, data, param, s, keep)
+    if not keep and not ref.image_url.startswith("data:"):
+        memory.give(len(data))  # a fetched image only checked: dropped
     return image
 
 
-async def ref_bytes(ref, param: str, s: Settings, deadline: float, off_loop: OffLoop) -> bytes:
-    """A reference's bytes: a data URL decoded off the event loop, or a remote image fetched by `deadline`."""
+async def ref_bytes(
+    ref, param: str, s: Settings, deadline: float, off_loop: OffLoop, memory: Reservation | None
+) -> bytes:
+    """A reference's bytes: a data URL decoded off the event loop (its body is counted already), or a remote
+    image fetched by `deadline`, holding MAX_IMAGE_MB of `memory` while it is fetched (429 before the fetch when
+    the input memory, or the tenant's share of it, is full), then its size."""
     limit = int(s.max_image_mb * 2**20)
     if ref.file_id is not None or not ref.image_url:
         raise bad_request(f"'{param}': file_id is not supported here; send image_url (a data URL).", param)
     if ref.image_url.startswith("data:"):
         return await off_loop(decode_data_url, ref.image_url, f"{param}.image_url", limit)
-    return await fetch_remote(ref.image_url, f"{param}.image_url", s.remote_hosts, limit, deadline)
+    if memory is not None:
+        memory.take(limit)
+    data = await fetch_remote(ref.image_url, f"{param}.image_url", s.remote_hosts, limit, deadline)
+    if memory is not None:
+        memory.give(limit - len(data))
+    return data
 
 
 def _checked(images: list[InputImage], mask: InputImage | None, s: Settings) -> EditInputs:

@@ -102,8 +102,12 @@ class Life:
         self._on_end.append(callback)
 
     def end(self) -> None:
+        """Every callback runs, the last registered first; one that raises is logged and stops none of the others."""
         while self._on_end:
-            self._on_end.pop()()
+            try:
+                self._on_end.pop()()
+            except Exception:
+                log.exception("a request's cleanup failed")
 
 
 class RequestLife:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import models_json_schema
 
-from server.bodies import parse_json_value
+from server.bodies import MAX_TEXT, parse_json_value
 from server.config import MAX_IMAGES
 from server.errors import ErrorEvent
 
@@ -36,7 +36,7 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
     model: str | None = Field(default=None, max_length=256)
     n: int | None = Field(default=1, ge=1, le=MAX_IMAGES)
     size: str | None = Field(default=None, max_length=16)  # "auto" or WIDTHxHEIGHT, multiples of 16
@@ -52,7 +52,7 @@ class ImageRequest(BaseModel):
     partial_images: int | None = Field(default=None, ge=0, le=3)
 
     # Extensions
-    negative_prompt: str | None = Field(default=None, max_length=32000)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_TEXT)
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
     true_cfg_scale: float | None = Field(default=None, ge=1, le=100)
@@ -296,14 +296,14 @@ class VideoRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
     model: str | None = Field(default=None, max_length=256)
     seconds: str | None = Field(default=None, max_length=16)
     size: str | None = Field(default=None, max_length=16)
     input_reference: ImageRef | None = None
 
     # Extensions
-    negative_prompt: str | None = Field(default=None, max_length=32000)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_TEXT)
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
@@ -312,7 +312,7 @@ class VideoRequest(BaseModel):
 class VideoRemixRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
 class VideoError(BaseModel):

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -108,11 +108,12 @@ class ImageService:
         self.memory = InputBudget(
             settings.input_memory_bytes, settings.tenant_share, metrics.input_memory, self._retry_after, self._trim
         )
-        self._trimming: asyncio.Future | None = None
+        self._trimming: Future | None = None
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
         # partial images decoded (PREVIEW_DECODER) and encoded; one thread: they stay in order
         self._preview_pool = ThreadPoolExecutor(1, thread_name_prefix="preview")
+        self._trimmer = ThreadPoolExecutor(1, thread_name_prefix="trim")  # heaps trimmed one at a time, apart
         self._reading = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="read")  # caller bytes
         self.decoders = DecoderPool(
             settings.decode_workers,
@@ -147,10 +148,10 @@ class ImageService:
         return self.scheduler.retry_after() if self.scheduler else 1
 
     def _trim(self) -> None:
-        """A large input was given back: the heaps' free memory goes back to the system, in a thread, one trim
-        at a time."""
+        """Large inputs were given back: the heaps' free memory goes back to the system, on the trim thread, one
+        trim at a time (none queued behind a running one)."""
         if self._trimming is None or self._trimming.done():
-            self._trimming = asyncio.get_running_loop().run_in_executor(None, trim_heaps)
+            self._trimming = self._trimmer.submit(trim_heaps)
 
     async def load(self) -> None:
         """The engine and the plugins, on the engine thread, while /health already answers."""
@@ -190,6 +191,7 @@ class ImageService:
         self._pool.shutdown(wait=True)
         self._preview_pool.shutdown(wait=True)
         self._reading.shutdown(wait=True)
+        self._trimmer.shutdown(wait=True)
         self.decoders.close()
         self.engine.close()
 
@@ -305,19 +307,23 @@ class ImageService:
 
     async def _with_inputs(self, plan: Plan, request: ImageRequest, call: ImageCall) -> Plan:
         """An edit's inputs fetched and inspected, its size from them if auto, its image and mask decoded; what
-        its fetches held of the input memory is given back once they are decoded or dropped."""
+        its fetches held of the input memory is given back once they are decoded or dropped, and what the pixels
+        hold is taken before they are decoded (429 when they do not fit), until the request's owner ends it."""
         if not call.edit:
             return plan
         memory = call.memory or self.memory.reservation(call.tenant)
         held = memory.bytes
         try:
             inputs = await self._inputs(request, call, memory)
+            if call.memory is not None:  # an owned request (HTTP): its owner gives the pixels back when it ends
+                held += inputs.decoded_bytes
+                memory.resize(max(memory.bytes, held))
             if plan.sized_by_input:
                 plan = await self.off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
             image = await self.decode(inputs.image, False, call.deadline)
             mask = await self.decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
         finally:
-            memory.resize(held)
+            memory.resize(min(memory.bytes, held))
         return replace(plan, spec=replace(plan.spec, image=image, mask=mask))
 
     async def _inputs(self, request: ImageRequest, call: ImageCall, memory: Reservation) -> EditInputs:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from server import rules
 from server.auth import DEFAULT_TENANT
+from server.budget import Reservation
 from server.errors import APIError, bad_request
 from server.families import Family
 from server.images import check_pixels, inspect
@@ -49,6 +50,7 @@ class VideoCall:
     upload: bytes | None = None  # multipart: the input_reference file
     multipart: bool = False  # the payload is a form's text, converted by each field's type
     tenant: str = DEFAULT_TENANT  # who the job is queued as (server/auth.py)
+    memory: Reservation | None = None  # the request's input memory (server/budget.py), for a fetched reference
 
 
 @dataclass
@@ -125,7 +127,8 @@ class VideoService:
                 return call.upload
             if request.input_reference is None:
                 return None
-            return await ref_bytes(request.input_reference, "input_reference", s, call.deadline, self.images.off_loop)
+            ref = request.input_reference
+            return await ref_bytes(ref, "input_reference", s, call.deadline, self.images.off_loop, call.memory)
 
         return await self._start(call.owner, call.tenant, request.prompt, params, seconds, reference, call.deadline)
 

@@ -244,7 +244,7 @@ def test_a_full_queue_costs_the_caller_no_fetch(strict):
 # -- 6. one key's bodies hold at most its share of the input memory ------------------------------------------
 
 KEYS = ("key-heavy", "key-light")
-BUDGET = {"MAX_BODY_MB": 8, "MAX_IMAGE_MB": 8, "INPUT_MEMORY_MB": 64}  # a key's share: 32 MiB
+BUDGET = {"MAX_BODY_MB": 8, "MAX_IMAGE_MB": 8, "MAX_INPUT_PIXELS": 1_000_000, "INPUT_MEMORY_MB": 64}  # share: 32 MiB
 GAUGE = "image_server_input_memory_bytes"
 
 
@@ -259,11 +259,12 @@ def budgeted():
     srv.stop()
 
 
-def promise(srv, key: str, size: int) -> socket.socket:
-    """A JSON edit's headers from `key`, promising `size` bytes of body, and none of them sent."""
+def promise(srv, key: str, body: bytes, sent: int = 0) -> socket.socket:
+    """A JSON edit from `key`: its headers, promising `body`, and only the first `sent` bytes of it."""
     sock = connect(srv.url)
-    headers = {"Content-Type": "application/json", "Content-Length": str(size), "Authorization": f"Bearer {key}"}
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body)), "Authorization": f"Bearer {key}"}
     sock.sendall(raw_request("POST", "/v1/images/edits", srv.url.removeprefix("http://"), headers=headers))
+    sock.sendall(body[:sent])
     return sock
 
 
@@ -282,11 +283,13 @@ def test_a_key_past_its_share_of_input_memory_gets_429_before_its_bodies_are_rea
     large = json.dumps({"prompt": "p", "images": [{"image_url": data_url(padded_png(64, 400_000))}]}).encode()
     reset_peak_rss(srv.proc.pid)
     before = peak_rss_mib(srv.proc.pid)
-    holder = promise(srv, KEYS[0], len(large))  # reserved from its Content-Length, its body never sent
-    until(lambda: srv.metric(GAUGE) == 3 * len(large), timeout=MARGIN, what="the first body reserved")
+    assert srv.metric(GAUGE) == 0
+    idle = promise(srv, KEYS[0], large)  # a body promised, none of it sent: it holds nothing
+    holder = promise(srv, KEYS[0], large, len(large) - 1)  # all of it but its last byte: reserved as it came
+    until(lambda: srv.metric(GAUGE) == 3 * (len(large) - 1), timeout=MARGIN, what="the first body reserved")
     with ThreadPoolExecutor(16) as pool:
         posts = [pool.submit(post_edit, srv, KEYS[0], large) for _ in range(16)]  # whole bodies, sent at once
-        refused = [answer(promise(srv, KEYS[0], len(large))) for _ in range(4)]
+        refused = [answer(promise(srv, KEYS[0], large)) for _ in range(4)]
         light = post_edit(srv, KEYS[1], json.dumps(normal_edit()).encode())
         light_large = post_edit(srv, KEYS[1], large)  # the other key's large body is still read and parsed
         heavy = [post.result() for post in posts]
@@ -294,6 +297,7 @@ def test_a_key_past_its_share_of_input_memory_gets_429_before_its_bodies_are_rea
     assert light == 200 and light_large == 400  # served; and refused from its structure, not for memory
     assert set(heavy) <= {429, None}  # refused before read (None: the refusal reset the connection mid-body)
     holder.close()  # its owner ends the request when its client goes, and releases what it held
+    idle.close()
     until(lambda: srv.metric(GAUGE) == 0, timeout=MARGIN, what="the memory released")
     assert srv.metric("image_server_requests_total", 'status="500"') == 0
     # the budget, and what the two decode processes hold of a body being parsed (three copies each), at most

@@ -14,7 +14,7 @@ import pytest
 from server.api import EventStreamResponse
 from server.auth import key_label
 from server.http import CONNECTION
-from server.middleware import RequestLife
+from server.middleware import Life, RequestLife
 from server.protocol import StreamEvent
 from server.service import EventStream
 from tests.support.fakes import FAILED_FILE, InProcess
@@ -376,3 +376,13 @@ def test_the_log_line_names_the_tenant_by_its_label_never_by_its_key(caplog):
         )
     assert f"tenant={key_label('secret-key-1')}" in caplog.text
     assert "secret-key-1" not in caplog.text
+
+
+def test_every_cleanup_of_a_request_runs_when_one_fails():
+    ran = []
+    life = Life(deadline=0)
+    life.on_end(lambda: ran.append("memory"))
+    life.on_end(lambda: 1 / 0)
+    life.on_end(lambda: ran.append("stream"))
+    life.end()
+    assert ran == ["stream", "memory"]

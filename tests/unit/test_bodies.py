@@ -1,8 +1,10 @@
 """server/bodies.py: JSON bodies and multipart fields, bounded and never a 500."""
 
+import json
+
 import pytest
 
-from server.bodies import MAX_JSON_VALUES, form_fields, parse_json
+from server.bodies import MAX_JSON_VALUES, MAX_TEXT, form_fields, parse_json, split_json
 from server.errors import APIError
 
 
@@ -68,3 +70,19 @@ def test_one_name_in_two_shapes_is_a_400_naming_it(items):
     with pytest.raises(APIError) as err:
         form_fields(items)
     assert err.value.status == 400 and err.value.param == items[0][0].split("[")[0]
+
+
+def _split(payload: dict) -> tuple[dict, list[bytes]]:
+    """What a decode process makes of a large JSON body."""
+    return split_json({}, [bytearray(json.dumps(payload, ensure_ascii=False).encode())])
+
+
+def test_long_strings_of_non_ascii_text_are_refused_where_no_field_takes_them():
+    """Python holds a string with one character past U+FFFF at 4 bytes each: 4x what its body reserved."""
+    url = "data:image/png;base64," + "A" * 100_000
+    prompt = "\U0001f600" * 8000  # text a field takes: kept
+    _, strings = _split({"prompt": prompt, "images": [{"image_url": url}]})
+    assert set(strings) == {prompt.encode(), url.encode()}  # long strings travel apart, unchanged
+    with pytest.raises(APIError) as refused:
+        _split({"prompt": "p", "extra": "a" * MAX_TEXT + "\U0001f600"})
+    assert refused.value.status == 400 and refused.value.code == "invalid_json"

@@ -18,7 +18,10 @@ from tests.support.waiting import until
 MIB = 2**20
 GAUGE = "image_server_input_memory_bytes"
 JSON = {"content-type": "application/json"}
-SMALL = {"max_body_mb": 2, "max_image_mb": 1}  # the largest request holds 6 MiB (3 x MAX_BODY_MB)
+SIDE = 512  # of the edits' images
+PIXELS = 3 * SIDE * SIDE  # what an edit's image holds once decoded
+# the largest request holds 6.75 MiB: 2 x (2 + 1) for its parsed body and fetches, 3 bytes x 256 Ki pixels
+SMALL = {"max_body_mb": 2, "max_image_mb": 1, "max_input_pixels": SIDE * SIDE}
 
 
 def budget(total: int, share: float = 0.5) -> InputBudget:
@@ -54,7 +57,7 @@ def test_small_bodies_bypass_and_large_ones_count_each_copy():
     assert body_bytes(MIB, 2) == 2 * MIB
 
 
-def noise_edit(side: int = 512) -> bytes:
+def noise_edit(side: int = SIDE) -> bytes:
     """A JSON edit of about 1 MiB: a PNG of noise as a data URL."""
     image = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
     out = io.BytesIO()
@@ -81,10 +84,10 @@ def test_a_tenant_over_its_share_gets_429_before_its_body_is_read_while_another_
         app.engine.gate.clear()
         answers: list = []
         threads = [_post(app, answers, body, keys[0])]
-        until(lambda: app.metric(GAUGE) == 2 * size, timeout=10)  # parsed: its copy kept, its image decoded
+        until(lambda: app.metric(GAUGE) == 2 * size + PIXELS, timeout=10)  # parsed and decoded: copy and pixels
         own = edit(app, body, keys[0])
         threads.append(_post(app, answers, body, keys[1]))
-        until(lambda: app.metric(GAUGE) == 4 * size, timeout=10)
+        until(lambda: app.metric(GAUGE) == 4 * size + 2 * PIXELS, timeout=10)
         app.engine.gate.set()
         for thread in threads:
             thread.join(10)
@@ -96,15 +99,15 @@ def test_a_tenant_over_its_share_gets_429_before_its_body_is_read_while_another_
 def test_a_chunked_body_reserves_as_it_comes_and_every_ending_releases():
     body = noise_edit()
     size = len(body)
-    with InProcess(input_memory_mb=6, request_timeout=2, max_batch=1, **SMALL) as app:
+    with InProcess(input_memory_mb=7, request_timeout=2, max_batch=1, **SMALL) as app:
         app.engine.gate.clear()
         waiting = threading.Thread(target=lambda: edit(app, body))
         waiting.start()
-        until(lambda: app.metric(GAUGE) == 2 * size, timeout=10)
-        chunks = (b"x" * 65536 for _ in range(24))  # 1.5 MiB without a Content-Length: past the rest at 0.9 MiB
+        until(lambda: app.metric(GAUGE) == 2 * size + PIXELS, timeout=10)
+        chunks = (b"x" * 65536 for _ in range(24))  # 1.5 MiB without a Content-Length: past the rest at 1.4 MiB
         full = edit(app, chunks)
         assert full.status_code == 429 and full.json()["error"]["code"] == "input_memory_full"
-        assert app.metric(GAUGE) == 2 * size  # the refused body holds nothing
+        assert app.metric(GAUGE) == 2 * size + PIXELS  # the refused body holds nothing
         waiting.join(10)  # past REQUEST_TIMEOUT its owner cancels it: 504, and its memory is released
         assert app.metric(GAUGE) == 0
         bad = edit(app, b"[" * MIB)
@@ -114,7 +117,22 @@ def test_a_chunked_body_reserves_as_it_comes_and_every_ending_releases():
 def test_the_budget_holds_at_least_the_largest_request():
     from server.config import ConfigError, from_env
 
-    assert from_env().input_memory_bytes == 228 * MIB  # 2 x (64 + 50): a 64 MiB body parsed, two remote images
-    assert from_env(max_body_mb=100).input_memory_bytes == 300 * MIB  # 3 copies of the body while it is parsed
-    with pytest.raises(ConfigError, match="INPUT_MEMORY_MB=200 is below what the largest request holds, 228"):
+    # 2 x (64 + 50): a 64 MiB body parsed, two remote images; and 50 M pixels decoded, 3 bytes each
+    largest = 2 * (64 + 50) * MIB + 3 * 50_000_000
+    assert from_env().input_memory_bytes == largest
+    assert from_env(api_key="a,b").input_memory_bytes == 2 * largest  # room for it in each tenant's share (0.5)
+    small_inputs = {"max_image_mb": 10, "max_input_pixels": 2**20}
+    assert from_env(max_body_mb=100, **small_inputs).input_memory_bytes == 300 * MIB  # 3 copies while parsed
+    with pytest.raises(ConfigError, match=r"INPUT_MEMORY_MB=200 is below what the largest request holds, 371\.05"):
         from_env(input_memory_mb=200)
+
+
+def test_a_body_promised_and_not_sent_holds_nothing():
+    """Its Content-Length is checked against what is free, but only the bytes that come are reserved."""
+    memory = budget(100)
+    promised = memory.reservation("a")
+    promised.check(90)  # fits: nothing taken
+    assert memory.held.total() == 0
+    memory.reservation("b").resize(50)
+    assert refused(lambda: promised.check(60)) == "input_memory_full"
+    assert promised.bytes == 0 and memory.held.total() == 50
