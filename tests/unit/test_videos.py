@@ -4,6 +4,7 @@ scheduler, job store and encoder around the fake engine (tests/support/fakes.py)
 
 import base64
 import json
+import threading
 
 import numpy as np
 import openai
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from bench.attacks import HostileServer
 from server.families import GENERIC
 from tests.support.fakes import FAILED_FILE, FakeEngine, InProcess
 from tests.support.images import assert_openai_shape, png_bytes
@@ -319,3 +321,20 @@ def test_no_body_makes_a_5xx(fuzz_app, body, multipart):
 def fuzz_app(tmp_path_factory):
     with InProcess(video_dir=tmp_path_factory.mktemp("fuzz"), max_queue=1000) as running:
         yield running
+
+
+def test_a_fetched_reference_holds_input_memory_while_it_comes_and_gives_it_back(tmp_path):
+    """A remote input_reference holds MAX_IMAGE_MB of the input memory while it is fetched (here it trickles
+    until the request's deadline), and its request's owner gives it back when the request ends."""
+    gauge = "image_server_input_memory_bytes"
+    with HostileServer(interval=0.2) as target:
+        host = target.url.removeprefix("http://")
+        with InProcess(video_dir=tmp_path, remote_image_hosts=host, max_image_mb=1, request_timeout=2) as app:
+            body = {"prompt": "i2v", "seconds": "0.5", "input_reference": {"image_url": target.url + "/ref.png"}}
+            answers: list = []
+            posting = threading.Thread(target=lambda: answers.append(app.http.post("/v1/videos", json=body)))
+            posting.start()
+            until(lambda: app.metric(gauge) == 2**20, timeout=10, what="the fetch's reservation")
+            posting.join(10)
+            assert answers[0].status_code == 504
+            until(lambda: app.metric(gauge) == 0, timeout=10, what="the reservation given back")
