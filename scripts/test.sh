@@ -25,5 +25,9 @@ done
 scripts/setup.sh "$tier"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# The in-process tier alone runs on every core (pytest-xdist); the whole suite runs in one process, as its
+# real servers and timing-bound checks need the machine's cores to themselves.
+parallel=()
+[ "$tier" = --unit ] && parallel=(-n auto)
 # The slowest tests are listed at the end: what to look at when the suite grows past its time.
-exec .venv/bin/python -m pytest -q -ra --durations=25 "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=25 "${parallel[@]}" "$@"

@@ -184,7 +184,8 @@ def test_system_packages_of_each_tier(checkout, tmp_path, option, packages):
     ],
 )
 def test_test_sh_sets_up_the_unit_tier_only_for_paths_inside_it(tmp_path, args, tier):
-    """scripts/test.sh in a checkout whose setup.sh, ruff and python are stand-ins recording how they were called."""
+    """scripts/test.sh in a checkout whose setup.sh, ruff and python are stand-ins recording how they were called.
+    The unit tier alone runs on every core."""
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(ROOT / "scripts/test.sh", repo / "scripts")
@@ -203,5 +204,5 @@ def test_test_sh_sets_up_the_unit_tier_only_for_paths_inside_it(tmp_path, args, 
         f"setup.sh {tier}",
         "ruff check .",
         "ruff format --check .",
-        " ".join(["python -m pytest -q -ra --durations=25", *args]),
+        " ".join(["python -m pytest -q -ra --durations=25", *(["-n", "auto"] if tier == "--unit" else []), *args]),
     ]
