@@ -1,18 +1,19 @@
-"""The input memory budget (INPUT_MEMORY_MB): callers' bytes the server holds at once, reserved before they are read.
+"""The input memory budget (INPUT_MEMORY_MB): callers' bytes the server holds at once, reserved as they come.
 
-A request reserves its body before the first byte is read: by its Content-Length when it sends one, else as its
-chunks arrive. A body counts BODY_COPIES_READING times while it is read and parsed (the bytes; the parsed copy
-as it comes back from the decode process; that copy as strings or files), then BODY_COPIES_KEPT times until the
-request ends (the parsed copy it keeps; its images decoded from base64). A remote input image holds MAX_IMAGE_MB
-while it is fetched, then its size while it waits to be decoded if it is the one edited (nothing if it is
-dropped once checked). Bodies of at most LARGE_BODY (64 KiB, parsed on the event loop) bypass the budget: the
-common request costs nothing to admit.
+A request reserves its body as its chunks arrive, before each is kept; its Content-Length is only checked against
+what is free (429 before the first byte), so a body promised and never sent holds nothing. A body counts
+BODY_COPIES_READING times while it is read and parsed (the bytes; the parsed copy as it comes back from the decode
+process; that copy as strings or files), then BODY_COPIES_KEPT times until the request ends (the parsed copy it
+keeps; its images decoded from base64). A remote input image holds MAX_IMAGE_MB while it is fetched, then its
+size while it waits to be decoded if it is the one edited (nothing if it is dropped once checked); an edit's
+decoded pixels are held until the request ends. Bodies of at most LARGE_BODY (64 KiB, parsed on the event loop)
+bypass the budget: the common request costs nothing to admit.
 
 One tenant holds at most its share of the budget (TENANT_QUEUE_SHARE, when requests can come from several
 tenants), but a request may always take what it needs while its tenant holds nothing else: the largest legal
-request fits (config.py checks INPUT_MEMORY_MB against MAX_BODY_MB and MAX_IMAGE_MB). Past the budget or the
-share: 429, as a full queue answers, before the bytes are read. The request's owner (RequestLife) releases what
-it holds when it ends however it ends; a fetch's reservation ends with the edit's decode.
+request fits (config.py, `largest_input_mb`). Past the budget or the share: 429, as a full queue answers. The
+request's owner (RequestLife) releases what it holds when it ends however it ends; a fetch's reservation ends
+with the edit's decode.
 """
 
 import ctypes
