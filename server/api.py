@@ -1,27 +1,37 @@
 """The OpenAI Images endpoints: read the HTTP request, make one call into the service, render its answer.
 
-Bodies are parsed off the event loop: JSON above LARGE_BODY and every multipart body in a decode process
-(server/decoders.py), within the request's deadline. The answer is JSON, or server-sent events for
+Bodies are parsed off the event loop: JSON above LARGE_BODY and every multipart body are written to the request's
+spool (server/spool.py) as they arrive and parsed there by a decode process (server/decoders.py), within the
+request's deadline. The answer is JSON, or server-sent events for
 `stream=true`. The request's life (its deadline, its client, its cleanup) is owned by RequestLife
 (server/middleware.py).
 """
 
 import asyncio
-import io
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from server.auth import require_api_key
-from server.bodies import FILE_FIELDS, FormLimits, FormPart, form_fields, media_type_of, read_form, read_json
-from server.budget import Reservation, body_bytes
-from server.config import BODY_COPIES_KEPT
+from server.bodies import (
+    FILE_FIELDS,
+    LARGE_BODY,
+    FormLimits,
+    FormPart,
+    form_fields,
+    media_type_of,
+    read_form,
+    read_json,
+)
+from server.budget import Reservation
 from server.errors import APIError, ErrorResponse, bad_request
 from server.middleware import Life
 from server.protocol import MAX_INPUT_IMAGES, STREAM_EVENTS, ImagesResponse, StreamEvent
 from server.service import EventStream, ImageCall, ImageService, Result
+from server.spool import RequestSpool
 
 
 def _service(request: Request) -> ImageService:
@@ -134,61 +144,81 @@ def memory_of(request: Request) -> Reservation:
     return request.state.memory
 
 
-async def read_body(request: Request) -> bytes:
-    """The body, its input memory reserved as it arrives, before each chunk is kept (429, as a full queue
-    answers, when the memory or the tenant's share of it is full). A Content-Length that could not fit is
-    refused before the first byte; it reserves nothing itself, so a client that promises a body and sends
-    none holds nothing."""
-    memory = memory_of(request)
+def spool_of(request: Request) -> RequestSpool:
+    """The request's spool folder (server/spool.py), removed by its owner when it ends."""
+    if getattr(request.state, "spool", None) is None:
+        request.state.spool = _service(request).spool.request(request.state.tenant)
+        _life(request).on_end(request.state.spool.remove)
+    return request.state.spool
+
+
+async def read_body(request: Request, to_disk: bool = False) -> bytes | Path:
+    """The body: in memory up to LARGE_BODY, else (or `to_disk`) written to the request's spool as it arrives,
+    each chunk reserved of the input disk before it is kept (429, as a full queue answers, when the disk or the
+    tenant's share of it is full). A Content-Length that could not fit is refused before the first byte; it
+    reserves nothing itself, so a client that promises a body and sends none holds nothing."""
     length = request.headers.get("content-length", "")
-    if length.isdigit():
-        memory.check(body_bytes(int(length)))
-    body = io.BytesIO()  # its buffer becomes the body: no second copy
-    async for chunk in request.stream():
-        memory.resize(max(memory.bytes, body_bytes(body.tell() + len(chunk))))
-        body.write(chunk)
-    return body.getvalue()
+    spool = spool_of(request)
+    if length.isdigit() and (to_disk or int(length) > LARGE_BODY):
+        spool.disk.check(int(length))
+    chunks = aiter(request.stream())
+    head = bytearray()
+    async for chunk in chunks:
+        head += chunk
+        if to_disk or len(head) > LARGE_BODY:
+            break
+    else:
+        if not to_disk:
+            return bytes(head)
+    return await spool.write(_joined(head, chunks), "body", 1 << 62, lambda: None)
 
 
-def _parsed(request: Request, size: int) -> None:
-    """A body of `size` bytes is parsed and its bytes dropped: its parsed copy, and what its images decode to,
-    stay counted until the request ends."""
-    memory_of(request).resize(body_bytes(size, BODY_COPIES_KEPT))
+async def _joined(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield head
+    async for chunk in rest:
+        yield chunk
 
 
 async def _json_call(request: Request, edit: bool, tenant: str) -> ImageCall:
     body = await read_body(request)
+    size = body.stat().st_size if isinstance(body, Path) else len(body)
     payload = await json_body(request, body)
     return ImageCall(
-        edit, payload, _base_url(request), deadline_of(request), len(body), tenant=tenant, memory=memory_of(request)
+        edit,
+        payload,
+        _base_url(request),
+        deadline_of(request),
+        size,
+        tenant=tenant,
+        memory=memory_of(request),
+        spool=spool_of(request),
     )
 
 
-async def json_body(request: Request, body: bytes) -> dict:
+async def json_body(request: Request, body: bytes | Path) -> dict:
     """A JSON body, parsed off the event loop when large (server/bodies.py), by the request's deadline."""
-    payload = await read_json(body, _service(request).decoders, deadline_of(request))
-    _parsed(request, len(body))
-    return payload
+    service = _service(request)
+    max_image_bytes = int(service.settings.max_image_mb * 2**20)
+    return await read_json(body, spool_of(request), service.decoders, deadline_of(request), max_image_bytes)
 
 
 async def form_parts(request: Request, limits: FormLimits) -> list[FormPart]:
-    """A multipart body's parts, parsed in a decode process by the request's deadline."""
+    """A multipart body's parts, spooled and parsed in a decode process by the request's deadline."""
     content_type = request.headers.get("content-type", "")
-    body = await read_body(request)
-    parts = await read_form(body, content_type, limits, _service(request).decoders, deadline_of(request))
-    _parsed(request, len(body))
-    return parts
+    body = await read_body(request, to_disk=True)
+    decoders = _service(request).decoders
+    return await read_form(body, content_type, limits, spool_of(request), decoders, deadline_of(request))
 
 
 async def _multipart_edit(request: Request, tenant: str) -> ImageCall:
     settings = _service(request).settings
     limits = FormLimits(MAX_INPUT_IMAGES + 1, 200, 2**20, int(settings.max_image_mb * 2**20), "image_too_large")
     parts = await form_parts(request, limits)
-    files = [p.data for p in parts if p.name in ("image", "image[]") and p.filename is not None]
+    files = [p.path for p in parts if p.name in ("image", "image[]") and p.path is not None]
     if len(files) > MAX_INPUT_IMAGES:
         raise bad_request(f"At most {MAX_INPUT_IMAGES} images may be sent.", "image")
     masks = [p for p in parts if p.name == "mask"]
-    if len(masks) > 1 or (masks and masks[0].filename is None):
+    if len(masks) > 1 or (masks and masks[0].path is None):
         raise bad_request("'mask' must be one file (a PNG with an alpha channel).", "mask")
     payload = form_fields([(p.name, p.text) for p in parts if p.filename is None and p.name not in FILE_FIELDS])
     return ImageCall(
@@ -198,9 +228,10 @@ async def _multipart_edit(request: Request, tenant: str) -> ImageCall:
         deadline_of(request),
         multipart=True,
         uploads=files,
-        mask_upload=masks[0].data if masks else None,
+        mask_upload=masks[0].path if masks else None,
         tenant=tenant,
         memory=memory_of(request),
+        spool=spool_of(request),
     )
 
 

@@ -7,11 +7,14 @@ strings, which cost little to parse. Nesting deeper than Python's recursion limi
 """
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import io
 import json
 import logging
 import re
+import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.decoders import DecoderPool, Job
 from server.errors import bad_request
+from server.spool import RequestSpool, SpooledFile
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +130,15 @@ def parse_json_value(text: str) -> object:
         raise ValueError("nested too deeply") from None
 
 
-# -- large bodies, parsed in a decode process (server/decoders.py) --------------------------------------------
+# -- large bodies, parsed in a decode process from the spool (server/decoders.py, server/spool.py) --------------
 
-LARGE_BODY = 64 * 1024  # bytes of JSON above which the body is parsed in a decode process, not on the event loop
-LONG_STRING = 4096  # characters: longer strings (data URLs) travel back as bytes, outside the JSON
-# The longest text a field takes (prompt, negative_prompt). Longer strings are URLs and data URLs, ASCII: one of
-# non-ASCII text is refused, as Python would hold it at up to 4 bytes a character, past what its body reserved.
-MAX_TEXT = 32_000
-MAX_REST = 1 << 20  # bytes of a body's JSON once its long strings are out: no image request needs more
+LARGE_BODY = 64 * 1024  # bytes of a body above which it is spooled to disk and parsed in a decode process
+LONG_STRING = 4096  # bytes of a string literal above which a base64 data URL is decoded to a file, not kept as text
+MAX_TEXT = 32_000  # the longest text a field takes (prompt, negative_prompt)
+# bytes inside the quotes of a string that is no data URL: MAX_TEXT characters escaped, 12 bytes each past U+FFFF
+MAX_LONG_TEXT = 12 * MAX_TEXT
+MAX_REST = 1 << 20  # bytes of a body's JSON once its data URLs are out, or of a form's text fields: none needs more
+READ_CHUNK = 1 << 20  # bytes of a spooled body read at a time
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,8 @@ class FormPart:
     name: str
     filename: str | None  # None: a text field
     content_type: str | None
-    data: bytes  # empty when the part was written to `path`
-    path: str | None = None  # a file part spooled to disk (form_file_job)
+    data: bytes  # a text field's bytes; empty for a file part, which is written to `path`
+    path: Path | None = None
 
     @property
     def text(self) -> str:
@@ -161,98 +166,271 @@ class FormPart:
             return self.data.decode("latin-1")
 
 
-async def read_json(body: bytes, decoders: DecoderPool, deadline: float) -> dict:
-    """A JSON body: a small one here, a larger one in a decode process within the request's deadline."""
-    if len(body) <= LARGE_BODY:
+async def read_json(
+    body: bytes | Path, spool: RequestSpool, decoders: DecoderPool, deadline: float, max_image_bytes: int
+) -> dict:
+    """A JSON body: a short one here, a spooled one in a decode process within the request's deadline, its data
+    URLs decoded into the spool as it is read (the parsed body holds their markers: `spool.data_urls`)."""
+    if isinstance(body, bytes):
         return parse_json(body)
-    return await decoders.run(json_job(body), deadline, "the JSON body", None)
-
-
-async def read_form(
-    body: bytes, content_type: str, limits: FormLimits, decoders: DecoderPool, deadline: float
-) -> list[FormPart]:
-    """A multipart body's parts, parsed in a decode process within the request's deadline."""
-    return await decoders.run(form_job(body, content_type, limits), deadline, "the multipart body", None)
-
-
-def json_job(body: bytes) -> Job:
-    """A JSON body to parse in a decode process: a long C call (json.loads of 64 MB holds the GIL for most of
-    a second) stays off the event loop, and its long strings come back as bytes, outside any JSON."""
-    return Job({"op": "json"}, [body], len(body), _joined_json)
-
-
-def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
-    """Decode process: the body parsed, its long strings taken out and sent as blobs, where they were kept. The
-    body is held once at a time: its bytes dropped once decoded to text, the text once parsed."""
-    data = parse_json(_text(blobs.pop()))
-    paths, strings, stack = [], [], [(data, [])]
-    while stack:
-        node, path = stack.pop()
-        for key, value in node.items() if isinstance(node, dict) else enumerate(node):
-            if isinstance(value, str) and len(value) > LONG_STRING:
-                if len(value) > MAX_TEXT and not value.isascii():
-                    raise invalid_json(f"no field takes non-ASCII text of more than {MAX_TEXT} characters")
-                paths.append([*path, key])
-                strings.append(value.encode("utf-8", "surrogatepass"))
-                node[key] = ""
-            elif isinstance(value, dict | list):
-                stack.append((value, [*path, key]))
-    if len(json.dumps(data)) > MAX_REST:
-        raise invalid_json(f"it holds more than {MAX_REST // 1024} KiB besides its long strings")
-    return {"data": data, "paths": paths}, strings
-
-
-def _text(body: bytearray) -> str:
-    try:
-        return body.decode(json.detect_encoding(body), "surrogatepass")
-    except UnicodeDecodeError:
-        raise invalid_json("it is not UTF-8 JSON text") from None
-
-
-def _joined_json(reply: dict, strings: list[bytearray]) -> dict:
-    """The long strings back in their places, each blob dropped once decoded: the strings are held once."""
-    data = reply["data"]
-    if len(reply["paths"]) != len(strings):
-        raise ValueError("a JSON reply's strings do not match its paths")
-    for path in reversed(reply["paths"]):
-        node = data
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = strings.pop().decode("utf-8", "surrogatepass")
+    size = body.stat().st_size
+    spool.disk.take(size)  # what the parse may write: the body's data URLs decoded, less than the body
+    job = json_job(body, spool.folder, max_image_bytes)
+    data, files = await decoders.run(job, deadline, "the JSON body", None)
+    spool.data_urls.update(files)
+    spool.drop(body)
+    spool.disk.give(size - sum(f.size for f in files.values()))
     return data
 
 
-def form_job(body: bytes, content_type: str, limits: FormLimits) -> Job:
-    """A multipart body to parse in a decode process."""
-    header = {"op": "form", "content_type": content_type, "limits": dataclasses.asdict(limits)}
-    return Job(header, [body], len(body), _form_parts)
+async def read_form(
+    body: Path, content_type: str, limits: FormLimits, spool: RequestSpool, decoders: DecoderPool, deadline: float
+) -> list[FormPart]:
+    """A spooled multipart body's parts, parsed in a decode process within the request's deadline: its files
+    written beside it, its text fields back in memory."""
+    size = body.stat().st_size
+    spool.disk.take(size)  # what the parse writes: the body's files, less than the body
+    job = form_file_job(body, content_type, limits, spool.folder)
+    parts = await decoders.run(job, deadline, "the multipart body", None)
+    spool.drop(body)
+    spool.disk.give(size - sum(p.path.stat().st_size for p in parts if p.path is not None))
+    return parts
+
+
+def json_job(body: Path, folder: Path, max_image_bytes: int) -> Job:
+    """A spooled JSON body to parse in a decode process (server/decoders.py): a long C call (json.loads of 64 MB
+    holds the GIL for most of a second) stays off the event loop, and the server never holds the body."""
+    nonce = secrets.token_hex(16)  # markers no caller can write
+    header = {
+        "op": "json",
+        "path": str(body),
+        "folder": str(folder),
+        "nonce": nonce,
+        "max_image_bytes": max_image_bytes,
+    }
+
+    def finish(reply: dict, blobs: list[bytearray]) -> tuple[dict, dict[str, SpooledFile]]:
+        files = {}
+        for marker, found in reply["files"].items():
+            if not marker.startswith(f"spooled:{nonce}:") or ("/" in found.get("name", "")):
+                raise ValueError(f"a JSON reply names {marker!r}, {found!r}")
+            path = folder / found["name"] if "name" in found else None
+            files[marker] = SpooledFile(path, found.get("size", 0), found.get("error", ""), found.get("code"))
+        return reply["data"], files
+
+    return Job(header, [], 0, finish)
+
+
+def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
+    """Decode process: a spooled JSON body read a MiB at a time, each long base64 data URL decoded into a file
+    beside it as it passes, the rest (at most MAX_REST bytes) parsed. What the process holds is bounded by
+    MAX_REST and a chunk, whatever the body's size."""
+    urls = _DataURLs(Path(header["folder"]), header["nonce"], header["max_image_bytes"])
+    with open(header["path"], "rb") as body:
+        for chunk in iter(lambda: body.read(READ_CHUNK), b""):
+            urls.feed(chunk)
+    data = parse_json(urls.rest())
+    _check_markers(data, urls.files)
+    return {"data": data, "files": urls.files}, []
+
+
+def _check_markers(node: dict | list, files: dict, where: str = "") -> None:
+    """Data URLs decoded to files are only taken where an image is: `image_url` (a marker elsewhere would pass
+    for a short string)."""
+    for key, value in node.items() if isinstance(node, dict) else enumerate(node):
+        field = f"{where}.{key}" if where and isinstance(key, str) else f"{where}[{key}]" if where else str(key)
+        if key in files:
+            raise invalid_json("a field's name is a data URL")
+        if isinstance(value, str) and value in files and key != "image_url":
+            raise bad_request(f"'{field}' holds a data URL; only an image_url takes one.", field)
+        if isinstance(value, dict | list):
+            _check_markers(value, files, field)
+
+
+class _DataURLs:
+    """A JSON text read in chunks. Outside strings its bytes are kept; a string literal is kept as it is, unless
+    it grows past LONG_STRING as a base64 data URL: then its payload is decoded into a file as it comes, and a
+    marker stands in its place. Every other string stays under MAX_LONG_TEXT, and what is kept under MAX_REST.
+    Escapes are skipped without being read (json.loads reads the kept text); in a data URL only `\\/` is one."""
+
+    def __init__(self, folder: Path, nonce: str, max_image_bytes: int) -> None:
+        self.folder, self.nonce, self.max_image_bytes = folder, nonce, max_image_bytes
+        self.files: dict[str, dict] = {}
+        self._rest = bytearray()
+        self._literal: bytearray | None = None  # the string being kept, raw, from its opening quote
+        self._text = False  # the string being kept is past LONG_STRING and is no data URL
+        self._data: _Base64File | None = None  # the data URL being decoded
+        self._escape = False  # the last chunk ended with a backslash inside a string
+        self._first = True
+
+    def feed(self, chunk: bytes) -> None:
+        if self._first:
+            self._first = False
+            chunk = chunk.removeprefix(b"\xef\xbb\xbf")
+            if b"\x00" in chunk[:4]:  # UTF-16 or UTF-32: RFC 8259 asks for UTF-8, which the scan relies on
+                raise invalid_json("it is not UTF-8 JSON text")
+        pos = 0
+        while pos < len(chunk):
+            if self._literal is None and self._data is None:
+                quote = chunk.find(b'"', pos)
+                self._keep(chunk[pos : len(chunk) if quote < 0 else quote])
+                if quote < 0:
+                    return
+                self._literal, self._text, pos = bytearray(b'"'), False, quote + 1
+            else:
+                pos = self._string(chunk, pos)
+
+    def _string(self, chunk: bytes, pos: int) -> int:
+        """Within a string: its content up to the closing quote (or the chunk's end) passed on; where to go on."""
+        start, end = pos, len(chunk)
+        if self._escape:
+            self._escape, pos = False, pos + 1
+        quote = chunk.find(b'"', pos)
+        while True:
+            if 0 <= quote < pos:
+                quote = chunk.find(b'"', pos)
+            backslash = chunk.find(b"\\", pos, quote if quote >= 0 else end)
+            if backslash < 0:
+                break
+            if backslash + 1 == end:
+                self._escape = True
+                break
+            pos = backslash + 2
+        if quote < 0 or self._escape:
+            self._content(chunk[start:end])
+            return end
+        self._content(chunk[start:quote])
+        self._close()
+        return quote + 1
+
+    def _content(self, raw: bytes) -> None:
+        if self._data is not None:
+            self._data.write(raw)
+            return
+        self._literal += raw
+        if len(self._literal) > LONG_STRING and not self._text:
+            self._long()
+        if self._literal is not None and len(self._literal) - 1 > MAX_LONG_TEXT:  # its opening quote apart
+            raise invalid_json(f"it holds a string of more than {MAX_TEXT} characters that is not a base64 data URL")
+
+    def _long(self) -> None:
+        """A string past LONG_STRING: a base64 data URL (its header within LONG_STRING, whatever the read chunks)
+        is decoded from here on; anything else stays text."""
+        comma = self._literal.find(b",", 0, LONG_STRING)
+        try:
+            media = json.loads(self._literal[:comma] + b'"') if comma > 0 else ""
+        except ValueError:
+            media = ""
+        if not (media.startswith("data:") and ";base64" in media):
+            self._text = True
+            return
+        payload, self._literal = self._literal[comma + 1 :], None
+        self._data = _Base64File(self.folder / f"data-url.{self.nonce}.{len(self.files)}", self.max_image_bytes)
+        self._data.write(bytes(payload))
+
+    def _close(self) -> None:
+        if self._data is None:
+            self._literal += b'"'
+            self._keep(self._literal)
+            self._literal = None
+            return
+        marker = f"spooled:{self.nonce}:{len(self.files)}"
+        self.files[marker] = self._data.close()
+        self._data = None
+        self._keep(b'"' + marker.encode() + b'"')
+
+    def _keep(self, text: bytes) -> None:
+        self._rest += text
+        if len(self._rest) > MAX_REST:
+            raise invalid_json(f"it holds more than {MAX_REST // 1024} KiB besides its data URLs")
+
+    def rest(self) -> bytes:
+        if self._literal is not None or self._data is not None:
+            raise invalid_json("it ends inside a string")
+        return bytes(self._rest)
+
+
+class _Base64File:
+    """A data URL's base64 payload, decoded into a file as it comes; the first fault ends it (the file removed)."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path, self.max_bytes = path, max_bytes
+        self._out: BinaryIO | None = path.open("wb")
+        self._size = 0
+        self._escape = b""  # a backslash that ended the last piece
+        self._quartet = b""  # base64 characters past the last multiple of 4
+        self._padded = False  # a quartet ended in '=': the payload must end there
+        self._fault: tuple[str, str | None] | None = None
+
+    def write(self, raw: bytes) -> None:
+        if self._fault is not None:
+            return
+        raw, self._escape = self._escape + raw, b""
+        if b"\\" in raw:
+            raw = raw.replace(b"\\/", b"/")
+            if raw.endswith(b"\\"):
+                raw, self._escape = raw[:-1], b"\\"
+            if b"\\" in raw:
+                return self._fail("is not valid base64.")
+        raw = self._quartet + raw
+        cut = len(raw) - len(raw) % 4
+        self._quartet = raw[cut:]
+        self._decode(raw[:cut])
+
+    def _decode(self, text: bytes) -> None:
+        """Whole quartets; '=' only at the end of the last one, wherever the pieces end."""
+        if not text:
+            return
+        pad = text.find(b"=")
+        if self._padded or 0 <= pad < len(text) - 2:
+            return self._fail("is not valid base64.")
+        self._padded = pad >= 0
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return self._fail("is not valid base64.")
+        self._size += len(data)
+        if self._size > self.max_bytes:
+            return self._fail(f"is larger than {self.max_bytes / 2**20:g} MiB.", "image_too_large")
+        self._out.write(data)
+
+    def _fail(self, why: str, code: str | None = None) -> None:
+        self._fault = (why, code)
+        self._out.close()
+        self.path.unlink()
+
+    def close(self) -> dict:
+        """What the server learns: the file's name and size, or why there is none."""
+        if self._fault is None and (self._escape or self._quartet):
+            self._fail("is not valid base64.")
+        if self._fault is not None:
+            return {"error": self._fault[0], "code": self._fault[1]}
+        self._out.close()
+        return {"name": self.path.name, "size": self._size}
 
 
 def form_file_job(body: Path, content_type: str, limits: FormLimits, spool: Path) -> Job:
-    """A multipart body on disk (too large for memory: a LoRA) to parse in a decode process, its file parts
-    written to `spool` as `body`'s name plus a number; text fields come back."""
+    """A multipart body on disk to parse in a decode process, its file parts written to `spool` as `body`'s name
+    plus a number; text fields come back."""
     header = {"op": "form", "content_type": content_type, "limits": dataclasses.asdict(limits)}
-    return Job({**header, "path": str(body), "spool": str(spool)}, [], limits.max_fields * limits.max_field_bytes,
-               _form_parts)  # fmt: skip
+    return Job({**header, "path": str(body), "spool": str(spool)}, [], MAX_REST, _form_parts)
 
 
 def split_form(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
     """Decode process: the parts of a multipart body, each bounded."""
     limits, content_type = FormLimits(**header["limits"]), header["content_type"]
-    if "path" not in header:
-        parts = parse_form([bytes(blobs[0])], content_type, limits)
-    else:
-        with open(header["path"], "rb") as body:
-            chunks = iter(lambda: body.read(1 << 20), b"")
-            parts = parse_form(chunks, content_type, limits, Path(header["spool"]) / Path(header["path"]).name)
-    return {"parts": [[p.name, p.filename, p.content_type, p.path] for p in parts]}, [p.data for p in parts]
+    with open(header["path"], "rb") as body:
+        chunks = iter(lambda: body.read(READ_CHUNK), b"")
+        parts = parse_form(chunks, content_type, limits, Path(header["spool"]) / Path(header["path"]).name)
+    described = [[p.name, p.filename, p.content_type, p.path and str(p.path)] for p in parts]
+    return {"parts": described}, [p.data for p in parts]
 
 
 def _form_parts(reply: dict, blobs: list[bytearray]) -> list[FormPart]:
-    """The parts, each blob dropped once copied: the files are held once."""
+    """The parts, each blob dropped once copied."""
     if len(reply["parts"]) != len(blobs):
         raise ValueError("a form reply's blobs do not match its parts")
-    parts = [FormPart(*part[:3], bytes(blobs.pop()), part[3]) for part in reversed(reply["parts"])]
+    parts = [FormPart(*part[:3], bytes(blobs.pop()), part[3] and Path(part[3])) for part in reversed(reply["parts"])]
     return parts[::-1]
 
 
@@ -304,6 +482,7 @@ class _FormReader:
         self.spool = spool
         self.parts: list[FormPart] = []
         self.files = self.fields = 0
+        self._text_bytes = 0
         self._headers: dict[bytes, bytes] = {}
         self._field, self._value = b"", b""
         self._data: BinaryIO = io.BytesIO()
@@ -355,8 +534,12 @@ class _FormReader:
     def _data_in(self, data: bytes, start: int, end: int) -> None:
         name, filename, _ = self._part
         self._size += end - start
-        if filename is None and self._size > self.limits.max_field_bytes:
-            raise invalid_form(f"the field '{name}' is larger than {self.limits.max_field_bytes // 1024} KiB.")
+        if filename is None:
+            self._text_bytes += end - start
+            if self._size > self.limits.max_field_bytes:
+                raise invalid_form(f"the field '{name}' is larger than {self.limits.max_field_bytes // 1024} KiB.")
+            if self._text_bytes > MAX_REST:
+                raise invalid_form(f"its text fields hold more than {MAX_REST // 1024} KiB.")
         if filename is not None and self._size > self.limits.max_file_bytes:
             limit = self.limits.max_file_bytes / 2**20
             raise bad_request(f"'{name}' is larger than {limit:g} MiB.", name, self.limits.file_too_large)
@@ -367,7 +550,7 @@ class _FormReader:
             self.parts.append(FormPart(*self._part, self._data.getvalue()))
             return
         self._data.close()
-        self.parts.append(FormPart(*self._part, b"", self._data.name))
+        self.parts.append(FormPart(*self._part, b"", Path(self._data.name)))
 
     def discard(self) -> None:
         self._data.close()

@@ -1,19 +1,10 @@
-"""The input memory budget (INPUT_MEMORY_MB): callers' bytes the server holds at once, reserved as they come.
+"""Budgets of what callers' inputs hold at once: memory (INPUT_MEMORY_MB: an edit's decoded pixels) and disk
+(INPUT_DISK_MB: large bodies and input images in the spool, server/spool.py), reserved before they are kept.
 
-A request reserves its body as its chunks arrive, before each is kept; its Content-Length is only checked against
-what is free (429 before the first byte), so a body promised and never sent holds nothing. A body counts
-BODY_COPIES_READING times while it is read and parsed (the bytes; the parsed copy as it comes back from the decode
-process; that copy as strings or files), then BODY_COPIES_KEPT times until the request ends (the parsed copy it
-keeps; its images decoded from base64). A remote input image holds MAX_IMAGE_MB while it is fetched, then its
-size while it waits to be decoded if it is the one edited (nothing if it is dropped once checked); an edit's
-decoded pixels are held until the request ends. Bodies of at most LARGE_BODY (64 KiB, parsed on the event loop)
-bypass the budget: the common request costs nothing to admit.
-
-One tenant holds at most its share of the budget (TENANT_QUEUE_SHARE, when requests can come from several
-tenants), but a request may always take what it needs while its tenant holds nothing else: the largest legal
-request fits (config.py, `largest_input_mb`). Past the budget or the share: 429, as a full queue answers. The
-request's owner (RequestLife) releases what it holds when it ends however it ends; a fetch's reservation ends
-with the edit's decode.
+One tenant holds at most its share of a budget (TENANT_QUEUE_SHARE, when requests can come from several tenants),
+but a request may always take what it needs while its tenant holds nothing else: the largest legal request fits
+(config.py, `largest_input_mb` and `largest_spool_mb`). Past the budget or the share: 429, as a full queue
+answers. The request's owner (RequestLife) releases what it holds when it ends however it ends.
 """
 
 import ctypes
@@ -23,8 +14,6 @@ from collections.abc import Callable
 
 from prometheus_client import Gauge
 
-from server.bodies import LARGE_BODY
-from server.config import BODY_COPIES_READING
 from server.errors import too_many
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -50,21 +39,18 @@ def trim_heaps() -> None:
         malloc_trim(0)
 
 
-def body_bytes(size: int, copies: int = BODY_COPIES_READING) -> int:
-    """What a body of `size` bytes reserves: `copies` of it, or nothing for a small one."""
-    return copies * size if size > LARGE_BODY else 0
-
-
 class InputBudget:
     def __init__(
         self,
         total: int,
         tenant_share: float,
         gauge: Gauge,
+        holding: str,
         retry_after: Callable[[], int] = lambda: 1,
         freed: Callable[[], None] = lambda: None,
     ) -> None:
         self.total = total
+        self.holding = holding  # "memory" or "disk": in the 429s' words and codes
         self.tenant_bytes = max(1, math.floor(total * tenant_share))  # what one tenant may hold beside others
         self.held: Counter[str] = Counter()
         self._gauge = gauge
@@ -87,17 +73,17 @@ class InputBudget:
         held = self.held.total()
         if held + size > self.total:
             raise too_many(
-                f"The server holds as many request bodies and input images as its memory allows "
+                f"The server holds as many callers' inputs as its {self.holding} for them allows "
                 f"({self.total / 2**20:g} MiB); retry later.",
-                "input_memory_full",
+                f"input_{self.holding}_full",
                 self._retry_after(),
             )
         mine = self.held[tenant]
         if mine > own and mine + size > self.tenant_bytes:
             raise too_many(
-                f"Your requests already hold {mine / 2**20:.0f} MiB of the server's input memory, your share of "
-                "it; retry later.",
-                "tenant_input_memory_full",
+                f"Your requests already hold {mine / 2**20:.0f} MiB of the server's {self.holding} for inputs, "
+                "your share of it; retry later.",
+                f"tenant_input_{self.holding}_full",
                 self._retry_after(),
             )
 

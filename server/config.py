@@ -29,10 +29,6 @@ TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a gateway's tena
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
 MAX_TENANT_WEIGHT = 1000.0
 SETTINGS_GROUP = "image_server.settings"
-# Copies of a large body the server holds (server/budget.py): while it is read and parsed (the bytes, the parsed
-# copy coming back from the decode process, that copy as strings or files), then until the request ends (the
-# parsed copy; its images decoded from base64).
-BODY_COPIES_READING, BODY_COPIES_KEPT = 3, 2
 MAX_IMAGES = 10  # images one request may ask for (n, as OpenAI's): one upload URL each
 MOST_LORAS = 16  # the most LoRAs one set may hold (MAX_LORAS's ceiling)
 
@@ -225,11 +221,21 @@ class Settings:
     )
     max_image_mb: float = option(50.0, "largest input image file, in MiB", low=0.01)
     input_memory_mb: float = option(
-        0.0, "memory for callers' bytes held at once (bodies over 64 KiB as read and parsed, fetched input images, "
-        "decoded input pixels), in MiB; reserved before they are kept, past it 429; at least what the largest "
-        "request holds, 3 x MAX_BODY_MB and 2 x (MAX_BODY_MB + MAX_IMAGE_MB) + 3 bytes x MAX_INPUT_PIXELS (0: room "
-        "for that in each tenant's share: 371 with the defaults, 742 with several tenants)",
+        0.0, "memory for edits' decoded input pixels held at once, in MiB (inputs are decoded to at most MAX_PIXELS); "
+        "reserved before they are decoded, past it 429; at least what the largest edit holds, 4 bytes x MAX_PIXELS "
+        "(0: room for four of those in each tenant's share: 64 with the defaults, 128 with several tenants)",
         low=0,
+    )  # fmt: skip
+    input_disk_mb: float = option(
+        0.0, "disk for callers' bytes held at once in SPOOL_DIR (bodies over 64 KiB, their data URLs and files, "
+        "fetched input images), in MiB; reserved as they are written, past it 429; at least what the largest request "
+        "holds, 2 x (MAX_BODY_MB + MAX_IMAGE_MB) (0: room for that in each tenant's share: 228 with the defaults, "
+        "456 with several tenants)",
+        low=0,
+    )  # fmt: skip
+    spool_dir: str = option(
+        "", "folder where bodies over 64 KiB and input images wait, one folder per request, removed when it ends; "
+        "emptied at start (default: a new folder in the system's temporary folder, removed at exit)"
     )  # fmt: skip
     max_input_pixels: int = option(
         50_000_000, "most pixels of all input images of one edit together, read from their headers before decoding",
@@ -369,9 +375,14 @@ class Settings:
 
     @property
     def input_memory_bytes(self) -> int:
-        """INPUT_MEMORY_MB, or (0) room for the largest request in each tenant's share: one tenant holding its
-        share never keeps another's largest request out."""
-        return int((self.input_memory_mb or largest_input_mb(self) / self.tenant_share) * 2**20)
+        """INPUT_MEMORY_MB, or (0) room for four of the largest edits in each tenant's share: one tenant holding its
+        share never keeps another's largest edit out, and edits of usual sizes wait in the queue by the dozen."""
+        return int((self.input_memory_mb or 4 * largest_input_mb(self) / self.tenant_share) * 2**20)
+
+    @property
+    def input_disk_bytes(self) -> int:
+        """INPUT_DISK_MB, or (0) room for the largest request in each tenant's share."""
+        return int((self.input_disk_mb or largest_spool_mb(self) / self.tenant_share) * 2**20)
 
     @property
     def tenant_share(self) -> float:
@@ -514,11 +525,16 @@ def _values(section: type, flags: Mapping[str, Any], environ: Mapping[str, str],
 
 
 def largest_input_mb(s: Settings) -> float:
-    """What the largest legal request holds of INPUT_MEMORY_MB at its peak (server/budget.py): a body of
-    MAX_BODY_MB while it is parsed, or its parsed copy kept with two remote images (the edited one and its mask)
-    and their pixels decoded (3 bytes each of an RGB image, 1 of a mask: at most 3 x MAX_INPUT_PIXELS)."""
-    decoded = 2 * s.max_image_mb + 3 * s.max_input_pixels / 2**20
-    return max(BODY_COPIES_READING * s.max_body_mb, BODY_COPIES_KEPT * s.max_body_mb + decoded)
+    """What the largest legal edit holds of INPUT_MEMORY_MB (server/budget.py): its image and mask decoded, each
+    to at most MAX_PIXELS (server/images.py, `fitted`), 3 bytes a pixel of an RGB image and 1 of a mask."""
+    return 4 * min(s.max_pixels, s.max_input_pixels) / 2**20
+
+
+def largest_spool_mb(s: Settings) -> float:
+    """What the largest legal request holds of INPUT_DISK_MB (server/spool.py), an upper bound: its body and what
+    its parse writes (at most the body again), or the files it keeps (the edited image and its mask, at most a
+    body's worth when sent in it) while one more image is fetched."""
+    return 2 * (s.max_body_mb + s.max_image_mb)
 
 
 def _cross_problems(s: Settings) -> list[str]:
@@ -533,8 +549,13 @@ def _cross_problems(s: Settings) -> list[str]:
         )
     if 0 < s.input_memory_mb < largest_input_mb(s):
         problems.append(
-            f"INPUT_MEMORY_MB={s.input_memory_mb:g} is below what the largest request holds, {largest_input_mb(s):g} "
-            f"(3 x MAX_BODY_MB; 2 x (MAX_BODY_MB + MAX_IMAGE_MB) + 3 bytes x MAX_INPUT_PIXELS)"
+            f"INPUT_MEMORY_MB={s.input_memory_mb:g} is below what the largest edit holds, {largest_input_mb(s):g} "
+            "(4 bytes x MAX_PIXELS: an image and its mask)"
+        )
+    if 0 < s.input_disk_mb < largest_spool_mb(s):
+        problems.append(
+            f"INPUT_DISK_MB={s.input_disk_mb:g} is below what the largest request holds, {largest_spool_mb(s):g} "
+            "(2 x (MAX_BODY_MB + MAX_IMAGE_MB))"
         )
     if s.max_output_pixels < s.max_pixels:
         problems.append(f"MAX_OUTPUT_PIXELS={s.max_output_pixels} is below MAX_PIXELS={s.max_pixels}")

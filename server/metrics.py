@@ -68,7 +68,12 @@ class Metrics:
         )
         self.input_memory = Gauge(
             "image_server_input_memory_bytes",
-            "bytes of callers' bodies and input images the requests hold, reserved from INPUT_MEMORY_MB",
+            "bytes of edits' decoded input pixels the requests hold, reserved from INPUT_MEMORY_MB",
+            registry=r,
+        )
+        self.input_disk = Gauge(
+            "image_server_input_disk_bytes",
+            "bytes of callers' bodies and input images the requests hold in SPOOL_DIR, reserved from INPUT_DISK_MB",
             registry=r,
         )
 

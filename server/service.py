@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -29,7 +30,7 @@ from server.engines.base import Engine
 from server.errors import from_validation, timed_out
 from server.families import NONE, Family
 from server.images import InputImage, decode_job, encode_image
-from server.inputs import EditInputs, from_refs, from_uploads
+from server.inputs import Reader, from_refs, from_uploads
 from server.lifecycle import Lifecycle
 from server.metrics import Metrics
 from server.plugins import Delivered, PluginSet, RequestPlugins
@@ -37,6 +38,7 @@ from server.protocol import ImageRequest, ImagesResponse, StreamEvent, form_payl
 from server.rules import Output
 from server.scheduler import Admission, Job, Scheduler, cost
 from server.spec import GenerationSpec
+from server.spool import RequestSpool, Spool
 from server.storage import ImageStore
 
 log = logging.getLogger(__name__)
@@ -54,10 +56,11 @@ class ImageCall:
     deadline: float  # monotonic: REQUEST_TIMEOUT from the request's first byte
     body_bytes: int = 0
     multipart: bool = False
-    uploads: list[bytes] = field(default_factory=list)  # multipart edits: the image files
-    mask_upload: bytes | None = None
+    uploads: list[Path] = field(default_factory=list)  # multipart edits: the image files, in `spool`
+    mask_upload: Path | None = None
     tenant: str = DEFAULT_TENANT  # who the request is queued as (server/auth.py)
     memory: Reservation | None = None  # what it holds of the input memory (server/budget.py); its owner releases it
+    spool: RequestSpool | None = None  # its folder of input files (server/spool.py); its owner removes it
 
     def has_mask(self, request: ImageRequest) -> bool:
         return self.mask_upload is not None if self.multipart else request.mask is not None  # an edit request
@@ -106,8 +109,12 @@ class ImageService:
         self.scheduler: Scheduler | None = None
         self.in_flight = 0  # accepted and not yet answered (the event loop alone changes it)
         self.memory = InputBudget(
-            settings.input_memory_bytes, settings.tenant_share, metrics.input_memory, self._retry_after, self._trim
-        )
+            settings.input_memory_bytes, settings.tenant_share, metrics.input_memory, "memory", self._retry_after,
+            self._trim,
+        )  # fmt: skip
+        share = settings.tenant_share
+        disk = InputBudget(settings.input_disk_bytes, share, metrics.input_disk, "disk", self._retry_after)
+        self.spool = Spool(settings.spool_dir, disk)
         self._trimming: Future | None = None
         self.generation_model, self.edit_model = request_models(plugins.fields)
         self._pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="post")
@@ -141,6 +148,7 @@ class ImageService:
             applied=lambda: self.engine.applied_loras,
         )
         self.scheduler.start()
+        self.spool.start()
         self.decoders.start()
 
     def _retry_after(self) -> int:
@@ -193,6 +201,7 @@ class ImageService:
         self._reading.shutdown(wait=True)
         self._trimmer.shutdown(wait=True)
         self.decoders.close()
+        self.spool.close()
         self.engine.close()
 
     # -- one request -----------------------------------------------------
@@ -306,34 +315,34 @@ class ImageService:
             admission.release()
 
     async def _with_inputs(self, plan: Plan, request: ImageRequest, call: ImageCall) -> Plan:
-        """An edit's inputs fetched and inspected, its size from them if auto, its image and mask decoded; what
-        its fetches held of the input memory is given back once they are decoded or dropped, and what the pixels
-        hold is taken before they are decoded (429 when they do not fit), until the request's owner ends it."""
+        """An edit's inputs fetched and inspected, its size from them if auto, its image and mask decoded. What
+        the pixels hold is taken before they are decoded (429 when they do not fit), until the request's owner
+        ends it; a request without an owner (a benchmark's) gives back its spool and pixels here."""
         if not call.edit:
             return plan
+        spool = call.spool or self.spool.request(call.tenant)
         memory = call.memory or self.memory.reservation(call.tenant)
-        held = memory.bytes
         try:
-            inputs = await self._inputs(request, call, memory)
-            if call.memory is not None:  # an owned request (HTTP): its owner gives the pixels back when it ends
-                held += inputs.decoded_bytes
-                memory.resize(max(memory.bytes, held))
+            reader = Reader(self.settings, call.deadline, spool, self.decoders, self.off_loop)
+            inputs = await (
+                from_uploads(call.uploads, call.mask_upload, reader) if call.multipart else from_refs(request, reader)
+            )
+            memory.take(inputs.decoded_bytes(self.settings.max_pixels))
             if plan.sized_by_input:
                 plan = await self.off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
             image = await self.decode(inputs.image, False, call.deadline)
             mask = await self.decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
         finally:
-            memory.resize(min(memory.bytes, held))
+            if call.spool is None:
+                spool.remove()
+            if call.memory is None:
+                memory.release()
         return replace(plan, spec=replace(plan.spec, image=image, mask=mask))
-
-    async def _inputs(self, request: ImageRequest, call: ImageCall, memory: Reservation) -> EditInputs:
-        if call.multipart:
-            return await from_uploads(call.uploads, call.mask_upload, self.settings, self.off_loop)
-        return await from_refs(request, self.settings, call.deadline, self.off_loop, memory)
 
     async def decode(self, image: InputImage, mask: bool, deadline: float) -> Image.Image:
         """An inspected input's pixels (RGB, or a mask), from a decode process by `deadline`."""
-        return await self.decoders.run(decode_job(image, mask), deadline, f"'{image.param}'", image.param)
+        job = decode_job(image, mask, self.settings.max_pixels)
+        return await self.decoders.run(job, deadline, f"'{image.param}'", image.param)
 
     async def _answer(self, job: Job, plan: Plan, call: ImageCall) -> Result:
         images = await self.scheduler.wait(job)

@@ -10,7 +10,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 
-from server.api import Tenant, accepting, deadline_of, form_parts, json_body, memory_of, read_body
+from server.api import Tenant, accepting, deadline_of, form_parts, json_body, read_body, spool_of
 from server.auth import owner, require_api_key
 from server.bodies import FormLimits, form_fields, media_type_of
 from server.errors import ErrorResponse, bad_request
@@ -34,7 +34,7 @@ async def create_video(request: Request, tenant: Tenant) -> Video:
         call = await _multipart(request, tenant)
     elif media_type == "application/json":
         payload = await json_body(request, await read_body(request))
-        call = VideoCall(owner(request), payload, deadline_of(request), tenant=tenant, memory=memory_of(request))
+        call = VideoCall(owner(request), payload, deadline_of(request), tenant=tenant, spool=spool_of(request))
     else:
         raise bad_request(
             "Send the video request as multipart/form-data or application/json.", None, "unsupported_media_type"
@@ -47,9 +47,9 @@ async def _multipart(request: Request, tenant: str) -> VideoCall:
     limits = FormLimits(1, 50, 2**20, int(request.app.state.settings.max_image_mb * 2**20), "image_too_large")
     parts = await form_parts(request, limits)
     payload = form_fields([(p.name, p.text) for p in parts if p.filename is None])
-    data = next((p.data for p in parts if p.name == "input_reference" and p.filename is not None), None)
+    upload = next((p.path for p in parts if p.name == "input_reference" and p.path is not None), None)
     return VideoCall(
-        owner(request), payload, deadline_of(request), data, multipart=True, tenant=tenant, memory=memory_of(request)
+        owner(request), payload, deadline_of(request), upload, multipart=True, tenant=tenant, spool=spool_of(request)
     )
 
 

@@ -120,18 +120,19 @@ class VideoStore:
 
     # -- writing (worker threads) ----------------------------------------
 
-    def add(self, job: VideoJob, reference: bytes | None) -> None:
+    def add(self, job: VideoJob, reference: Path | None) -> None:
+        """A new job, its reference image (a request's file) copied beside it."""
         folder = self.root / job.video.id
         folder.mkdir(parents=True)
         if reference is not None:
-            (folder / REFERENCE).write_bytes(reference)
-            job.bytes = len(reference)
+            shutil.copyfile(reference, folder / REFERENCE)
+            job.bytes = reference.stat().st_size
         with self._lock:
             self._jobs[job.video.id] = job
             self._write(job)
 
-    def reference(self, job: VideoJob) -> bytes | None:
-        return (self.root / job.video.id / REFERENCE).read_bytes() if job.params.reference else None
+    def reference(self, job: VideoJob) -> Path | None:
+        return self.root / job.video.id / REFERENCE if job.params.reference else None
 
     def complete(self, video_id: str, files: dict[str, bytes]) -> bool:
         """The finished job's files (by variant); False when the job was deleted meanwhile or cannot fit."""

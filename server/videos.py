@@ -13,6 +13,7 @@ the reason.
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -26,12 +27,13 @@ from server.auth import DEFAULT_TENANT
 from server.budget import Reservation
 from server.errors import APIError, bad_request
 from server.families import Family
-from server.images import check_pixels, inspect
-from server.inputs import ref_bytes
+from server.images import check_pixels, fitted, inspect_job
+from server.inputs import Reader, ref_file
 from server.protocol import Video, VideoDeleted, VideoList, VideoRemixRequest, VideoRequest
 from server.scheduler import Job, cost
 from server.service import ImageService, by_deadline, validate
 from server.spec import GenerationSpec
+from server.spool import RequestSpool
 from server.video_encode import video_files
 from server.video_store import FINISHED, VideoJob, VideoParams, VideoStore, new_id
 
@@ -47,10 +49,10 @@ class VideoCall:
     owner: str
     payload: dict
     deadline: float  # the HTTP request's (monotonic): the reference image is read and decoded by then
-    upload: bytes | None = None  # multipart: the input_reference file
+    upload: Path | None = None  # multipart: the input_reference file, in `spool`
     multipart: bool = False  # the payload is a form's text, converted by each field's type
     tenant: str = DEFAULT_TENANT  # who the job is queued as (server/auth.py)
-    memory: Reservation | None = None  # the request's input memory (server/budget.py), for a fetched reference
+    spool: RequestSpool | None = None  # the request's input files (server/spool.py); its owner removes them
 
 
 @dataclass
@@ -122,13 +124,14 @@ class VideoService:
         )
         seconds = request.seconds or rules.seconds_text(Fraction(frames - 1, video.fps))
 
-        async def reference() -> bytes | None:
+        async def reference() -> Path | None:
             if call.upload is not None:
                 return call.upload
             if request.input_reference is None:
                 return None
-            ref = request.input_reference
-            return await ref_bytes(ref, "input_reference", s, call.deadline, self.images.off_loop, call.memory)
+            images = self.images
+            reader = Reader(s, call.deadline, call.spool, images.decoders, images.off_loop)
+            return await ref_file(request.input_reference, "input_reference", reader)
 
         return await self._start(call.owner, call.tenant, request.prompt, params, seconds, reference, call.deadline)
 
@@ -140,8 +143,8 @@ class VideoService:
             raise bad_request(f"Only a completed video can be remixed; {video_id} is {source.video.status}.")
         self._rules(source.params.reference)
 
-        async def reference() -> bytes | None:
-            return await asyncio.to_thread(self.store.reference, source)
+        async def reference() -> Path | None:
+            return self.store.reference(source)
 
         return await self._start(
             owner, tenant, request.prompt, source.params, source.video.seconds, reference, deadline, video_id
@@ -168,37 +171,45 @@ class VideoService:
         prompt: str,
         params: VideoParams,
         seconds: str,
-        reference: Callable[[], Awaitable[bytes | None]],
+        reference: Callable[[], Awaitable[Path | None]],
         deadline: float,
         remixed_from: str | None = None,
     ) -> Video:
-        """A place in the queue first (429 fetches and decodes nothing), then the reference, the job, the task."""
+        """A place in the queue first (429 fetches and decodes nothing), then the reference, the job, the task. The
+        reference's pixels hold their part of the input memory until the job ends."""
         spec = _spec(prompt, params)
         self.images.engine.check(spec)
         admission = self.images.scheduler.admit(tenant, cost(spec))
+        pixels = self.images.memory.reservation(tenant)
         try:
-            data = await reference()
-            image = await self._decoded(data, deadline) if data is not None else None
+            path = await reference()
+            image = await self._decoded(path, deadline, pixels) if path is not None else None
             job = _new_job(owner, prompt, params, seconds, self.images.engine.name, remixed_from)
-            await asyncio.to_thread(self.store.add, job, data)
+            await asyncio.to_thread(self.store.add, job, path)
             try:
                 queued = admission.submit(replace(spec, image=image))
             except APIError:
                 await asyncio.to_thread(self.store.delete, job.video.id)
                 raise
+        except BaseException:
+            pixels.release()
+            raise
         finally:
             admission.release()
-        task = asyncio.create_task(self._run(job.video.id, queued, params.fps), name=f"video {job.video.id}")
+        task = asyncio.create_task(self._run(job.video.id, queued, params.fps, pixels), name=f"video {job.video.id}")
         self.running[job.video.id] = Running(queued, task)
         return job.video
 
-    async def _decoded(self, data: bytes, deadline: float) -> Image.Image:
-        """The reference image's structure checked against the limits, then its pixels from a decode process."""
-        image = await self.images.off_loop(inspect, data, "input_reference", self.settings.max_jpeg_scans)
+    async def _decoded(self, path: Path, deadline: float, pixels: Reservation) -> Image.Image:
+        """The reference image's structure checked against the limits in a decode process, its pixels reserved,
+        then decoded there."""
+        job = inspect_job(path, "input_reference", self.settings.max_jpeg_scans)
+        image = await self.images.decoders.run(job, deadline, "'input_reference'", "input_reference")
         check_pixels([image], self.settings.max_input_pixels)
+        pixels.take(3 * math.prod(fitted(image.width, image.height, self.settings.max_pixels)))
         return await self.images.decode(image, False, deadline)
 
-    async def _run(self, video_id: str, job: Job, fps: int) -> None:
+    async def _run(self, video_id: str, job: Job, fps: int, pixels: Reservation) -> None:
         try:
             deadline, timeout = time.monotonic() + self.settings.video_timeout, self.settings.video_timeout
             frames = await by_deadline(self.images.scheduler.wait(job), deadline, timeout)
@@ -211,6 +222,7 @@ class VideoService:
             message = "The server had an error while encoding this video."
             await asyncio.to_thread(self.store.fail, video_id, "internal_error", message)
         finally:
+            pixels.release()
             self.running.pop(video_id, None)
 
     # -- deleting and stopping -------------------------------------------

@@ -1,6 +1,7 @@
 """The real server as a child process, with the tests' defaults (tests/e2e/conftest.py's fixtures start them)."""
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,5 +18,11 @@ class ServerProcess(harness.ServerProcess):
     """The bench's launcher with the tests' defaults: the demo model from the shared cache, one torch thread."""
 
     def __init__(self, env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
+        self.spool = Path(tempfile.mkdtemp(prefix="image-server-test-spool-"))  # its own, which tests look into
         defaults = {"MODEL_PATH": "demo", "CACHE_DIR": str(CACHE_DIR), "TORCH_THREADS": "1"}
-        super().__init__({**defaults, **(env or {})}, command, ready_timeout=120)
+        super().__init__({**defaults, "SPOOL_DIR": str(self.spool), **(env or {})}, command, ready_timeout=120)
+
+    def stop(self) -> int:
+        code = super().stop()
+        shutil.rmtree(self.spool, ignore_errors=True)
+        return code

@@ -1,5 +1,7 @@
-"""server/budget.py: the input memory budget on its own, then through the app (in process, a fake engine)."""
+"""server/budget.py and server/spool.py: the input budgets on their own, then through the app (in process, a fake
+engine): a large body and its data URLs on disk, never in memory; an edit's pixels in memory."""
 
+import asyncio
 import base64
 import io
 import json
@@ -9,23 +11,26 @@ import threading
 import pytest
 from PIL import Image
 
-from server.budget import InputBudget, body_bytes
+from server.budget import InputBudget
 from server.errors import APIError
 from server.metrics import Metrics
+from server.spool import Spool
 from tests.support.fakes import InProcess
 from tests.support.waiting import until
 
 MIB = 2**20
-GAUGE = "image_server_input_memory_bytes"
+MEMORY = "image_server_input_memory_bytes"
+DISK = "image_server_input_disk_bytes"
 JSON = {"content-type": "application/json"}
 SIDE = 512  # of the edits' images
 PIXELS = 3 * SIDE * SIDE  # what an edit's image holds once decoded
-# the largest request holds 6.75 MiB: 2 x (2 + 1) for its parsed body and fetches, 3 bytes x 256 Ki pixels
+# the largest request holds 6 MiB of disk, 2 x (2 + 1): its body and what its parse writes, or its files and a
+# fetch; and 0.75 MiB of memory, 3 bytes x 256 Ki pixels
 SMALL = {"max_body_mb": 2, "max_image_mb": 1, "max_input_pixels": SIDE * SIDE}
 
 
-def budget(total: int, share: float = 0.5) -> InputBudget:
-    return InputBudget(total, share, Metrics().input_memory)
+def budget(total: int, share: float = 0.5, holding: str = "memory") -> InputBudget:
+    return InputBudget(total, share, Metrics().input_memory, holding)
 
 
 def refused(take) -> str:
@@ -51,19 +56,56 @@ def test_a_tenant_past_its_share_is_refused_while_another_is_admitted_until_the_
     assert memory.held.total() == 0 and not memory.held
 
 
-def test_small_bodies_bypass_and_large_ones_count_each_copy():
-    assert body_bytes(64 * 1024) == 0
-    assert body_bytes(64 * 1024 + 1) == 3 * (64 * 1024 + 1)
-    assert body_bytes(MIB, 2) == 2 * MIB
+async def _chunks(count: int, size: int = 4096):
+    for _ in range(count):
+        yield b"x" * size
 
 
-def noise_edit(side: int = SIDE) -> bytes:
-    """A JSON edit of about 1 MiB: a PNG of noise as a data URL."""
+def test_a_spooled_write_reserves_each_chunk_before_it_is_kept_and_removal_gives_all_back(tmp_path):
+    spool = Spool(str(tmp_path / "spool"), budget(100_000, 1.0, "disk"))
+    spool.start()
+    one = spool.request("a")
+    with pytest.raises(APIError) as full:
+        asyncio.run(one.write(_chunks(30), "body", 1 << 30, lambda: None))
+    assert full.value.code == "input_disk_full"
+    assert one.disk.bytes == 24 * 4096  # what came before the refusal; nothing of the refused chunk
+    one.remove()
+    two = spool.request("a")
+    with pytest.raises(ValueError):
+        asyncio.run(two.write(_chunks(3), "body", 10_000, lambda: ValueError("too large")))
+    assert two.disk.bytes == 8192  # refused past its limit before the third chunk was reserved
+    two.remove()
+    assert spool.budget.held.total() == 0 and not list(spool.root.iterdir())
+    kept = spool.request("b")
+    path = asyncio.run(kept.write(_chunks(3), "fetched", 1 << 20, lambda: None))
+    assert path.read_bytes() == b"x" * 3 * 4096 and kept.disk.bytes == 3 * 4096
+    kept.drop(path)
+    assert kept.disk.bytes == 0 and not path.exists()
+
+
+def test_an_operator_s_spool_folder_is_emptied_at_start_and_a_temporary_one_removed_at_exit(tmp_path):
+    (tmp_path / "spool" / "7").mkdir(parents=True)  # what a crashed run left
+    (tmp_path / "spool" / "7" / "body.1").write_bytes(b"x")
+    owned = Spool(str(tmp_path / "spool"), budget(100, 1.0, "disk"))
+    owned.start()
+    assert not list(owned.root.iterdir())
+    owned.close()
+    assert owned.root.exists()
+    temporary = Spool("", budget(100, 1.0, "disk"))
+    temporary.start()
+    assert temporary.root.exists()
+    temporary.close()
+    assert not temporary.root.exists()
+
+
+def noise_edit(side: int = SIDE) -> tuple[bytes, int]:
+    """A JSON edit of about 1 MiB, a PNG of noise as a data URL; and the PNG's size."""
     image = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
     out = io.BytesIO()
     image.save(out, "PNG")
     url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
-    return json.dumps({"prompt": "p", "size": "64x64", "images": [{"image_url": url}]}).encode()
+    body = json.dumps({"prompt": "p", "size": "64x64", "images": [{"image_url": url}]}).encode()
+    return body, len(out.getvalue())
 
 
 def edit(app: InProcess, body, headers: dict | None = None):
@@ -76,63 +118,86 @@ def _post(app: InProcess, answers: list, body: bytes, headers: dict) -> threadin
     return thread
 
 
-def test_a_tenant_over_its_share_gets_429_before_its_body_is_read_while_another_key_is_served():
+def test_a_large_edit_holds_its_image_on_disk_and_its_pixels_in_memory_and_a_tenant_past_its_share_gets_429():
+    """Waiting in the queue, a large JSON edit holds its decoded data URL's file (its body dropped once parsed)
+    and its pixels; the same key's next body does not fit its share of the disk (429 before its body is read),
+    another key's does."""
     keys = {"authorization": "Bearer key-a"}, {"authorization": "Bearer key-b"}
-    body = noise_edit()
-    size = len(body)
-    with InProcess(api_key="key-a,key-b", input_memory_mb=8, max_batch=1, **SMALL) as app:
+    body, png = noise_edit()
+    settings = {"input_disk_mb": 6, "tenant_queue_share": 0.2, **SMALL}  # a key's share of the disk: 1.2 MiB
+    with InProcess(api_key="key-a,key-b", max_batch=1, **settings) as app:
         app.engine.gate.clear()
         answers: list = []
         threads = [_post(app, answers, body, keys[0])]
-        until(lambda: app.metric(GAUGE) == 2 * size + PIXELS, timeout=10)  # parsed and decoded: copy and pixels
+        until(lambda: (app.metric(DISK), app.metric(MEMORY)) == (png, PIXELS), timeout=10)
+        (held,) = app.service.spool.root.glob("*/data-url.*")
+        assert held.stat().st_size == png  # the one file the request keeps
         own = edit(app, body, keys[0])
         threads.append(_post(app, answers, body, keys[1]))
-        until(lambda: app.metric(GAUGE) == 4 * size + 2 * PIXELS, timeout=10)
+        until(lambda: (app.metric(DISK), app.metric(MEMORY)) == (2 * png, 2 * PIXELS), timeout=10)
         app.engine.gate.set()
         for thread in threads:
             thread.join(10)
-        until(lambda: app.metric(GAUGE) == 0, timeout=10)
-    assert own.status_code == 429 and own.json()["error"]["code"] == "tenant_input_memory_full"
+        until(lambda: app.metric(DISK) == app.metric(MEMORY) == 0, timeout=10)
+        assert not list(app.service.spool.root.iterdir())
+    assert own.status_code == 429 and own.json()["error"]["code"] == "tenant_input_disk_full"
     assert [a.status_code for a in answers] == [200, 200]
 
 
-def test_a_chunked_body_reserves_as_it_comes_and_every_ending_releases():
-    body = noise_edit()
-    size = len(body)
-    with InProcess(input_memory_mb=7, request_timeout=2, max_batch=1, **SMALL) as app:
+def test_every_ending_removes_the_request_s_files_and_gives_back_its_budgets():
+    body, png = noise_edit()
+    with InProcess(request_timeout=2, max_batch=1, **SMALL) as app:
         app.engine.gate.clear()
         waiting = threading.Thread(target=lambda: edit(app, body))
         waiting.start()
-        until(lambda: app.metric(GAUGE) == 2 * size + PIXELS, timeout=10)
-        chunks = (b"x" * 65536 for _ in range(24))  # 1.5 MiB without a Content-Length: past the rest at 1.4 MiB
-        full = edit(app, chunks)
-        assert full.status_code == 429 and full.json()["error"]["code"] == "input_memory_full"
-        assert app.metric(GAUGE) == 2 * size + PIXELS  # the refused body holds nothing
-        waiting.join(10)  # past REQUEST_TIMEOUT its owner cancels it: 504, and its memory is released
-        assert app.metric(GAUGE) == 0
+        until(lambda: (app.metric(DISK), app.metric(MEMORY)) == (png, PIXELS), timeout=10)
+        waiting.join(10)  # past REQUEST_TIMEOUT its owner cancels it: 504, and what it held is released
+        assert app.metric(DISK) == app.metric(MEMORY) == 0
+        app.engine.gate.set()
         bad = edit(app, b"[" * MIB)
-        assert bad.status_code == 400 and app.metric(GAUGE) == 0
+        assert bad.status_code == 400 and app.metric(DISK) == 0
+        assert not list(app.service.spool.root.iterdir())
 
 
-def test_the_budget_holds_at_least_the_largest_request():
+def test_the_budgets_hold_at_least_the_largest_request():
     from server.config import ConfigError, from_env
 
-    # 2 x (64 + 50): a 64 MiB body parsed, two remote images; and 50 M pixels decoded, 3 bytes each
-    largest = 2 * (64 + 50) * MIB + 3 * 50_000_000
-    assert from_env().input_memory_bytes == largest
-    assert from_env(api_key="a,b").input_memory_bytes == 2 * largest  # room for it in each tenant's share (0.5)
-    small_inputs = {"max_image_mb": 10, "max_input_pixels": 2**20}
-    assert from_env(max_body_mb=100, **small_inputs).input_memory_bytes == 300 * MIB  # 3 copies while parsed
-    with pytest.raises(ConfigError, match=r"INPUT_MEMORY_MB=200 is below what the largest request holds, 371\.05"):
-        from_env(input_memory_mb=200)
+    # four edits of 2048x2048 pixels (MAX_PIXELS, what inputs are decoded to at most) and masks; a 64 MiB body and
+    # two images
+    pixels, disk = 4 * 4 * 2048 * 2048, 2 * (64 + 50) * MIB
+    assert (from_env().input_memory_bytes, from_env().input_disk_bytes) == (pixels, disk)
+    several = from_env(api_key="a,b")  # room for it in each tenant's share (0.5)
+    assert (several.input_memory_bytes, several.input_disk_bytes) == (2 * pixels, 2 * disk)
+    with pytest.raises(ConfigError, match=r"INPUT_MEMORY_MB=10 is below what the largest edit holds, 16 "):
+        from_env(input_memory_mb=10)
+    with pytest.raises(ConfigError, match=r"INPUT_DISK_MB=200 is below what the largest request holds, 228"):
+        from_env(input_disk_mb=200)
 
 
 def test_a_body_promised_and_not_sent_holds_nothing():
     """Its Content-Length is checked against what is free, but only the bytes that come are reserved."""
-    memory = budget(100)
-    promised = memory.reservation("a")
+    disk = budget(100, holding="disk")
+    promised = disk.reservation("a")
     promised.check(90)  # fits: nothing taken
-    assert memory.held.total() == 0
-    memory.reservation("b").resize(50)
-    assert refused(lambda: promised.check(60)) == "input_memory_full"
-    assert promised.bytes == 0 and memory.held.total() == 50
+    assert disk.held.total() == 0
+    disk.reservation("b").resize(50)
+    assert refused(lambda: promised.check(60)) == "input_disk_full"
+    assert promised.bytes == 0 and disk.held.total() == 50
+
+
+def test_an_edit_s_pixels_are_reserved_at_the_size_they_are_decoded_to():
+    """An input larger than MAX_PIXELS is decoded to it (server/images.py, `fitted`): the engine gets that, and
+    that is what the request holds of the input memory."""
+    out = io.BytesIO()
+    Image.new("RGB", (1024, 512), (200, 30, 90)).save(out, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    body = json.dumps({"prompt": "p", "size": "64x64", "images": [{"image_url": url}]}).encode()
+    with InProcess(max_pixels=65536, default_size="256x256", max_batch=1) as app:
+        app.engine.gate.clear()
+        waiting = threading.Thread(target=lambda: edit(app, body))
+        waiting.start()
+        until(lambda: app.metric(MEMORY) == 3 * 362 * 181, timeout=10)  # 1024x512 scaled by sqrt(65536 / 524288)
+        app.engine.gate.set()
+        waiting.join(10)
+        until(lambda: app.metric(MEMORY) == 0, timeout=10)
+    assert app.engine.calls[-1].specs[0].image.size == (362, 181)

@@ -105,10 +105,13 @@ def test_expired_jobs_are_deleted_with_their_files(tmp_path):
 
 
 def test_the_reference_image_is_kept_for_a_remix(tmp_path):
-    store = VideoStore(tmp_path, ttl=3600, max_bytes=10**6)
+    store = VideoStore(tmp_path / "store", ttl=3600, max_bytes=10**6)
+    sent = tmp_path / "request-file"  # the request's file, removed when the request ends
+    sent.write_bytes(b"png bytes")
     one = job(reference=True)
-    store.add(one, b"png bytes")
-    assert store.reference(one) == b"png bytes" and store.used_bytes == len(b"png bytes")
+    store.add(one, sent)
+    sent.unlink()
+    assert store.reference(one).read_bytes() == b"png bytes" and store.used_bytes == len(b"png bytes")
     assert store.reference(job()) is None
 
 

@@ -323,10 +323,11 @@ def fuzz_app(tmp_path_factory):
         yield running
 
 
-def test_a_fetched_reference_holds_input_memory_while_it_comes_and_gives_it_back(tmp_path):
-    """A remote input_reference holds MAX_IMAGE_MB of the input memory while it is fetched (here it trickles
-    until the request's deadline), and its request's owner gives it back when the request ends."""
-    gauge = "image_server_input_memory_bytes"
+def test_a_fetched_reference_comes_to_disk_and_its_request_s_end_removes_it(tmp_path):
+    """A remote input_reference is written to the request's spool as it comes (here it trickles until the
+    request's deadline), each byte reserved of the input disk; the request's owner removes the file and gives
+    the disk back when the request ends."""
+    gauge = "image_server_input_disk_bytes"
     with HostileServer(interval=0.2) as target:
         host = target.url.removeprefix("http://")
         with InProcess(video_dir=tmp_path, remote_image_hosts=host, max_image_mb=1, request_timeout=2) as app:
@@ -334,7 +335,25 @@ def test_a_fetched_reference_holds_input_memory_while_it_comes_and_gives_it_back
             answers: list = []
             posting = threading.Thread(target=lambda: answers.append(app.http.post("/v1/videos", json=body)))
             posting.start()
-            until(lambda: app.metric(gauge) == 2**20, timeout=10, what="the fetch's reservation")
+            until(lambda: app.metric(gauge) > 0, timeout=10, what="the fetch's bytes on disk")
+            assert [path.name for path in app.service.spool.root.glob("*/fetched.*")]
             posting.join(10)
             assert answers[0].status_code == 504
-            until(lambda: app.metric(gauge) == 0, timeout=10, what="the reservation given back")
+            until(lambda: app.metric(gauge) == 0, timeout=10, what="the disk given back")
+            assert not list(app.service.spool.root.iterdir())
+
+
+def test_a_reference_s_pixels_hold_input_memory_until_its_job_ends(tmp_path):
+    gauge = "image_server_input_memory_bytes"
+    reference = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (80, 64), RED))).decode()
+    with InProcess(video_dir=tmp_path) as app:
+        app.engine.gate.clear()
+        try:
+            body = {"prompt": "i2v", "seconds": "0.5", "input_reference": {"image_url": reference}}
+            created = app.http.post("/v1/videos", json=body)
+            assert created.status_code == 200
+            assert app.metric(gauge) == 3 * 80 * 64  # the request has ended; its job holds the pixels
+        finally:
+            app.engine.gate.set()
+        until(lambda: app.metric(gauge) == 0, timeout=10, what="the job's pixels given back")
+        assert app.http.get(f"/v1/videos/{created.json()['id']}").json()["status"] == "completed"

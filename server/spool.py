@@ -1,0 +1,110 @@
+"""The input spool (SPOOL_DIR, INPUT_DISK_MB): callers' bytes over LARGE_BODY wait on disk, never in memory.
+
+A request's large body is written to its own folder as it arrives; a decode process parses it from there and
+writes what it holds (a JSON body's data URLs decoded, a form's files) beside it; remote input images are fetched
+into it. The server process keeps paths, never the bytes: what it holds of a caller in memory is an edit's
+decoded pixels (INPUT_MEMORY_MB). The disk the files take is reserved from INPUT_DISK_MB as it is written, with
+each tenant's share, as the memory budget is (server/budget.py); the folder is removed when the request ends,
+however it ends.
+"""
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.budget import InputBudget, Reservation
+from server.errors import bad_request
+
+log = logging.getLogger(__name__)
+
+WRITE_BATCH = 1 << 20  # bytes gathered before a write, which runs in a worker thread
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    """A data URL a decode process decoded from a spooled JSON body: its file, or why it could not be decoded."""
+
+    path: Path | None
+    size: int = 0
+    error: str = ""
+    code: str | None = None
+
+
+class Spool:
+    def __init__(self, root: str, budget: InputBudget) -> None:
+        self.budget = budget
+        self._owned = bool(root)  # an operator's folder is emptied at start; a temporary one removed at exit
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="image-server-spool-"))
+        self._count = 0
+
+    def start(self) -> None:
+        """What a crashed run left is removed; the folder is private to the server's user."""
+        if self._owned:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        if not self._owned:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def request(self, tenant: str) -> "RequestSpool":
+        self._count += 1
+        return RequestSpool(self.root / str(self._count), self.budget.reservation(tenant))
+
+
+class RequestSpool:
+    """One request's folder (made at its first file) and what its files hold of INPUT_DISK_MB."""
+
+    def __init__(self, folder: Path, disk: Reservation) -> None:
+        self.folder = folder
+        self.disk = disk
+        self.data_urls: dict[str, SpooledFile] = {}  # a spooled JSON body's markers (server/bodies.py)
+        self._names = 0
+
+    def path(self, stem: str) -> Path:
+        """A new file's path in the folder."""
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        self._names += 1
+        return self.folder / f"{stem}.{self._names}"
+
+    async def write(self, chunks: AsyncIterator[bytes], stem: str, limit: int, too_large) -> Path:
+        """Chunks written to a new file as they come, each reserved before it is kept (429 past the budget or the
+        tenant's share); `too_large()` is raised past `limit` bytes."""
+        path, size = self.path(stem), 0
+        with path.open("wb") as out:
+            batch = bytearray()
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise too_large()
+                self.disk.take(len(chunk))
+                batch += chunk
+                if len(batch) >= WRITE_BATCH:
+                    await asyncio.to_thread(out.write, batch)
+                    batch = bytearray()
+            await asyncio.to_thread(out.write, batch)
+        return path
+
+    def drop(self, path: Path) -> None:
+        """A file no longer needed: removed, and its disk given back."""
+        size = path.stat().st_size
+        path.unlink()
+        self.disk.give(size)
+
+    def data_url(self, marker: str, param: str) -> Path | None:
+        """The file of a data URL a decode process decoded (its marker in the parsed body), or None."""
+        found = self.data_urls.get(marker)
+        if found is None:
+            return None
+        if found.path is None:
+            raise bad_request(f"'{param}' {found.error}", param, found.code)
+        return found.path
+
+    def remove(self) -> None:
+        """The request has ended: its files go, and their disk is given back."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.disk.release()
