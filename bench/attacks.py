@@ -160,17 +160,20 @@ def connect(url: str, receive_buffer: int = 4096) -> socket.socket:
     return sock
 
 
-def non_reading(url: str, method: str, path: str, body: bytes = b"") -> socket.socket:
+def non_reading(url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> socket.socket:
     """Sends a whole request and never reads the answer; the caller closes the socket (or keeps it open)."""
     sock = connect(url)
-    sock.sendall(raw_request(method, path, url.removeprefix("http://"), body, {"Content-Type": "application/json"}))
+    fields = {"Content-Type": "application/json", **(headers or {})}
+    sock.sendall(raw_request(method, path, url.removeprefix("http://"), body, fields))
     return sock
 
 
-def headers_then_nothing(url: str, path: str, promised: int = 1000, sent: bytes = b"") -> socket.socket:
+def headers_then_nothing(
+    url: str, path: str, promised: int = 1000, sent: bytes = b"", headers: dict | None = None
+) -> socket.socket:
     """Sends a request's headers, promising `promised` bytes of body, and `sent` of them."""
     sock = connect(url)
-    headers = {"Content-Type": "application/json", "Content-Length": str(promised)}
+    headers = {"Content-Type": "application/json", "Content-Length": str(promised), **(headers or {})}
     sock.sendall(raw_request("POST", path, url.removeprefix("http://"), headers=headers) + sent)
     return sock
 

@@ -2,13 +2,13 @@
 
 For each class the tool starts the attack (bench/attacks.py: the payloads and endpoints the isolation tests
 use), and meanwhile probes the server as an orchestrator and an honest client would: GET /health every 50 ms,
-and a normal 64x64 generation (2 steps) back to back. It reports /health's p99, the normal request's median
-and p95 against the same figures measured quiet, the peak memory the server and its decode processes added
-(VmHWM, reset before each class), the 5xx answers, and the longest any attack request lasted against
-REQUEST_TIMEOUT. A class is a function of an `Attack` (the server, a stop event, a way to run attackers in
-threads), with the settings it needs: a flood from one API key is one more entry in CLASSES.
+and a normal 64x64 generation (2 steps) back to back, from another API key (`--one-key`: the attacker's). It
+reports /health's p99, the normal request's median and p95 against the same figures measured quiet, the peak
+memory the server and its decode processes added (VmHWM, reset before each class), the 5xx answers, and the
+longest any attack request lasted against REQUEST_TIMEOUT. A class is a function of an `Attack` (the server, a
+stop event, a way to run attackers in threads), with the settings it needs.
 
-    python bench/isolation.py [--classes padded-png-json,many-scan-jpeg] [--seconds 20] [--out DIR]
+    python bench/isolation.py [--classes padded-png-json,many-scan-jpeg] [--seconds 20] [--one-key] [--out DIR]
 
 Targets (issue 20, the 2-core demo): /health p99 under 250 ms, the normal request under 2x its quiet latency,
 memory growth under 200 MB per class, nothing past REQUEST_TIMEOUT, no 5xx. Timing on a shared machine is
@@ -39,8 +39,13 @@ SERVER = {
     "PLUGINS": "upload",
     "UPLOAD_ALLOWED_HOSTS": "127.0.0.1:*",
     "UPLOAD_RETRIES": "0",
+    "API_KEY": "key-attacker,key-honest",
 }
 NORMAL = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2, "seed": 1}
+# The attacker and the honest client are two callers, each with its API key (SERVER's API_KEY): the tenants whose
+# isolation this measures. With --one-key both send the first (one tenant: the honest requests queue behind the
+# attack's admitted ones).
+KEYS = tuple(SERVER["API_KEY"].split(","))
 GENERATIONS = "/v1/images/generations"
 
 
@@ -50,7 +55,12 @@ class Attack:
 
     url: str
     stop: threading.Event
+    key: str = KEYS[0]
     outcomes: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
 
     def run(self, attackers: int, one: Callable[[], int]) -> None:
         """`attackers` threads each sending `one()` (which returns a status) until told to stop."""
@@ -71,7 +81,7 @@ class Attack:
             thread.join()
 
     def post(self, path: str, timeout: float = REQUEST_TIMEOUT + 30, **kwargs) -> int:
-        return httpx.post(self.url + path, timeout=timeout, **kwargs).status_code
+        return httpx.post(self.url + path, timeout=timeout, headers=self.headers, **kwargs).status_code
 
 
 def data_url(data: bytes) -> str:
@@ -117,23 +127,55 @@ def huge_upload_error(attack: Attack) -> None:
         attack.run(2, lambda: attack.post("/v1/images/generations", json=body))
 
 
+STREAM = {"prompt": "p", "size": "1024x1024", "stream": True, "partial_images": 2, "output_format": "png",
+          "num_inference_steps": 2}  # fmt: skip
+
+
+ANSWERS = {"prompt": "p", "size": "768x768", "n": 2, "output_format": "png", "num_inference_steps": 2}
+
+
+def _reading(attack: Attack, body: dict) -> None:
+    """Six clients that send `body` a second apart and read all of each answer: what the honest path costs,
+    the control for a non-reading class."""
+
+    def one() -> int:
+        attack.stop.wait(1.0)
+        with httpx.stream("POST", attack.url + GENERATIONS, json=body, headers=attack.headers, timeout=60) as answer:
+            for _ in answer.iter_bytes():
+                pass
+        return answer.status_code
+
+    attack.run(6, one)
+
+
+def reading_streams(attack: Attack) -> None:
+    """The control for non-reading-streams: the same generations, by clients that read every event."""
+    _reading(attack, STREAM)
+
+
+def reading_answers(attack: Attack) -> None:
+    """The control for non-reading-answers: the same generations, by clients that read their answers."""
+    _reading(attack, ANSWERS)
+
+
 def non_reading_streams(attack: Attack) -> None:
     """Six streamed 1024x1024 generations with previews (about 10 MB of events each) by clients that never
     read, one a second, held open."""
-    body = {"prompt": "p", "size": "1024x1024", "stream": True, "partial_images": 2, "output_format": "png",
-            "num_inference_steps": 2}  # fmt: skip
-    _hold(attack, 6, 1.0, lambda: attacks.non_reading(attack.url, "POST", GENERATIONS, json.dumps(body).encode()))
+    _hold(attack, 6, 1.0, lambda: attacks.non_reading(attack.url, "POST", GENERATIONS, _json(STREAM), attack.headers))
 
 
 def non_reading_answers(attack: Attack) -> None:
     """Six generations of two 768x768 PNGs (4.6 MB of JSON each) by clients that never read, held open."""
-    body = {"prompt": "p", "size": "768x768", "n": 2, "output_format": "png", "num_inference_steps": 2}
-    _hold(attack, 6, 1.0, lambda: attacks.non_reading(attack.url, "POST", GENERATIONS, json.dumps(body).encode()))
+    _hold(attack, 6, 1.0, lambda: attacks.non_reading(attack.url, "POST", GENERATIONS, _json(ANSWERS), attack.headers))
 
 
 def silent_bodies(attack: Attack) -> None:
     """200 connections that send a request's headers, promise a body, and send nothing, held open."""
-    _hold(attack, 200, 0.05, lambda: attacks.headers_then_nothing(attack.url, GENERATIONS))
+    _hold(attack, 200, 0.05, lambda: attacks.headers_then_nothing(attack.url, GENERATIONS, headers=attack.headers))
+
+
+def _json(body: dict) -> bytes:
+    return json.dumps(body).encode()
 
 
 def _hold(attack: Attack, count: int, every: float, open_one: Callable) -> None:
@@ -155,14 +197,18 @@ CLASSES: dict[str, tuple[Callable[[Attack], None], dict[str, str]]] = {
     "non-reading-streams": (non_reading_streams, {}),
     "non-reading-answers": (non_reading_answers, {}),
     "silent-bodies": (silent_bodies, {}),
+    # controls, last: they load the machine as honest traffic does
+    "reading-streams": (reading_streams, {}),
+    "reading-answers": (reading_answers, {}),
 }
 
 
 # -- measuring ----------------------------------------------------------------------------------------------
 
 
-def probe(url: str, stop: threading.Event) -> dict[str, list[float]]:
-    """/health every 50 ms and the normal request back to back, until `stop`: their latencies in seconds."""
+def probe(url: str, stop: threading.Event, key: str) -> dict[str, list[float]]:
+    """/health every 50 ms and the normal request (from `key`) back to back, until `stop`: their latencies in
+    seconds."""
     health: list[float] = []
     normal: list[float] = []
 
@@ -177,7 +223,8 @@ def probe(url: str, stop: threading.Event) -> dict[str, list[float]]:
         with httpx.Client(timeout=REQUEST_TIMEOUT + 30) as client:
             while not stop.is_set():
                 started = time.monotonic()
-                if client.post(url + "/v1/images/generations", json=NORMAL).status_code == 200:
+                answer = client.post(url + GENERATIONS, json=NORMAL, headers={"Authorization": f"Bearer {key}"})
+                if answer.status_code == 200:
                     normal.append(time.monotonic() - started)
 
     with ThreadPoolExecutor(2) as pool:
@@ -186,7 +233,9 @@ def probe(url: str, stop: threading.Event) -> dict[str, list[float]]:
     return {"health": health, "normal": normal}
 
 
-def measure(server: harness.ServerProcess, seconds: float, attack_fn: Callable[[Attack], None] | None) -> dict:
+def measure(
+    server: harness.ServerProcess, seconds: float, attack_fn: Callable[[Attack], None] | None, honest_key: str
+) -> dict:
     """The probes for `seconds`, with `attack_fn` running (None: quiet); then the attack's stragglers."""
     stop = threading.Event()
     attack = Attack(server.url, stop)
@@ -196,7 +245,7 @@ def measure(server: harness.ServerProcess, seconds: float, attack_fn: Callable[[
     load = harness.load_average()[0]
     with ThreadPoolExecutor(2) as pool:
         attacker = pool.submit(attack_fn, attack) if attack_fn else None
-        prober = pool.submit(probe, server.url, stop)
+        prober = pool.submit(probe, server.url, stop, honest_key)
         time.sleep(seconds)
         stop.set()
         latencies = prober.result()
@@ -223,16 +272,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", default="all", help="comma-separated classes, or all: " + ", ".join(CLASSES))
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each class runs")
     parser.add_argument("--out", type=Path, help="folder for isolation.json (default out/isolation/<time>)")
+    parser.add_argument("--one-key", action="store_true", help="the honest client sends the attacker's key")
     args = parser.parse_args(argv)
     harness.exit_on_sigterm()
     names = list(CLASSES) if args.classes == "all" else args.classes.split(",")
     rows = []
+    honest = KEYS[0] if args.one_key else KEYS[1]
     for env in {json.dumps(CLASSES[n][1], sort_keys=True) for n in names}:
         with harness.ServerProcess({"MODEL_PATH": "demo", **SERVER, **json.loads(env)}) as server:
-            quiet = measure(server, args.seconds, None)
+            quiet = measure(server, args.seconds, None, honest)
             rows.append({"class": "quiet", **quiet})
             for name in (n for n in names if json.dumps(CLASSES[n][1], sort_keys=True) == env):
-                row = {"class": name, **measure(server, args.seconds, CLASSES[name][0])}
+                row = {"class": name, **measure(server, args.seconds, CLASSES[name][0], honest)}
                 row["normal_vs_quiet"] = row["normal_p50_s"] / max(quiet["normal_p50_s"], 1e-9)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

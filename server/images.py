@@ -167,8 +167,9 @@ def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
 async def fetch_remote(
     url: str, param: str, allowed_hosts: tuple[str, ...], max_bytes: int, deadline: float, spool: RequestSpool
 ) -> Path:
-    """Fetch an http(s) image URL into the request's spool, only from hosts the operator allowed, all of it
-    before the request's deadline (a host that trickles a byte now and then is cut there, not per read)."""
+    """Fetch an http(s) image URL into the request's spool (its disk reserved by the caller), only from hosts the
+    operator allowed, all of it before the request's deadline (a host that trickles a byte now and then is cut
+    there, not per read)."""
     try:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port
@@ -201,7 +202,7 @@ async def _download(url: str, param: str, max_bytes: int, spool: RequestSpool) -
         if response.status_code != 200:
             raise bad_request(f"'{param}': {url} answered {response.status_code}.", param)
         too_large = lambda: image_too_large(param, max_bytes)  # noqa: E731
-        return await spool.write(response.aiter_bytes(), "fetched", max_bytes, too_large)
+        return await spool.write(response.aiter_bytes(), "fetched", max_bytes, too_large, reserved=True)
 
 
 def image_too_large(param: str, max_bytes: int):

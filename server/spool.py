@@ -71,9 +71,11 @@ class RequestSpool:
         self._names += 1
         return self.folder / f"{stem}.{self._names}"
 
-    async def write(self, chunks: AsyncIterator[bytes], stem: str, limit: int, too_large) -> Path:
+    async def write(
+        self, chunks: AsyncIterator[bytes], stem: str, limit: int, too_large, reserved: bool = False
+    ) -> Path:
         """Chunks written to a new file as they come, each reserved before it is kept (429 past the budget or the
-        tenant's share); `too_large()` is raised past `limit` bytes."""
+        tenant's share) unless the caller `reserved` the whole file; `too_large()` is raised past `limit` bytes."""
         path, size = self.path(stem), 0
         with path.open("wb") as out:
             batch = bytearray()
@@ -81,7 +83,8 @@ class RequestSpool:
                 size += len(chunk)
                 if size > limit:
                     raise too_large()
-                self.disk.take(len(chunk))
+                if not reserved:
+                    self.disk.take(len(chunk))
                 batch += chunk
                 if len(batch) >= WRITE_BATCH:
                     await asyncio.to_thread(out.write, batch)

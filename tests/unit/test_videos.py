@@ -325,8 +325,8 @@ def fuzz_app(tmp_path_factory):
 
 def test_a_fetched_reference_comes_to_disk_and_its_request_s_end_removes_it(tmp_path):
     """A remote input_reference is written to the request's spool as it comes (here it trickles until the
-    request's deadline), each byte reserved of the input disk; the request's owner removes the file and gives
-    the disk back when the request ends."""
+    request's deadline), MAX_IMAGE_MB of the input disk reserved before the fetch; the request's owner removes
+    the file and gives the disk back when the request ends."""
     gauge = "image_server_input_disk_bytes"
     with HostileServer(interval=0.2) as target:
         host = target.url.removeprefix("http://")
@@ -335,8 +335,8 @@ def test_a_fetched_reference_comes_to_disk_and_its_request_s_end_removes_it(tmp_
             answers: list = []
             posting = threading.Thread(target=lambda: answers.append(app.http.post("/v1/videos", json=body)))
             posting.start()
-            until(lambda: app.metric(gauge) > 0, timeout=10, what="the fetch's bytes on disk")
-            assert [path.name for path in app.service.spool.root.glob("*/fetched.*")]
+            until(lambda: list(app.service.spool.root.glob("*/fetched.*")), timeout=10, what="the fetch on disk")
+            assert app.metric(gauge) == 2**20
             posting.join(10)
             assert answers[0].status_code == 504
             until(lambda: app.metric(gauge) == 0, timeout=10, what="the disk given back")
