@@ -7,6 +7,7 @@ an image a byte at a time, one that answers an upload with a huge error body, an
 and then nothing, or never read their answer. It imports nothing from the server or the tests.
 """
 
+import os
 import socket
 import struct
 import threading
@@ -70,15 +71,23 @@ def many_scan_jpeg(side: int = 2048, scans: int = 5000) -> bytes:
 # -- hostile endpoints -----------------------------------------------------------------------------------
 
 
+def lower_priority(niceness: int) -> None:
+    """The calling thread's CPU priority lowered by `niceness` (on Linux a thread has its own): an attacker's
+    clients and servers stand for machines elsewhere, whose CPU is not the server's to share."""
+    if niceness:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
 class HostileServer(ThreadingHTTPServer):
     """A loopback HTTP server that answers every GET with `image` at full speed or, without one, with a trickle
     (a byte every `interval` seconds, never finishing), and every PUT with `error_bytes` of a 400 error body;
-    it counts what it was asked."""
+    it counts what it was asked. Its threads run at `niceness`."""
 
     daemon_threads = True
 
-    def __init__(self, interval: float = 1.0, error_bytes: int = 0, image: bytes = b"") -> None:
+    def __init__(self, interval: float = 1.0, error_bytes: int = 0, image: bytes = b"", niceness: int = 0) -> None:
         super().__init__(("127.0.0.1", 0), _Hostile)
+        self.niceness = niceness
         self.interval = interval
         self.error_bytes = error_bytes
         self.image = image
@@ -97,6 +106,10 @@ class HostileServer(ThreadingHTTPServer):
     def __exit__(self, *exc) -> None:
         self.shutdown()
         self.server_close()
+
+    def process_request_thread(self, request, client_address) -> None:
+        lower_priority(self.niceness)
+        super().process_request_thread(request, client_address)
 
 
 class _Hostile(BaseHTTPRequestHandler):

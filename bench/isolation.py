@@ -2,13 +2,17 @@
 
 For each class the tool starts the attack (bench/attacks.py: the payloads and endpoints the isolation tests
 use), and meanwhile probes the server as an orchestrator and an honest client would: GET /health every 50 ms,
-and a normal 64x64 generation (2 steps) back to back, from another API key (`--one-key`: the attacker's). It
-reports /health's p99, the normal request's median and p95 against the same figures measured quiet, the peak
-memory the server and its decode processes added (VmHWM, reset before each class), the 5xx answers, and the
-longest any attack request lasted against REQUEST_TIMEOUT. A class is a function of an `Attack` (the server, a
-stop event, a way to run attackers in threads), with the settings it needs.
+and a normal 64x64 generation (2 steps) back to back, from another API key (`--one-key`: the attacker's). The
+attacker's threads (its clients, its image and upload servers) run at niceness 19: they stand for machines
+elsewhere (`--attacker-niceness 0`: they share the 2 cores with the server). It reports /health's p99, the
+normal request's median and p95 against the same figures measured quiet, the peak memory the server and its
+decode processes added (VmHWM, reset before each class), the 5xx answers, and the longest any attack request
+lasted against REQUEST_TIMEOUT. A class is a function of an `Attack` (the server, a stop event, a way to run
+attackers in threads), with the settings it needs. The reading classes at the end are controls: honest traffic
+of the shape of the non-reading classes.
 
-    python bench/isolation.py [--classes padded-png-json,many-scan-jpeg] [--seconds 20] [--one-key] [--out DIR]
+    python bench/isolation.py [--classes padded-png-json,many-scan-jpeg] [--seconds 20] [--one-key]
+                              [--attacker-niceness 19] [--out DIR]
 
 Targets (issue 20, the 2-core demo): /health p99 under 250 ms, the normal request under 2x its quiet latency,
 memory growth under 200 MB per class, nothing past REQUEST_TIMEOUT, no 5xx. Timing on a shared machine is
@@ -55,6 +59,7 @@ class Attack:
 
     url: str
     stop: threading.Event
+    niceness: int  # of the attacker's threads (its clients and servers)
     key: str = KEYS[0]
     outcomes: list[tuple[int, float]] = field(default_factory=list)
 
@@ -66,6 +71,7 @@ class Attack:
         """`attackers` threads each sending `one()` (which returns a status) until told to stop."""
 
         def loop() -> None:
+            attacks.lower_priority(self.niceness)
             while not self.stop.is_set():
                 started = time.monotonic()
                 try:
@@ -107,14 +113,14 @@ def many_scan_jpeg(attack: Attack) -> None:
 
 def trickling_remote_image(attack: Attack) -> None:
     """Edits whose image URL sends a byte every second, forever."""
-    with attacks.HostileServer(interval=1.0) as target:
+    with attacks.HostileServer(interval=1.0, niceness=attack.niceness) as target:
         body = {"prompt": "p", "size": "64x64", "images": [{"image_url": target.url + "/slow.png"}]}
         attack.run(4, lambda: attack.post("/v1/images/edits", json=body))
 
 
 def sixteen_remote_images(attack: Attack) -> None:
     """Edits of 16 image URLs each, every one a 20 MB PNG served at full speed."""
-    with attacks.HostileServer(image=attacks.padded_png(64, 0) + bytes(20 * 2**20)) as target:
+    with attacks.HostileServer(image=attacks.padded_png(64, 0) + bytes(20 * 2**20), niceness=attack.niceness) as target:
         images = [{"image_url": f"{target.url}/{i}.png"} for i in range(16)]
         body = {"prompt": "p", "size": "64x64", "num_inference_steps": 2, "images": images}
         attack.run(6, lambda: attack.post("/v1/images/edits", json=body))
@@ -122,7 +128,7 @@ def sixteen_remote_images(attack: Attack) -> None:
 
 def huge_upload_error(attack: Attack) -> None:
     """Generations whose upload target answers a 400 MB error body."""
-    with attacks.HostileServer(error_bytes=400 * 2**20) as target:
+    with attacks.HostileServer(error_bytes=400 * 2**20, niceness=attack.niceness) as target:
         body = {**NORMAL, "upload_urls": [target.url + "/bucket/key"]}
         attack.run(2, lambda: attack.post("/v1/images/generations", json=body))
 
@@ -233,12 +239,11 @@ def probe(url: str, stop: threading.Event, key: str) -> dict[str, list[float]]:
     return {"health": health, "normal": normal}
 
 
-def measure(
-    server: harness.ServerProcess, seconds: float, attack_fn: Callable[[Attack], None] | None, honest_key: str
-) -> dict:
+def measure(server: harness.ServerProcess, seconds: float, attack_fn: Callable[[Attack], None] | None, args) -> dict:
     """The probes for `seconds`, with `attack_fn` running (None: quiet); then the attack's stragglers."""
     stop = threading.Event()
-    attack = Attack(server.url, stop)
+    attack = Attack(server.url, stop, args.attacker_niceness)
+    honest_key = KEYS[0] if args.one_key else KEYS[1]
     harness.reset_peak_rss(server.proc.pid)
     before = harness.peak_rss_mib(server.proc.pid)
     errors_before = server.metric("image_server_requests_total", 'status="5')
@@ -273,17 +278,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long each class runs")
     parser.add_argument("--out", type=Path, help="folder for isolation.json (default out/isolation/<time>)")
     parser.add_argument("--one-key", action="store_true", help="the honest client sends the attacker's key")
+    parser.add_argument(
+        "--attacker-niceness", type=int, default=19, choices=range(20),
+        help="CPU niceness of the attacker's threads: they stand for machines elsewhere (0: they share the CPU)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     harness.exit_on_sigterm()
     names = list(CLASSES) if args.classes == "all" else args.classes.split(",")
     rows = []
-    honest = KEYS[0] if args.one_key else KEYS[1]
     for env in {json.dumps(CLASSES[n][1], sort_keys=True) for n in names}:
         with harness.ServerProcess({"MODEL_PATH": "demo", **SERVER, **json.loads(env)}) as server:
-            quiet = measure(server, args.seconds, None, honest)
+            quiet = measure(server, args.seconds, None, args)
             rows.append({"class": "quiet", **quiet})
             for name in (n for n in names if json.dumps(CLASSES[n][1], sort_keys=True) == env):
-                row = {"class": name, **measure(server, args.seconds, CLASSES[name][0], honest)}
+                row = {"class": name, **measure(server, args.seconds, CLASSES[name][0], args)}
                 row["normal_vs_quiet"] = row["normal_p50_s"] / max(quiet["normal_p50_s"], 1e-9)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
