@@ -21,6 +21,7 @@ from server.bodies import (
     LARGE_BODY,
     FormLimits,
     FormPart,
+    boundary_of,
     form_fields,
     media_type_of,
     read_form,
@@ -205,6 +206,7 @@ async def json_body(request: Request, body: bytes | Path) -> dict:
 async def form_parts(request: Request, limits: FormLimits) -> list[FormPart]:
     """A multipart body's parts, spooled and parsed in a decode process by the request's deadline."""
     content_type = request.headers.get("content-type", "")
+    boundary_of(content_type)  # refused before its body is written anywhere
     body = await read_body(request, to_disk=True)
     decoders = _service(request).decoders
     return await read_form(body, content_type, limits, spool_of(request), decoders, deadline_of(request))

@@ -138,6 +138,8 @@ MAX_TEXT = 32_000  # the longest text a field takes (prompt, negative_prompt)
 # bytes inside the quotes of a string that is no data URL: MAX_TEXT characters escaped, 12 bytes each past U+FFFF
 MAX_LONG_TEXT = 12 * MAX_TEXT
 MAX_REST = 1 << 20  # bytes of a body's JSON once its data URLs are out, or of a form's text fields: none needs more
+IMAGE_URL_CHARS = 20_971_520  # OpenAI's spec: a JSON edit's image_url (a URL or a data URL) is at most 20 MiB long
+MAX_DATA_URLS = 64  # long data URLs in one body: an edit's images and mask, a video's reference, with room to spare
 READ_CHUNK = 1 << 20  # bytes of a spooled body read at a time
 
 
@@ -210,15 +212,16 @@ def json_job(body: Path, folder: Path, max_image_bytes: int) -> Job:
     }
 
     def finish(reply: dict, blobs: list[bytearray]) -> tuple[dict, dict[str, SpooledFile]]:
+        data = json.loads(blobs[0].decode("utf-8", "surrogatepass"))  # the decode process's own JSON, checked there
         files = {}
         for marker, found in reply["files"].items():
             if not marker.startswith(f"spooled:{nonce}:") or ("/" in found.get("name", "")):
                 raise ValueError(f"a JSON reply names {marker!r}, {found!r}")
             path = folder / found["name"] if "name" in found else None
             files[marker] = SpooledFile(path, found.get("size", 0), found.get("error", ""), found.get("code"))
-        return reply["data"], files
+        return data, files
 
-    return Job(header, [], 0, finish)
+    return Job(header, [], 2 * MAX_REST, finish)
 
 
 def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
@@ -231,7 +234,8 @@ def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]
             urls.feed(chunk)
     data = parse_json(urls.rest())
     _check_markers(data, urls.files)
-    return {"data": data, "files": urls.files}, []
+    # the parsed rest travels as a blob, not in the frame's header: escaped, it could pass MAX_HEADER
+    return {"files": urls.files}, [json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass")]
 
 
 def _check_markers(node: dict | list, files: dict, where: str = "") -> None:
@@ -324,8 +328,11 @@ class _DataURLs:
         if not (media.startswith("data:") and ";base64" in media):
             self._text = True
             return
+        if len(self.files) == MAX_DATA_URLS:
+            raise invalid_json(f"it holds more than {MAX_DATA_URLS} long data URLs; no request needs that many")
         payload, self._literal = self._literal[comma + 1 :], None
-        self._data = _Base64File(self.folder / f"data-url.{self.nonce}.{len(self.files)}", self.max_image_bytes)
+        path = self.folder / f"data-url.{self.nonce}.{len(self.files)}"
+        self._data = _Base64File(path, self.max_image_bytes, IMAGE_URL_CHARS - comma)  # comma: the header's length
         self._data.write(bytes(payload))
 
     def _close(self) -> None:
@@ -353,10 +360,11 @@ class _DataURLs:
 class _Base64File:
     """A data URL's base64 payload, decoded into a file as it comes; the first fault ends it (the file removed)."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
-        self.path, self.max_bytes = path, max_bytes
+    def __init__(self, path: Path, max_bytes: int, max_chars: int) -> None:
+        self.path, self.max_bytes, self.max_chars = path, max_bytes, max_chars
         self._out: BinaryIO | None = path.open("wb")
         self._size = 0
+        self._chars = 0  # of the payload, escapes as sent
         self._escape = b""  # a backslash that ended the last piece
         self._quartet = b""  # base64 characters past the last multiple of 4
         self._padded = False  # a quartet ended in '=': the payload must end there
@@ -365,6 +373,9 @@ class _Base64File:
     def write(self, raw: bytes) -> None:
         if self._fault is not None:
             return
+        self._chars += len(raw)
+        if self._chars > self.max_chars:  # the spec's bound on an image_url, which the request model no longer sees
+            return self._fail(f"should have at most {IMAGE_URL_CHARS} characters.", "invalid_value")
         raw, self._escape = self._escape + raw, b""
         if b"\\" in raw:
             raw = raw.replace(b"\\/", b"/")
@@ -413,7 +424,7 @@ def form_file_job(body: Path, content_type: str, limits: FormLimits, spool: Path
     """A multipart body on disk to parse in a decode process, its file parts written to `spool` as `body`'s name
     plus a number; text fields come back."""
     header = {"op": "form", "content_type": content_type, "limits": dataclasses.asdict(limits)}
-    return Job({**header, "path": str(body), "spool": str(spool)}, [], MAX_REST, _form_parts)
+    return Job({**header, "path": str(body), "spool": str(spool)}, [], 8 * MAX_REST, _form_parts)
 
 
 def split_form(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
@@ -423,14 +434,16 @@ def split_form(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]
         chunks = iter(lambda: body.read(READ_CHUNK), b"")
         parts = parse_form(chunks, content_type, limits, Path(header["spool"]) / Path(header["path"]).name)
     described = [[p.name, p.filename, p.content_type, p.path and str(p.path)] for p in parts]
-    return {"parts": described}, [p.data for p in parts]
+    # the parts' names travel as a blob, not in the frame's header: escaped, they could pass MAX_HEADER
+    return {}, [json.dumps(described).encode(), *(p.data for p in parts)]
 
 
 def _form_parts(reply: dict, blobs: list[bytearray]) -> list[FormPart]:
     """The parts, each blob dropped once copied."""
-    if len(reply["parts"]) != len(blobs):
+    described = json.loads(blobs.pop(0))  # the decode process's own JSON
+    if len(described) != len(blobs):
         raise ValueError("a form reply's blobs do not match its parts")
-    parts = [FormPart(*part[:3], bytes(blobs.pop()), part[3] and Path(part[3])) for part in reversed(reply["parts"])]
+    parts = [FormPart(*part[:3], bytes(blobs.pop()), part[3] and Path(part[3])) for part in reversed(described)]
     return parts[::-1]
 
 
@@ -446,6 +459,14 @@ async def spool(chunks: AsyncIterator[bytes], path: Path) -> None:
         await asyncio.to_thread(out.write, batch)
 
 
+def boundary_of(content_type: str) -> bytes:
+    """A multipart Content-Type's boundary; a 400 without one (before its body is read)."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if not boundary:
+        raise invalid_form("its Content-Type has no boundary.")
+    return boundary
+
+
 def invalid_form(why: str):
     return bad_request(f"We could not parse the multipart body of your request: {why}", None, "invalid_multipart")
 
@@ -455,10 +476,8 @@ def parse_form(
 ) -> list[FormPart]:
     """The parts of a multipart/form-data body; a 400 for a malformed one or one past `limits`. With `spool`,
     file parts are written to files named after it (and removed again if the body is refused)."""
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
-    if not boundary:
-        raise invalid_form("its Content-Type has no boundary.")
     reader = _FormReader(limits, spool)
+    boundary = boundary_of(content_type)
     try:
         parser = MultipartParser(boundary, reader.callbacks())
         for chunk in chunks:
@@ -493,8 +512,8 @@ class _FormReader:
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self._begin,
-            "on_header_field": lambda data, start, end: setattr(self, "_field", self._field + data[start:end]),
-            "on_header_value": lambda data, start, end: setattr(self, "_value", self._value + data[start:end]),
+            "on_header_field": lambda data, start, end: self._header("_field", data[start:end]),
+            "on_header_value": lambda data, start, end: self._header("_value", data[start:end]),
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._data_in,
@@ -503,6 +522,17 @@ class _FormReader:
 
     def _begin(self) -> None:
         self._headers = {}
+
+    def _header(self, which: str, data: bytes) -> None:
+        """A piece of a part's header name or value: text, counted with the fields' (python-multipart bounds each
+        line, not how many parts carry them)."""
+        self._text(len(data))
+        setattr(self, which, getattr(self, which) + data)
+
+    def _text(self, size: int) -> None:
+        self._text_bytes += size
+        if self._text_bytes > MAX_REST:
+            raise invalid_form(f"its text fields and part headers hold more than {MAX_REST // 1024} KiB.")
 
     def _header_end(self) -> None:
         self._headers[self._field.lower()] = self._value
@@ -535,11 +565,9 @@ class _FormReader:
         name, filename, _ = self._part
         self._size += end - start
         if filename is None:
-            self._text_bytes += end - start
+            self._text(end - start)
             if self._size > self.limits.max_field_bytes:
                 raise invalid_form(f"the field '{name}' is larger than {self.limits.max_field_bytes // 1024} KiB.")
-            if self._text_bytes > MAX_REST:
-                raise invalid_form(f"its text fields hold more than {MAX_REST // 1024} KiB.")
         if filename is not None and self._size > self.limits.max_file_bytes:
             limit = self.limits.max_file_bytes / 2**20
             raise bad_request(f"'{name}' is larger than {limit:g} MiB.", name, self.limits.file_too_large)

@@ -234,8 +234,9 @@ class Settings:
         low=0,
     )  # fmt: skip
     spool_dir: str = option(
-        "", "folder where bodies over 64 KiB and input images wait, one folder per request, removed when it ends; "
-        "emptied at start (default: a new folder in the system's temporary folder, removed at exit)"
+        "", "folder in which the server makes its own folder (removed at exit; those of servers that are gone, at "
+        "start) where bodies over 64 KiB and input images wait, one folder per request, removed when it ends "
+        "(default: the system's temporary folder)"
     )  # fmt: skip
     max_input_pixels: int = option(
         50_000_000, "most pixels of all input images of one edit together, read from their headers before decoding",

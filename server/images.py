@@ -167,9 +167,10 @@ def decode_data_url(url: str, param: str, max_bytes: int) -> bytes:
 async def fetch_remote(
     url: str, param: str, allowed_hosts: tuple[str, ...], max_bytes: int, deadline: float, spool: RequestSpool
 ) -> Path:
-    """Fetch an http(s) image URL into the request's spool (its disk reserved by the caller), only from hosts the
-    operator allowed, all of it before the request's deadline (a host that trickles a byte now and then is cut
-    there, not per read)."""
+    """Fetch an http(s) image URL into the request's spool, only from hosts the operator allowed, all of it
+    before the request's deadline (a host that trickles a byte now and then is cut there, not per read). Once
+    the host is allowed, `max_bytes` of the disk is reserved (429 when the spool, or the tenant's share of it,
+    cannot hold it), the rest given back after: a fetch once begun is never cut short by what others hold."""
     try:
         parts = urlsplit(url)
         host, port = parts.hostname, parts.port
@@ -184,14 +185,17 @@ async def fetch_remote(
             param,
             "remote_image_not_allowed",
         )
+    spool.disk.take(max_bytes)
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            return await _download(url, param, max_bytes, spool)
+            path = await _download(url, param, max_bytes, spool)
     except TimeoutError:
         raise timed_out_while(f"fetching '{param}'") from None
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         log.info("%s: fetching %s failed: %r", param, url, exc)
         raise bad_request(f"'{param}': could not fetch the image from {host}.", param) from None
+    spool.disk.give(max_bytes - path.stat().st_size)
+    return path
 
 
 async def _download(url: str, param: str, max_bytes: int, spool: RequestSpool) -> Path:

@@ -88,9 +88,7 @@ async def from_refs(request, reader: Reader) -> EditInputs:
 
 async def ref_file(ref, param: str, reader: Reader) -> Path:
     """A reference's file in the request's spool: a large body's data URL as its decode process wrote it, a short
-    body's decoded here off the event loop, or a remote image fetched by the deadline, MAX_IMAGE_MB of the disk
-    reserved before (429 when the spool, or the tenant's share of it, cannot hold it): a fetch once begun is never
-    cut short by what others hold."""
+    body's decoded here off the event loop, or a remote image fetched by the deadline."""
     s, spool = reader.settings, reader.spool
     limit = int(s.max_image_mb * 2**20)
     if ref.file_id is not None or not ref.image_url:
@@ -104,10 +102,7 @@ async def ref_file(ref, param: str, reader: Reader) -> Path:
         path = spool.path("data-url")
         await reader.off_loop(path.write_bytes, data)
         return path
-    spool.disk.take(limit)
-    path = await fetch_remote(ref.image_url, where, s.remote_hosts, limit, reader.deadline, spool)
-    spool.disk.give(limit - path.stat().st_size)
-    return path
+    return await fetch_remote(ref.image_url, where, s.remote_hosts, limit, reader.deadline, spool)
 
 
 def _checked(images: list[InputImage], mask: InputImage | None, s: Settings) -> EditInputs:

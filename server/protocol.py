@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.fields import FieldInfo
 from pydantic.json_schema import models_json_schema
 
-from server.bodies import MAX_TEXT, parse_json_value
+from server.bodies import IMAGE_URL_CHARS, MAX_TEXT, parse_json_value
 from server.config import MAX_IMAGES
 from server.errors import ErrorEvent
 
@@ -72,9 +72,6 @@ class ImageRequest(BaseModel):
         if any(not 0 <= s <= MAX_SEED for s in seeds):
             raise ValueError(f"seeds must be between 0 and {MAX_SEED}")
         return value
-
-
-IMAGE_URL_CHARS = 20_971_520  # OpenAI's spec: a JSON edit's image_url (a URL or a data URL) is at most 20 MiB long
 
 
 class ImageRef(BaseModel):

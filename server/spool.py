@@ -9,6 +9,7 @@ however it ends.
 """
 
 import asyncio
+import fcntl
 import logging
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from server.errors import bad_request
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 1 << 20  # bytes gathered before a write, which runs in a worker thread
+PREFIX = "image-server-spool-"  # of each server's own folder in SPOOL_DIR
+LOCK = ".lock"  # held (flock) by the server that owns the folder, as long as it lives
 
 
 @dataclass(frozen=True)
@@ -35,25 +38,43 @@ class SpooledFile:
 
 
 class Spool:
-    def __init__(self, root: str, budget: InputBudget) -> None:
+    """Each server's own folder in SPOOL_DIR (servers may share it: one per GPU on a host), made at start and
+    removed at exit; at start, the folders of servers that are gone (their lock free) are removed too."""
+
+    def __init__(self, parent: str, budget: InputBudget) -> None:
         self.budget = budget
-        self._owned = bool(root)  # an operator's folder is emptied at start; a temporary one removed at exit
-        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="image-server-spool-"))
+        self.parent = Path(parent or tempfile.gettempdir())
+        self.root = self.parent / PREFIX  # made at start
+        self._lock = None
         self._count = 0
 
     def start(self) -> None:
-        """What a crashed run left is removed; the folder is private to the server's user."""
-        if self._owned:
-            shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.parent.mkdir(parents=True, exist_ok=True)
+        for folder in self.parent.glob(PREFIX + "*"):
+            _remove_if_orphaned(folder)
+        self.root = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.parent))  # private to the server's user
+        self._lock = (self.root / LOCK).open("w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def close(self) -> None:
-        if not self._owned:
-            shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
 
     def request(self, tenant: str) -> "RequestSpool":
         self._count += 1
         return RequestSpool(self.root / str(self._count), self.budget.reservation(tenant))
+
+
+def _remove_if_orphaned(folder: Path) -> None:
+    """A server's folder whose lock no process holds: its server crashed; its requests' files go. One without a
+    lock file may be a server starting: left alone."""
+    try:
+        with (folder / LOCK).open() as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)
+    except (FileNotFoundError, NotADirectoryError, BlockingIOError):
+        return
 
 
 class RequestSpool:
@@ -67,7 +88,7 @@ class RequestSpool:
 
     def path(self, stem: str) -> Path:
         """A new file's path in the folder."""
-        self.folder.mkdir(mode=0o700, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # the server's folder too, if a cleaner took it
         self._names += 1
         return self.folder / f"{stem}.{self._names}"
 

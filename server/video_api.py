@@ -84,4 +84,5 @@ async def video_content(
 @router.post("/v1/videos/{video_id}/remix", dependencies=[Depends(accepting)])
 async def remix_video(request: Request, video_id: str, tenant: Tenant) -> Video:
     payload = await json_body(request, await read_body(request))
-    return await _videos(request).remix(owner(request), tenant, video_id, payload, deadline_of(request))
+    videos, deadline = _videos(request), deadline_of(request)
+    return await videos.remix(owner(request), tenant, video_id, payload, deadline, spool_of(request))

@@ -125,7 +125,11 @@ class VideoStore:
         folder = self.root / job.video.id
         folder.mkdir(parents=True)
         if reference is not None:
-            shutil.copyfile(reference, folder / REFERENCE)
+            try:
+                shutil.copyfile(reference, folder / REFERENCE)
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
             job.bytes = reference.stat().st_size
         with self._lock:
             self._jobs[job.video.id] = job

@@ -14,6 +14,7 @@ the reason.
 import asyncio
 import logging
 import math
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -135,7 +136,9 @@ class VideoService:
 
         return await self._start(call.owner, call.tenant, request.prompt, params, seconds, reference, call.deadline)
 
-    async def remix(self, owner: str, tenant: str, video_id: str, payload: dict, deadline: float) -> Video:
+    async def remix(
+        self, owner: str, tenant: str, video_id: str, payload: dict, deadline: float, spool: RequestSpool
+    ) -> Video:
         """The source's video again (size, length, seed, steps, reference image) from a new prompt."""
         source = self._job(owner, video_id)
         request = validate(VideoRemixRequest, payload)
@@ -144,11 +147,25 @@ class VideoService:
         self._rules(source.params.reference)
 
         async def reference() -> Path | None:
-            return self.store.reference(source)
+            return await self._copied_reference(source, spool)
 
         return await self._start(
             owner, tenant, request.prompt, source.params, source.video.seconds, reference, deadline, video_id
         )
+
+    async def _copied_reference(self, source: VideoJob, spool: RequestSpool) -> Path | None:
+        """The source's reference image copied into the request's spool: the source may be deleted meanwhile."""
+        stored = self.store.reference(source)
+        if stored is None:
+            return None
+        try:
+            spool.disk.take(stored.stat().st_size)
+            path = spool.path("reference")
+            await asyncio.to_thread(shutil.copyfile, stored, path)
+        except FileNotFoundError:
+            video_id = source.video.id
+            raise APIError(404, f"No video with id {video_id!r}.", param="video_id", code="not_found") from None
+        return path
 
     def _rules(self, image_to_video: bool) -> Family:
         family = self.images.engine.family

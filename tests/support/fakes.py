@@ -147,3 +147,8 @@ class InProcess:
             if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{") and labels in line:
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+def folders(spool: Path) -> list[Path]:
+    """The request folders in a server's spool folder (server/spool.py): none once every request has ended."""
+    return [path for path in spool.iterdir() if path.is_dir()]

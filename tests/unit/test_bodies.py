@@ -11,12 +11,15 @@ import pytest
 from server import bodies
 from server.bodies import (
     LONG_STRING,
+    MAX_DATA_URLS,
     MAX_JSON_VALUES,
     MAX_LONG_TEXT,
     MAX_REST,
     MAX_TEXT,
+    FormLimits,
     form_fields,
     json_job,
+    parse_form,
     parse_json,
     split_json,
 )
@@ -100,8 +103,8 @@ def split(folder: Path, body: bytes, max_image_bytes: int = 1 << 20) -> tuple[di
     path.write_bytes(body)
     job = json_job(path, folder, max_image_bytes)
     reply, blobs = split_json(job.header, [])
-    assert blobs == []
-    return job.finish(json.loads(json.dumps(reply)), [])
+    assert len(blobs) == 1  # the parsed rest, as a blob: escaped in the header it could pass MAX_HEADER
+    return job.finish(json.loads(json.dumps(reply)), [bytearray(blob) for blob in blobs])
 
 
 def refused(folder: Path, body: bytes, max_image_bytes: int = 1 << 20) -> APIError:
@@ -367,3 +370,29 @@ def test_a_body_that_ends_inside_a_string_is_a_400(tmp_path, body):
 def test_a_body_that_ends_after_a_string_is_not_said_to_end_inside_one(tmp_path):
     error = refused(tmp_path, b'{"prompt": "abc\\\\"')  # the string ends: its last backslash is escaped
     assert error.code == "invalid_json" and "ends inside a string" not in error.message
+
+
+def test_more_than_max_data_urls_long_data_urls_is_a_400(tmp_path):
+    """Each long data URL is a file and a line of the reply: no request needs more than MAX_DATA_URLS."""
+    url = "data:image/png;base64," + base64.b64encode(os.urandom(LONG_STRING)).decode()
+    at_cap = json.dumps({"images": [{"image_url": url}] * MAX_DATA_URLS}).encode()
+    assert len(split(tmp_path / "at-cap", at_cap)[1]) == MAX_DATA_URLS
+    over = json.dumps({"images": [{"image_url": url}] * (MAX_DATA_URLS + 1)}).encode()
+    error = refused(tmp_path / "over", over)
+    assert error.code == "invalid_json" and f"more than {MAX_DATA_URLS} long data URLs" in error.message
+
+
+def test_part_headers_count_with_the_text_fields_against_max_rest():
+    """Parts' names come back to the server: python-multipart bounds each header line, not how many parts carry
+    them, so their bytes count with the text fields'."""
+    name = b"n" * 4000
+
+    def form(parts: int) -> bytes:
+        one = b'--b\r\nContent-Disposition: form-data; name="' + name + b'"\r\n\r\nv\r\n'
+        return one * parts + b"--b--\r\n"
+
+    limits, content_type = FormLimits(1, 1000, 1024, 1024), "multipart/form-data; boundary=b"
+    assert len(parse_form([form(200)], content_type, limits)) == 200
+    with pytest.raises(APIError) as err:
+        parse_form([form(300)], content_type, limits)  # 1.2 MB of names
+    assert err.value.code == "invalid_multipart" and "part headers hold more than 1024 KiB" in err.value.message

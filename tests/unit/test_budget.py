@@ -6,7 +6,9 @@ import base64
 import io
 import json
 import os
+import shutil
 import threading
+import time
 
 import pytest
 from PIL import Image
@@ -15,7 +17,7 @@ from server.budget import InputBudget
 from server.errors import APIError
 from server.metrics import Metrics
 from server.spool import Spool
-from tests.support.fakes import InProcess
+from tests.support.fakes import InProcess, folders
 from tests.support.waiting import until
 
 MIB = 2**20
@@ -75,7 +77,7 @@ def test_a_spooled_write_reserves_each_chunk_before_it_is_kept_and_removal_gives
         asyncio.run(two.write(_chunks(3), "body", 10_000, lambda: ValueError("too large")))
     assert two.disk.bytes == 8192  # refused past its limit before the third chunk was reserved
     two.remove()
-    assert spool.budget.held.total() == 0 and not list(spool.root.iterdir())
+    assert spool.budget.held.total() == 0 and not folders(spool.root)
     kept = spool.request("b")
     path = asyncio.run(kept.write(_chunks(3), "fetched", 1 << 20, lambda: None))
     assert path.read_bytes() == b"x" * 3 * 4096 and kept.disk.bytes == 3 * 4096
@@ -83,19 +85,33 @@ def test_a_spooled_write_reserves_each_chunk_before_it_is_kept_and_removal_gives
     assert kept.disk.bytes == 0 and not path.exists()
 
 
-def test_an_operator_s_spool_folder_is_emptied_at_start_and_a_temporary_one_removed_at_exit(tmp_path):
-    (tmp_path / "spool" / "7").mkdir(parents=True)  # what a crashed run left
-    (tmp_path / "spool" / "7" / "body.1").write_bytes(b"x")
-    owned = Spool(str(tmp_path / "spool"), budget(100, 1.0, "disk"))
-    owned.start()
-    assert not list(owned.root.iterdir())
-    owned.close()
-    assert owned.root.exists()
-    temporary = Spool("", budget(100, 1.0, "disk"))
-    temporary.start()
-    assert temporary.root.exists()
-    temporary.close()
-    assert not temporary.root.exists()
+def test_servers_sharing_spool_dir_each_have_their_own_folder_and_clear_only_the_gone_ones(tmp_path):
+    """Servers on one host may share SPOOL_DIR: each makes its own folder, locked while it lives; a server starting
+    removes the folders of servers that are gone (a crash), never a live one's, nor anything else there."""
+    parent = tmp_path / "spool"
+    crashed = parent / "image-server-spool-crashed"
+    (crashed / "7").mkdir(parents=True)
+    (crashed / ".lock").touch()  # its server is gone: nobody holds the lock
+    (parent / "operator-file").write_bytes(b"x")
+    one, two = Spool(str(parent), budget(100, 1.0, "disk")), Spool(str(parent), budget(100, 1.0, "disk"))
+    one.start()
+    assert not crashed.exists() and one.root.parent == parent
+    (one.request("a").path("body")).write_bytes(b"held")
+    two.start()  # one is alive: its folder stays
+    assert one.root != two.root and list(one.root.glob("*/body.*")) and (parent / "operator-file").exists()
+    one.close()
+    two.close()
+    assert sorted(p.name for p in parent.iterdir()) == ["operator-file"]
+
+
+def test_a_spool_folder_removed_under_the_server_is_made_again(tmp_path):
+    spool = Spool(str(tmp_path), budget(100, 1.0, "disk"))
+    spool.start()
+    shutil.rmtree(spool.root)  # a temporary-folder cleaner
+    path = spool.request("a").path("body")
+    path.write_bytes(b"x")
+    assert path.parent.parent == spool.root
+    spool.close()
 
 
 def noise_edit(side: int = SIDE) -> tuple[bytes, int]:
@@ -139,14 +155,14 @@ def test_a_large_edit_holds_its_image_on_disk_and_its_pixels_in_memory_and_a_ten
         for thread in threads:
             thread.join(10)
         until(lambda: app.metric(DISK) == app.metric(MEMORY) == 0, timeout=10)
-        assert not list(app.service.spool.root.iterdir())
+        assert not folders(app.service.spool.root)
     assert own.status_code == 429 and own.json()["error"]["code"] == "tenant_input_disk_full"
     assert [a.status_code for a in answers] == [200, 200]
 
 
 def test_every_ending_removes_the_request_s_files_and_gives_back_its_budgets():
     body, png = noise_edit()
-    with InProcess(request_timeout=2, max_batch=1, **SMALL) as app:
+    with InProcess(request_timeout=6, max_batch=1, **SMALL) as app:
         app.engine.gate.clear()
         waiting = threading.Thread(target=lambda: edit(app, body))
         waiting.start()
@@ -156,7 +172,7 @@ def test_every_ending_removes_the_request_s_files_and_gives_back_its_budgets():
         app.engine.gate.set()
         bad = edit(app, b"[" * MIB)
         assert bad.status_code == 400 and app.metric(DISK) == 0
-        assert not list(app.service.spool.root.iterdir())
+        assert not folders(app.service.spool.root)
 
 
 def test_the_budgets_hold_at_least_the_largest_request():
@@ -201,3 +217,20 @@ def test_an_edit_s_pixels_are_reserved_at_the_size_they_are_decoded_to():
         waiting.join(10)
         until(lambda: app.metric(MEMORY) == 0, timeout=10)
     assert app.engine.calls[-1].specs[0].image.size == (362, 181)
+
+
+def test_a_url_from_a_host_not_allowed_is_a_400_even_when_the_spool_is_full(tmp_path):
+    """The host is checked before the fetch reserves its disk: a URL that can never work is never a retryable 429."""
+    from server.images import fetch_remote
+
+    spool = Spool(str(tmp_path), budget(1, 1.0, "disk"))
+    spool.start()
+    one = spool.request("a")
+    deadline = time.monotonic() + 10
+    with pytest.raises(APIError) as err:
+        asyncio.run(fetch_remote("http://10.0.0.1/x.png", "image", (), MIB, deadline, one))
+    assert err.value.status == 400 and err.value.code == "remote_image_not_allowed"
+    with pytest.raises(APIError) as full:
+        asyncio.run(fetch_remote("http://127.0.0.1:9/x.png", "image", ("127.0.0.1:*",), MIB, deadline, one))
+    assert full.value.code == "input_disk_full"
+    spool.close()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bench.attacks import HostileServer
 from server.families import GENERIC
-from tests.support.fakes import FAILED_FILE, FakeEngine, InProcess
+from tests.support.fakes import FAILED_FILE, FakeEngine, InProcess, folders
 from tests.support.images import assert_openai_shape, png_bytes
 from tests.support.videos import decode_mp4, image_of
 from tests.support.waiting import until
@@ -340,7 +340,7 @@ def test_a_fetched_reference_comes_to_disk_and_its_request_s_end_removes_it(tmp_
             posting.join(10)
             assert answers[0].status_code == 504
             until(lambda: app.metric(gauge) == 0, timeout=10, what="the disk given back")
-            assert not list(app.service.spool.root.iterdir())
+            assert not folders(app.service.spool.root)
 
 
 def test_a_reference_s_pixels_hold_input_memory_until_its_job_ends(tmp_path):
