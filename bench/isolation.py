@@ -239,7 +239,15 @@ def probe(url: str, stop: threading.Event, key: str) -> dict[str, list[float]]:
     return {"health": health, "normal": normal}
 
 
-def measure(server: harness.ServerProcess, seconds: float, attack_fn: Callable[[Attack], None] | None, args) -> dict:
+def _attacking(attack_fn: Callable[[Attack], None], attack: Attack) -> None:
+    """The attack's own thread (its payloads built, its connections held) at the attacker's niceness too."""
+    attacks.lower_priority(attack.niceness)
+    attack_fn(attack)
+
+
+def measure(
+    server: harness.ServerProcess, seconds: float, attack_fn: Callable[[Attack], None] | None, args: argparse.Namespace
+) -> dict:
     """The probes for `seconds`, with `attack_fn` running (None: quiet); then the attack's stragglers."""
     stop = threading.Event()
     attack = Attack(server.url, stop, args.attacker_niceness)
@@ -249,7 +257,7 @@ def measure(server: harness.ServerProcess, seconds: float, attack_fn: Callable[[
     errors_before = server.metric("image_server_requests_total", 'status="5')
     load = harness.load_average()[0]
     with ThreadPoolExecutor(2) as pool:
-        attacker = pool.submit(attack_fn, attack) if attack_fn else None
+        attacker = pool.submit(_attacking, attack_fn, attack) if attack_fn else None
         prober = pool.submit(probe, server.url, stop, honest_key)
         time.sleep(seconds)
         stop.set()

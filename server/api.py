@@ -171,7 +171,7 @@ async def read_body(request: Request, to_disk: bool = False) -> bytes | Path:
     else:
         if not to_disk:
             return bytes(head)
-    return await spool.write(_joined(head, chunks), "body", 1 << 62, lambda: None)
+    return await spool.write(_joined(head, chunks), "body")  # its size bounded by BodyLimit (413)
 
 
 async def _joined(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -2,8 +2,9 @@
 
 Parsing is bounded by what an image request can hold, not only by its size in bytes: a request has a prompt
 and a few short lists, so a body with more than `MAX_JSON_VALUES` values is refused before `json.loads`
-sees it (a 64 MiB list of numbers would otherwise cost seconds and gigabytes). Base64 images are long
-strings, which cost little to parse. Nesting deeper than Python's recursion limit is a 400 too.
+sees it (a 64 MiB list of numbers would otherwise cost seconds and gigabytes). A large body's base64 images
+never reach `json.loads`: a decode process takes them out as it reads (`_DataURLs`). Nesting deeper than
+Python's recursion limit is a 400 too.
 """
 
 import asyncio
@@ -420,11 +421,11 @@ class _Base64File:
         return {"name": self.path.name, "size": self._size}
 
 
-def form_file_job(body: Path, content_type: str, limits: FormLimits, spool: Path) -> Job:
-    """A multipart body on disk to parse in a decode process, its file parts written to `spool` as `body`'s name
+def form_file_job(body: Path, content_type: str, limits: FormLimits, folder: Path) -> Job:
+    """A multipart body on disk to parse in a decode process, its file parts written to `folder` as `body`'s name
     plus a number; text fields come back."""
     header = {"op": "form", "content_type": content_type, "limits": dataclasses.asdict(limits)}
-    return Job({**header, "path": str(body), "spool": str(spool)}, [], 8 * MAX_REST, _form_parts)
+    return Job({**header, "path": str(body), "folder": str(folder)}, [], 8 * MAX_REST, _form_parts)
 
 
 def split_form(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]:
@@ -432,7 +433,7 @@ def split_form(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]
     limits, content_type = FormLimits(**header["limits"]), header["content_type"]
     with open(header["path"], "rb") as body:
         chunks = iter(lambda: body.read(READ_CHUNK), b"")
-        parts = parse_form(chunks, content_type, limits, Path(header["spool"]) / Path(header["path"]).name)
+        parts = parse_form(chunks, content_type, limits, Path(header["folder"]) / Path(header["path"]).name)
     described = [[p.name, p.filename, p.content_type, p.path and str(p.path)] for p in parts]
     # the parts' names travel as a blob, not in the frame's header: escaped, they could pass MAX_HEADER
     return {}, [json.dumps(described).encode(), *(p.data for p in parts)]
@@ -471,12 +472,10 @@ def invalid_form(why: str):
     return bad_request(f"We could not parse the multipart body of your request: {why}", None, "invalid_multipart")
 
 
-def parse_form(
-    chunks: Iterable[bytes], content_type: str, limits: FormLimits, spool: Path | None = None
-) -> list[FormPart]:
-    """The parts of a multipart/form-data body; a 400 for a malformed one or one past `limits`. With `spool`,
-    file parts are written to files named after it (and removed again if the body is refused)."""
-    reader = _FormReader(limits, spool)
+def parse_form(chunks: Iterable[bytes], content_type: str, limits: FormLimits, prefix: Path) -> list[FormPart]:
+    """The parts of a multipart/form-data body; a 400 for a malformed one or one past `limits`. File parts are
+    written to files named `prefix` plus a number (and removed again if the body is refused)."""
+    reader = _FormReader(limits, prefix)
     boundary = boundary_of(content_type)
     try:
         parser = MultipartParser(boundary, reader.callbacks())
@@ -496,9 +495,9 @@ def parse_form(
 class _FormReader:
     """python-multipart's callbacks: each part's name, file name, type and bytes (or file), within the limits."""
 
-    def __init__(self, limits: FormLimits, spool: Path | None) -> None:
+    def __init__(self, limits: FormLimits, prefix: Path) -> None:
         self.limits = limits
-        self.spool = spool
+        self.prefix = prefix
         self.parts: list[FormPart] = []
         self.files = self.fields = 0
         self._text_bytes = 0
@@ -512,8 +511,8 @@ class _FormReader:
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self._begin,
-            "on_header_field": lambda data, start, end: self._header("_field", data[start:end]),
-            "on_header_value": lambda data, start, end: self._header("_value", data[start:end]),
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._data_in,
@@ -523,11 +522,15 @@ class _FormReader:
     def _begin(self) -> None:
         self._headers = {}
 
-    def _header(self, which: str, data: bytes) -> None:
-        """A piece of a part's header name or value: text, counted with the fields' (python-multipart bounds each
-        line, not how many parts carry them)."""
-        self._text(len(data))
-        setattr(self, which, getattr(self, which) + data)
+    # A part's header name and value come in pieces, counted with the text fields (python-multipart bounds each
+    # header line, not how many parts carry them).
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._text(end - start)
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._text(end - start)
+        self._value += data[start:end]
 
     def _text(self, size: int) -> None:
         self._text_bytes += size
@@ -546,7 +549,7 @@ class _FormReader:
         filename = options[b"filename"].decode("utf-8", "replace") if b"filename" in options else None
         content_type = self._headers.get(b"content-type", b"").decode("latin-1") or None
         self._part, self._size = (name, filename, content_type), 0
-        self._data = self._spooled_file() if filename is not None and self.spool is not None else io.BytesIO()
+        self._data = self._spooled_file() if filename is not None else io.BytesIO()
         if filename is None:
             self.fields += 1
             if self.fields > self.limits.max_fields:
@@ -557,7 +560,7 @@ class _FormReader:
                 raise bad_request(f"At most {self.limits.max_files} files may be sent.", name)
 
     def _spooled_file(self) -> BinaryIO:
-        path = self.spool.with_name(f"{self.spool.name}.{len(self._spooled)}")
+        path = self.prefix.with_name(f"{self.prefix.name}.{len(self._spooled)}")
         self._spooled.append(path)
         return path.open("wb")
 

@@ -11,6 +11,7 @@ import ctypes
 import math
 from collections import Counter
 from collections.abc import Callable
+from typing import Literal
 
 from prometheus_client import Gauge
 
@@ -21,20 +22,20 @@ TRIM_AFTER = 32 * 2**20  # bytes given back to the budget between two trims of t
 
 
 def map_large_allocations() -> None:
-    """A decode process: each allocation over 128 KiB (a body, a string, an image) mapped and unmapped on its own,
-    so that a job's memory goes back to the system when it ends. glibc raises that threshold after each large
-    free, up to 32 MiB, and the next jobs' bodies then stay in the heap (+120 MiB held after three 46 MB bodies,
-    measured). Not in the server process: torch's CPU tensors would be mapped afresh at each step (2x slower).
-    Nothing to do on a C library without mallopt."""
+    """A decode process: each allocation over 128 KiB (a file's bytes, a data URL, an image) mapped and unmapped on
+    its own, so that a job's memory goes back to the system when it ends. glibc raises that threshold after each
+    large free, up to 32 MiB, and the next jobs' inputs then stay in the heap (+120 MiB held after three 46 MB
+    bodies, measured when bodies were parsed whole). Not in the server process: torch's CPU tensors would be
+    mapped afresh at each step (2x slower). Nothing to do on a C library without mallopt."""
     if mallopt := getattr(ctypes.CDLL(None), "mallopt", None):
         mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def trim_heaps() -> None:
     """A worker thread (ctypes lets go of the GIL): the free memory of the server's heaps back to the system.
-    glibc keeps what a large request freed in the heap of the thread that held it, and the next large requests
-    stack on it (+170 MiB held after three 46 MB bodies, measured; with the trim +10 to +40 MiB). Nothing to
-    do on a C library without malloc_trim."""
+    glibc keeps what a large request freed (now an edit's pixels) in the heap of the thread that held it, and the
+    next large requests stack on it (+170 MiB held after three 46 MB bodies, measured when bodies were held in
+    memory; with the trim +10 to +40 MiB). Nothing to do on a C library without malloc_trim."""
     if malloc_trim := getattr(ctypes.CDLL(None), "malloc_trim", None):
         malloc_trim(0)
 
@@ -45,7 +46,7 @@ class InputBudget:
         total: int,
         tenant_share: float,
         gauge: Gauge,
-        holding: str,
+        holding: Literal["memory", "disk"],
         retry_after: Callable[[], int] = lambda: 1,
         freed: Callable[[], None] = lambda: None,
     ) -> None:

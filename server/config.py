@@ -228,9 +228,9 @@ class Settings:
     )  # fmt: skip
     input_disk_mb: float = option(
         0.0, "disk for callers' bytes held at once in SPOOL_DIR (bodies over 64 KiB, their data URLs and files, "
-        "fetched input images), in MiB; reserved as they are written, past it 429; at least what the largest request "
-        "holds, 2 x (MAX_BODY_MB + MAX_IMAGE_MB) (0: room for that in each tenant's share: 228 with the defaults, "
-        "456 with several tenants)",
+        "fetched input images), in MiB; reserved before they are written, past it 429; at least what the largest "
+        "request holds, 2 x (MAX_BODY_MB + MAX_IMAGE_MB) (0: room for that in each tenant's share: 228 with the "
+        "defaults, 456 with several tenants)",
         low=0,
     )  # fmt: skip
     spool_dir: str = option(
@@ -387,7 +387,7 @@ class Settings:
 
     @property
     def tenant_share(self) -> float:
-        """The most of the queue and of the input memory one tenant may hold."""
+        """The most of the queue and of the input memory and disk one tenant may hold."""
         return self.tenant_queue_share if self.several_tenants else 1.0
 
     @property

@@ -9,7 +9,8 @@ address space is capped, so a decoder that allocates without end fails alone.
 
 The pipes carry frames: a 4-byte length, a JSON header, then the blobs the header lists. The server never
 unpickles what a worker sends: a worker holds caller bytes, and the frame format gives it nothing to run.
-Pixels come back raw (RGB or L) and are checked against the size the structure walk read.
+Pixels come back raw (RGB or L) and are checked against the size the structure walk read, fitted to
+MAX_PIXELS (server/images.py).
 """
 
 import asyncio
@@ -135,7 +136,7 @@ class DecoderPool:
         self.size = workers
         self.decode_timeout = decode_timeout
         self.killed = killed  # a counter: workers killed for their deadline
-        memory = (1 << 30) + 16 * max_pixels  # Python and Pillow, a body, and an RGBA image with its copies
+        memory = (1 << 30) + 16 * max_pixels  # Python and Pillow, a chunk of a body, and an RGBA image with its copies
         self.argv = [sys.executable, "-m", "server.decoders", str(max_pixels), str(memory)]
         # the worker idle last goes first: jobs one at a time keep one process's memory warm, not every one's
         self._idle: asyncio.LifoQueue[Worker] | None = None

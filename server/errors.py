@@ -85,7 +85,7 @@ def unavailable(message: str, code: str, retry_after: int = 5) -> APIError:
 
 
 def too_many(message: str, code: str, retry_after: int) -> APIError:
-    """429: the server is at a bound (the queue, input memory) or the caller at its share of it; the OpenAI SDK
+    """429: the server is at a bound (the queue, input memory or disk) or the caller at its share of it; the OpenAI SDK
     retries after Retry-After."""
     return APIError(429, message, code=code, headers={"Retry-After": str(retry_after)})
 

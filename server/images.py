@@ -205,11 +205,11 @@ async def _download(url: str, param: str, max_bytes: int, spool: RequestSpool) -
     ):
         if response.status_code != 200:
             raise bad_request(f"'{param}': {url} answered {response.status_code}.", param)
-        too_large = lambda: image_too_large(param, max_bytes)  # noqa: E731
-        return await spool.write(response.aiter_bytes(), "fetched", max_bytes, too_large, reserved=True)
+        too_large = (max_bytes, lambda: image_too_large(param, max_bytes))
+        return await spool.write(response.aiter_bytes(), "fetched", too_large, reserved=True)
 
 
-def image_too_large(param: str, max_bytes: int):
+def image_too_large(param: str, max_bytes: int) -> APIError:
     return bad_request(f"'{param}' is larger than {max_bytes / 2**20:g} MiB.", param, "image_too_large")
 
 

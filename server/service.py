@@ -59,8 +59,8 @@ class ImageCall:
     uploads: list[Path] = field(default_factory=list)  # multipart edits: the image files, in `spool`
     mask_upload: Path | None = None
     tenant: str = DEFAULT_TENANT  # who the request is queued as (server/auth.py)
-    memory: Reservation | None = None  # what it holds of the input memory (server/budget.py); its owner releases it
-    spool: RequestSpool | None = None  # its folder of input files (server/spool.py); its owner removes it
+    memory: Reservation = field(kw_only=True)  # its input memory (server/budget.py); its owner releases it
+    spool: RequestSpool = field(kw_only=True)  # its folder of input files (server/spool.py); its owner removes it
 
     def has_mask(self, request: ImageRequest) -> bool:
         return self.mask_upload is not None if self.multipart else request.mask is not None  # an edit request
@@ -152,7 +152,7 @@ class ImageService:
         self.decoders.start()
 
     def _retry_after(self) -> int:
-        """What a 429 of the input memory tells the caller to wait: the queue's wait frees it."""
+        """What a 429 of the input memory or disk tells the caller to wait: the queue's wait frees them."""
         return self.scheduler.retry_after() if self.scheduler else 1
 
     def _trim(self) -> None:
@@ -243,7 +243,7 @@ class ImageService:
         return validate(model, call.payload, call.multipart)
 
     async def off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Work on what a caller sent (validation, structure walks, base64), in the bounded reading pool."""
+        """Work on what a caller sent (validation, a short body's base64), in the bounded reading pool."""
         return await asyncio.get_running_loop().run_in_executor(self._reading, fn, *args)
 
     def plan(self, request: ImageRequest, mode: str, base_url: str) -> Plan:
@@ -317,26 +317,18 @@ class ImageService:
     async def _with_inputs(self, plan: Plan, request: ImageRequest, call: ImageCall) -> Plan:
         """An edit's inputs fetched and inspected, its size from them if auto, its image and mask decoded. What
         the pixels hold is taken before they are decoded (429 when they do not fit), until the request's owner
-        ends it; a request without an owner (a benchmark's) gives back its spool and pixels here."""
+        ends it, and removes its files."""
         if not call.edit:
             return plan
-        spool = call.spool or self.spool.request(call.tenant)
-        memory = call.memory or self.memory.reservation(call.tenant)
-        try:
-            reader = Reader(self.settings, call.deadline, spool, self.decoders, self.off_loop)
-            inputs = await (
-                from_uploads(call.uploads, call.mask_upload, reader) if call.multipart else from_refs(request, reader)
-            )
-            memory.take(inputs.decoded_bytes(self.settings.max_pixels))
-            if plan.sized_by_input:
-                plan = await self.off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
-            image = await self.decode(inputs.image, False, call.deadline)
-            mask = await self.decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
-        finally:
-            if call.spool is None:
-                spool.remove()
-            if call.memory is None:
-                memory.release()
+        reader = Reader(self.settings, call.deadline, call.spool, self.decoders, self.off_loop)
+        inputs = await (
+            from_uploads(call.uploads, call.mask_upload, reader) if call.multipart else from_refs(request, reader)
+        )
+        call.memory.take(inputs.decoded_bytes(self.settings.max_pixels))
+        if plan.sized_by_input:
+            plan = await self.off_loop(self.resized, plan, (inputs.image.width, inputs.image.height))
+        image = await self.decode(inputs.image, False, call.deadline)
+        mask = await self.decode(inputs.mask, True, call.deadline) if inputs.mask is not None else None
         return replace(plan, spec=replace(plan.spec, image=image, mask=mask))
 
     async def decode(self, image: InputImage, mask: bool, deadline: float) -> Image.Image:

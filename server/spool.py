@@ -3,7 +3,7 @@
 A request's large body is written to its own folder as it arrives; a decode process parses it from there and
 writes what it holds (a JSON body's data URLs decoded, a form's files) beside it; remote input images are fetched
 into it. The server process keeps paths, never the bytes: what it holds of a caller in memory is an edit's
-decoded pixels (INPUT_MEMORY_MB). The disk the files take is reserved from INPUT_DISK_MB as it is written, with
+decoded pixels (INPUT_MEMORY_MB). The disk the files take is reserved from INPUT_DISK_MB before it is written, with
 each tenant's share, as the memory budget is (server/budget.py); the folder is removed when the request ends,
 however it ends.
 """
@@ -13,12 +13,12 @@ import fcntl
 import logging
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.budget import InputBudget, Reservation
-from server.errors import bad_request
+from server.errors import APIError, bad_request
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Spool:
     def __init__(self, parent: str, budget: InputBudget) -> None:
         self.budget = budget
         self.parent = Path(parent or tempfile.gettempdir())
-        self.root = self.parent / PREFIX  # made at start
+        self.root = self.parent / PREFIX  # until start makes the server's own
         self._lock = None
         self._count = 0
 
@@ -52,9 +52,11 @@ class Spool:
         self.parent.mkdir(parents=True, exist_ok=True)
         for folder in self.parent.glob(PREFIX + "*"):
             _remove_if_orphaned(folder)
-        self.root = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.parent))  # private to the server's user
-        self._lock = (self.root / LOCK).open("w")
+        root = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.parent))  # private to the server's user
+        self._lock = (root / f"{LOCK}.new").open("w")
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        Path(self._lock.name).rename(root / LOCK)  # seen only once locked: no sweeper can take it first
+        self.root = root
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -73,7 +75,7 @@ def _remove_if_orphaned(folder: Path) -> None:
         with (folder / LOCK).open() as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.rmtree(folder, ignore_errors=True)
-    except (FileNotFoundError, NotADirectoryError, BlockingIOError):
+    except OSError:  # no lock file (a server starting), a live server's lock, another user's folder
         return
 
 
@@ -93,17 +95,23 @@ class RequestSpool:
         return self.folder / f"{stem}.{self._names}"
 
     async def write(
-        self, chunks: AsyncIterator[bytes], stem: str, limit: int, too_large, reserved: bool = False
+        self,
+        chunks: AsyncIterator[bytes],
+        stem: str,
+        too_large: tuple[int, Callable[[], APIError]] | None = None,
+        reserved: bool = False,
     ) -> Path:
         """Chunks written to a new file as they come, each reserved before it is kept (429 past the budget or the
-        tenant's share) unless the caller `reserved` the whole file; `too_large()` is raised past `limit` bytes."""
+        tenant's share) unless the caller `reserved` the whole file; `too_large`: a limit in bytes, and the error
+        raised past it."""
         path, size = self.path(stem), 0
+        limit, error = too_large or (None, None)
         with path.open("wb") as out:
             batch = bytearray()
             async for chunk in chunks:
                 size += len(chunk)
-                if size > limit:
-                    raise too_large()
+                if limit is not None and size > limit:
+                    raise error()
                 if not reserved:
                     self.disk.take(len(chunk))
                 batch += chunk

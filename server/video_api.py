@@ -34,7 +34,7 @@ async def create_video(request: Request, tenant: Tenant) -> Video:
         call = await _multipart(request, tenant)
     elif media_type == "application/json":
         payload = await json_body(request, await read_body(request))
-        call = VideoCall(owner(request), payload, deadline_of(request), tenant=tenant, spool=spool_of(request))
+        call = VideoCall(owner(request), payload, deadline_of(request), spool_of(request), tenant=tenant)
     else:
         raise bad_request(
             "Send the video request as multipart/form-data or application/json.", None, "unsupported_media_type"
@@ -49,7 +49,7 @@ async def _multipart(request: Request, tenant: str) -> VideoCall:
     payload = form_fields([(p.name, p.text) for p in parts if p.filename is None])
     upload = next((p.path for p in parts if p.name == "input_reference" and p.path is not None), None)
     return VideoCall(
-        owner(request), payload, deadline_of(request), upload, multipart=True, tenant=tenant, spool=spool_of(request)
+        owner(request), payload, deadline_of(request), spool_of(request), upload, multipart=True, tenant=tenant
     )
 
 

@@ -50,10 +50,10 @@ class VideoCall:
     owner: str
     payload: dict
     deadline: float  # the HTTP request's (monotonic): the reference image is read and decoded by then
+    spool: RequestSpool  # the request's input files (server/spool.py); its owner removes them
     upload: Path | None = None  # multipart: the input_reference file, in `spool`
     multipart: bool = False  # the payload is a form's text, converted by each field's type
     tenant: str = DEFAULT_TENANT  # who the job is queued as (server/auth.py)
-    spool: RequestSpool | None = None  # the request's input files (server/spool.py); its owner removes them
 
 
 @dataclass

@@ -198,7 +198,7 @@ class LoRAPlugin(Plugin[None]):
         finally:
             for part in parts:
                 if part.path is not None:
-                    Path(part.path).unlink(missing_ok=True)
+                    part.path.unlink(missing_ok=True)
 
     async def _read_upload(self, request: Request) -> list[FormPart]:
         """The form spooled to LORA_DIR as it arrives, then parsed in a decode process (a body of a GiB is
@@ -226,8 +226,8 @@ class LoRAPlugin(Plugin[None]):
         if not valid_name(name):
             raise bad_request(f"{name[:200]!r} is not a valid LoRA name ({NAME_RULE}).", "name")
         with self._claim(name):
-            await self._check_file(Path(upload.path))
-            self._publish(Path(upload.path), name)
+            await self._check_file(upload.path)
+            self._publish(upload.path, name)
         log.info("LoRA %s added (%d bytes)", name, self.path(name).stat().st_size)
         return next(item for item in self.catalog() if item["id"] == name)
 

@@ -326,6 +326,7 @@ def test_a_data_url_whose_header_passes_long_string_is_judged_the_same_wherever_
     url = "data:image/png;" + "x=y;" * (LONG_STRING // 2) + "base64," + base64.b64encode(image).decode()
     body = json.dumps({"images": [{"image_url": url}]}).encode()
     expected, expected_files = split(tmp_path / "one-chunk", body)
+    assert (expected, expected_files) == (json.loads(body), {})  # its header passes LONG_STRING: kept as text
     monkeypatch.setattr(bodies, "READ_CHUNK", 1000)
     data, files = split(tmp_path / "chunked", body)
     assert numbered(data, files) == numbered(expected, expected_files)
@@ -382,7 +383,7 @@ def test_more_than_max_data_urls_long_data_urls_is_a_400(tmp_path):
     assert error.code == "invalid_json" and f"more than {MAX_DATA_URLS} long data URLs" in error.message
 
 
-def test_part_headers_count_with_the_text_fields_against_max_rest():
+def test_part_headers_count_with_the_text_fields_against_max_rest(tmp_path):
     """Parts' names come back to the server: python-multipart bounds each header line, not how many parts carry
     them, so their bytes count with the text fields'."""
     name = b"n" * 4000
@@ -392,7 +393,7 @@ def test_part_headers_count_with_the_text_fields_against_max_rest():
         return one * parts + b"--b--\r\n"
 
     limits, content_type = FormLimits(1, 1000, 1024, 1024), "multipart/form-data; boundary=b"
-    assert len(parse_form([form(200)], content_type, limits)) == 200
+    assert len(parse_form([form(200)], content_type, limits, tmp_path / "body")) == 200
     with pytest.raises(APIError) as err:
-        parse_form([form(300)], content_type, limits)  # 1.2 MB of names
+        parse_form([form(300)], content_type, limits, tmp_path / "body")  # 1.2 MB of names
     assert err.value.code == "invalid_multipart" and "part headers hold more than 1024 KiB" in err.value.message

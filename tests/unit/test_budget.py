@@ -32,7 +32,8 @@ SMALL = {"max_body_mb": 2, "max_image_mb": 1, "max_input_pixels": SIDE * SIDE}
 
 
 def budget(total: int, share: float = 0.5, holding: str = "memory") -> InputBudget:
-    return InputBudget(total, share, Metrics().input_memory, holding)
+    metrics = Metrics()
+    return InputBudget(total, share, metrics.input_disk if holding == "disk" else metrics.input_memory, holding)
 
 
 def refused(take) -> str:
@@ -68,18 +69,18 @@ def test_a_spooled_write_reserves_each_chunk_before_it_is_kept_and_removal_gives
     spool.start()
     one = spool.request("a")
     with pytest.raises(APIError) as full:
-        asyncio.run(one.write(_chunks(30), "body", 1 << 30, lambda: None))
+        asyncio.run(one.write(_chunks(30), "body"))
     assert full.value.code == "input_disk_full"
     assert one.disk.bytes == 24 * 4096  # what came before the refusal; nothing of the refused chunk
     one.remove()
     two = spool.request("a")
     with pytest.raises(ValueError):
-        asyncio.run(two.write(_chunks(3), "body", 10_000, lambda: ValueError("too large")))
+        asyncio.run(two.write(_chunks(3), "body", (10_000, lambda: ValueError("too large"))))
     assert two.disk.bytes == 8192  # refused past its limit before the third chunk was reserved
     two.remove()
     assert spool.budget.held.total() == 0 and not folders(spool.root)
     kept = spool.request("b")
-    path = asyncio.run(kept.write(_chunks(3), "fetched", 1 << 20, lambda: None))
+    path = asyncio.run(kept.write(_chunks(3), "fetched"))
     assert path.read_bytes() == b"x" * 3 * 4096 and kept.disk.bytes == 3 * 4096
     kept.drop(path)
     assert kept.disk.bytes == 0 and not path.exists()

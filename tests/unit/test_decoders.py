@@ -192,7 +192,7 @@ def spooled(tmp_path, body: bytes):
             yield body[start : start + 65536]
 
     async def write():
-        return await request.write(chunks(), "body", len(body), lambda: AssertionError("not too large"))
+        return await request.write(chunks(), "body")
 
     return budget, request, write
 

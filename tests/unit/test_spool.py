@@ -18,7 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning"
 
 def test_a_remix_whose_source_is_deleted_while_its_reference_decodes_is_no_500_and_leaves_no_folder(tmp_path):
     """A remix's reference is copied into the request's spool before it is read: the source deleted (or expired)
-    meanwhile is no 500 and leaves no job's folder behind in VIDEO_DIR."""
+    meanwhile is no 500, leaves no job's folder behind in VIDEO_DIR, and the remix is made from the copy."""
     videos = tmp_path / "videos"
     with InProcess(video_dir=videos) as app:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=app.http)
@@ -36,10 +36,14 @@ def test_a_remix_whose_source_is_deleted_while_its_reference_decodes_is_no_500_a
             return decoded
 
         service.decode = decode_then_delete
-        answer = app.http.post(f"/v1/videos/{source.id}/remix", json={"prompt": "b"})
-        service.decode = decode
-        assert answer.status_code != 500, answer.text
-        assert all((folder / "job.json").exists() for folder in videos.iterdir())  # no job's folder left over
+        try:
+            answer = app.http.post(f"/v1/videos/{source.id}/remix", json={"prompt": "b"})
+        finally:
+            service.decode = decode
+        assert answer.status_code == 200, answer.text
+        assert client.videos.poll(answer.json()["id"], poll_interval_ms=10).status == "completed"
+        folders = list(videos.iterdir())
+        assert len(folders) == 1 and (folders[0] / "job.json").exists()  # the remix's; the source's is gone
 
 
 def test_two_servers_on_one_spool_dir_never_read_each_other_s_files(tmp_path):
@@ -67,6 +71,7 @@ def test_two_servers_on_one_spool_dir_never_read_each_other_s_files(tmp_path):
         b.engine.gate.set()
         until(lambda: others, timeout=10)
         assert answer.status_code == 200, answer.text
+        assert others[0].status_code == 200, others[0].text
         assert a.engine.calls[-1].specs[0].image.getpixel((0, 0)) == red  # got: b's blue
 
 
