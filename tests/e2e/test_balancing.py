@@ -15,8 +15,14 @@ SLOW = {"prompt": "slow", "size": "1024x1024", "num_inference_steps": 28}
 def test_a_full_pods_429_is_retried_on_another_pod(make_server):
     full = make_server({"MAX_QUEUE": "1", "MAX_BATCH": "1"})
     idle = make_server()
-    with ThreadPoolExecutor(2) as pool:  # the first pod: one request running, one queued
-        busy = [pool.submit(httpx.post, full.url + "/v1/images/generations", json=SLOW, timeout=300) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:  # the first pod: one request running, then one queued
+
+        def post():
+            return pool.submit(httpx.post, full.url + "/v1/images/generations", json=SLOW, timeout=300)
+
+        busy = [post()]
+        until(lambda: full.metric("image_server_running") == 1)  # sent together, the second could find it queued
+        busy.append(post())
         until(lambda: full.metric("image_server_queue_depth") == 1)
         with RoundRobin([full.port, idle.port]) as balancer:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{balancer.port}/v1", api_key="x", max_retries=2)
