@@ -10,7 +10,6 @@ however it ends.
 
 import asyncio
 import fcntl
-import logging
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -19,8 +18,6 @@ from pathlib import Path
 
 from server.budget import InputBudget, Reservation
 from server.errors import APIError, bad_request
-
-log = logging.getLogger(__name__)
 
 WRITE_BATCH = 1 << 20  # bytes gathered before a write, which runs in a worker thread
 PREFIX = "image-server-spool-"  # of each server's own folder in SPOOL_DIR
