@@ -230,10 +230,14 @@ def split_json(header: dict, blobs: list[bytearray]) -> tuple[dict, list[bytes]]
     beside it as it passes, the rest (at most MAX_REST bytes) parsed. What the process holds is bounded by
     MAX_REST and a chunk, whatever the body's size."""
     urls = _DataURLs(Path(header["folder"]), header["nonce"], header["max_image_bytes"])
-    with open(header["path"], "rb") as body:
-        for chunk in iter(lambda: body.read(READ_CHUNK), b""):
-            urls.feed(chunk)
-    data = parse_json(urls.rest())
+    try:
+        with open(header["path"], "rb") as body:
+            for chunk in iter(lambda: body.read(READ_CHUNK), b""):
+                urls.feed(chunk)
+        rest = urls.rest()
+    finally:
+        urls.discard()  # a data URL cut off by a refusal: its file closed and gone now, not at the next GC
+    data = parse_json(rest)
     _check_markers(data, urls.files)
     # the parsed rest travels as a blob, not in the frame's header: escaped, it could pass MAX_HEADER
     return {"files": urls.files}, [json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass")]
@@ -357,13 +361,19 @@ class _DataURLs:
             raise invalid_json("it ends inside a string")
         return bytes(self._rest)
 
+    def discard(self) -> None:
+        """The data URL being decoded, if any, given up."""
+        if self._data is not None:
+            self._data.discard()
+            self._data = None
+
 
 class _Base64File:
     """A data URL's base64 payload, decoded into a file as it comes; the first fault ends it (the file removed)."""
 
     def __init__(self, path: Path, max_bytes: int, max_chars: int) -> None:
         self.path, self.max_bytes, self.max_chars = path, max_bytes, max_chars
-        self._out: BinaryIO | None = path.open("wb")
+        self._out: BinaryIO = path.open("wb")
         self._size = 0
         self._chars = 0  # of the payload, escapes as sent
         self._escape = b""  # a backslash that ended the last piece
@@ -405,6 +415,10 @@ class _Base64File:
         if self._size > self.max_bytes:
             return self._fail(f"is larger than {self.max_bytes / 2**20:g} MiB.", "image_too_large")
         self._out.write(data)
+
+    def discard(self) -> None:
+        if self._fault is None:
+            self._fail("was cut off.")
 
     def _fail(self, why: str, code: str | None = None) -> None:
         self._fault = (why, code)

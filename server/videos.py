@@ -213,7 +213,8 @@ class VideoService:
             raise
         finally:
             admission.release()
-        task = asyncio.create_task(self._run(job.video.id, queued, params.fps, pixels), name=f"video {job.video.id}")
+        task = asyncio.create_task(self._run(job.video.id, queued, params.fps), name=f"video {job.video.id}")
+        task.add_done_callback(lambda _: pixels.release())  # however the job ends, even cancelled before it began
         self.running[job.video.id] = Running(queued, task)
         return job.video
 
@@ -226,7 +227,7 @@ class VideoService:
         pixels.take(3 * math.prod(fitted(image.width, image.height, self.settings.max_pixels)))
         return await self.images.decode(image, False, deadline)
 
-    async def _run(self, video_id: str, job: Job, fps: int, pixels: Reservation) -> None:
+    async def _run(self, video_id: str, job: Job, fps: int) -> None:
         try:
             deadline, timeout = time.monotonic() + self.settings.video_timeout, self.settings.video_timeout
             frames = await by_deadline(self.images.scheduler.wait(job), deadline, timeout)
@@ -239,7 +240,6 @@ class VideoService:
             message = "The server had an error while encoding this video."
             await asyncio.to_thread(self.store.fail, video_id, "internal_error", message)
         finally:
-            pixels.release()
             self.running.pop(video_id, None)
 
     # -- deleting and stopping -------------------------------------------

@@ -1,6 +1,7 @@
 """server/bodies.py: JSON bodies and multipart fields, bounded and never a 500."""
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -118,26 +119,27 @@ def left_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def with_markers(node, files: dict[str, SpooledFile], replace):
+    """The parsed body with each marker as `replace(marker)`."""
+    if isinstance(node, dict):
+        return {key: with_markers(value, files, replace) for key, value in node.items()}
+    if isinstance(node, list):
+        return [with_markers(value, files, replace) for value in node]
+    return replace(node) if isinstance(node, str) and node in files else node
+
+
 def resolved(node, files: dict[str, SpooledFile]):
     """The body as its sender meant it: each marker back as the data URL of its file's bytes."""
-    if isinstance(node, dict):
-        return {key: resolved(value, files) for key, value in node.items()}
-    if isinstance(node, list):
-        return [resolved(value, files) for value in node]
-    if isinstance(node, str) and node in files:
-        return "data:image/png;base64," + base64.b64encode(files[node].path.read_bytes()).decode()
-    return node
+
+    def as_url(marker: str) -> str:
+        return "data:image/png;base64," + base64.b64encode(files[marker].path.read_bytes()).decode()
+
+    return with_markers(node, files, as_url)
 
 
 def numbered(node, files: dict[str, SpooledFile]):
     """The parsed body with each marker as its place among the files: the same for any nonce."""
-    if isinstance(node, dict):
-        return {key: numbered(value, files) for key, value in node.items()}
-    if isinstance(node, list):
-        return [numbered(value, files) for value in node]
-    if isinstance(node, str) and node in files:
-        return ("file", list(files).index(node))
-    return node
+    return with_markers(node, files, lambda marker: ("file", list(files).index(marker)))
 
 
 def data_url(data: bytes, escape_header: bool = True) -> str:
@@ -366,6 +368,24 @@ def test_a_data_url_anywhere_but_under_image_url_is_a_400_naming_its_field(tmp_p
 def test_a_body_that_ends_inside_a_string_is_a_400(tmp_path, body):
     error = refused(tmp_path, body)
     assert error.code == "invalid_json" and "ends inside a string" in error.message
+
+
+def test_a_body_refused_inside_a_data_url_leaves_neither_its_file_nor_an_open_handle(tmp_path):
+    """The data URL being decoded when the body is refused: its file closed and removed at once, not when the
+    garbage collector finds the scanner (which the refusal's traceback keeps alive)."""
+    error = refused(tmp_path, b'{"images": [{"image_url": "data:image/png;base64,' + b"AAAA" * 2000)
+    assert "ends inside a string" in error.message
+    assert left_in(tmp_path) == ["body"]
+    assert not [name for name in open_files() if "data-url" in name]
+
+
+def open_files() -> list[str]:
+    """What this process's file descriptors point to."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone once listed
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return names
 
 
 def test_a_body_that_ends_after_a_string_is_not_said_to_end_inside_one(tmp_path):

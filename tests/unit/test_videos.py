@@ -5,6 +5,7 @@ scheduler, job store and encoder around the fake engine (tests/support/fakes.py)
 import base64
 import json
 import threading
+import time
 
 import numpy as np
 import openai
@@ -15,6 +16,7 @@ from PIL import Image
 
 from bench.attacks import HostileServer
 from server.families import GENERIC
+from server.videos import VideoCall
 from tests.support.fakes import FAILED_FILE, FakeEngine, InProcess, folders
 from tests.support.images import assert_openai_shape, png_bytes
 from tests.support.videos import decode_mp4, image_of
@@ -341,6 +343,27 @@ def test_a_fetched_reference_comes_to_disk_and_its_request_s_end_removes_it(tmp_
             assert answers[0].status_code == 504
             until(lambda: app.metric(gauge) == 0, timeout=10, what="the disk given back")
             assert not folders(app.service.spool.root)
+
+
+def test_a_job_deleted_before_its_task_ran_gives_its_pixels_back(tmp_path):
+    """The job's task cancelled before its first step never runs its body: what the job holds is given back by
+    the task's end, not by code inside it."""
+    gauge = "image_server_input_memory_bytes"
+    reference = "data:image/png;base64," + base64.b64encode(png_bytes(Image.new("RGB", (80, 64), RED))).decode()
+    with InProcess(video_dir=tmp_path) as app:
+        videos, spool = app.app.state.videos, app.service.spool.request("default")
+
+        async def create_then_delete() -> None:
+            body = {"prompt": "i2v", "seconds": "0.5", "input_reference": {"image_url": reference}}
+            video = await videos.create(VideoCall("default", body, time.monotonic() + 10, spool))
+            assert app.service.memory.held["default"] == 3 * 80 * 64
+            await videos.delete("default", video.id)  # cancels the task before the loop has run it
+
+        try:
+            app.http.portal.call(create_then_delete)
+        finally:
+            spool.remove()
+        until(lambda: app.metric(gauge) == 0, timeout=10, what="the deleted job's pixels given back")
 
 
 def test_a_reference_s_pixels_hold_input_memory_until_its_job_ends(tmp_path):
