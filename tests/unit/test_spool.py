@@ -1,7 +1,9 @@
 """The input spool (server/spool.py) through the app: each found by a review, reproduced before its fix."""
 
 import base64
+import io
 import json
+import os
 import shutil
 import threading
 
@@ -9,6 +11,7 @@ import openai
 import pytest
 from PIL import Image
 
+from server.bodies import IMAGE_URL_CHARS
 from tests.support.fakes import InProcess
 from tests.support.images import png_bytes
 from tests.support.waiting import until
@@ -99,11 +102,6 @@ def test_a_spooled_body_under_max_rest_never_kills_its_decode_process():
 def test_an_image_url_longer_than_openai_s_20_mib_is_still_refused_in_a_spooled_body():
     """OpenAI's spec bounds a JSON edit's image_url at 20 MiB of characters; a spooled body's data URL reaches the
     request model as its short marker, so the scanner applies the bound (a body of 64 KiB cannot pass it)."""
-    import io
-    import os
-
-    from server.bodies import IMAGE_URL_CHARS
-
     side = 2600
     image = Image.frombytes("RGB", (side, side), os.urandom(side * side * 3))
     out = io.BytesIO()
