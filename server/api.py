@@ -156,12 +156,13 @@ def spool_of(request: Request) -> RequestSpool:
 async def read_body(request: Request, to_disk: bool = False) -> bytes | Path:
     """The body: in memory up to LARGE_BODY, else (or `to_disk`) written to the request's spool as it arrives,
     each chunk reserved of the input disk before it is kept (429, as a full queue answers, when the disk or the
-    tenant's share of it is full). A Content-Length that could not fit is refused before the first byte; it
-    reserves nothing itself, so a client that promises a body and sends none holds nothing."""
+    tenant's share of it is full). A Content-Length that could not fit twice (the body, then what its parse
+    writes) is refused before the first byte; it reserves nothing itself, so a client that promises a body and
+    sends none holds nothing."""
     length = request.headers.get("content-length", "")
     spool = spool_of(request)
     if length.isdigit() and (to_disk or int(length) > LARGE_BODY):
-        spool.disk.check(int(length))
+        spool.disk.check(2 * int(length))  # the body, and what its parse may write beside it (server/bodies.py)
     chunks = aiter(request.stream())
     head = bytearray()
     async for chunk in chunks:

@@ -202,11 +202,10 @@ class DecoderPool:
 
 
 def too_slow(what: str, seconds: float, param: str | None) -> APIError:
-    return bad_request(
-        f"{what} took longer than {seconds:g} seconds to decode (DECODE_TIMEOUT); send a simpler file.",
-        param,
-        "image_too_costly",
-    )
+    """A job past DECODE_TIMEOUT: an input image's (`param` names it) or a body's."""
+    code = "image_too_costly" if param is not None else "body_too_costly"
+    message = f"{what} took longer than {seconds:g} seconds to decode (DECODE_TIMEOUT); send a simpler one."
+    return bad_request(message, param, code)
 
 
 def timed_out_while(what: str) -> APIError:

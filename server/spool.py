@@ -10,7 +10,9 @@ however it ends.
 
 import asyncio
 import fcntl
+import os
 import shutil
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -67,9 +69,15 @@ class Spool:
 
 def _remove_if_orphaned(folder: Path) -> None:
     """A server's folder whose lock no process holds: its server crashed; its requests' files go. One without a
-    lock file may be a server starting: left alone."""
+    lock file may be a server starting: left alone. SPOOL_DIR may be the system's temporary folder, where any
+    local user makes what they like: only this user's folders are looked into, and the lock is opened without
+    blocking or following a link (a FIFO named `.lock` would hold the start for ever)."""
     try:
-        with (folder / LOCK).open() as lock:
+        if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+            return
+        with os.fdopen(os.open(folder / LOCK, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)) as lock:
+            if not stat.S_ISREG(os.fstat(lock.fileno()).st_mode):
+                return
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             shutil.rmtree(folder, ignore_errors=True)
     except OSError:  # no lock file (a server starting), a live server's lock, another user's folder

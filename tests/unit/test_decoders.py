@@ -269,6 +269,22 @@ def test_pixels_come_back_as_decoded(tmp_path):
     assert decoded.size == (64, 48) and decoded.tobytes() == gradient(64, 48).tobytes()
 
 
+def test_a_body_past_decode_timeout_is_a_body_too_costly_400_naming_no_image(tmp_path):
+    """A body is no image: its parse past DECODE_TIMEOUT says so (an image's is `image_too_costly`, above)."""
+    body = tmp_path / "body"
+    url = "data:image/png;base64," + "A" * (32 << 20)  # 32 MB to decode into a file: not one ms
+    body.write_bytes(json.dumps({"prompt": "p", "images": [{"image_url": url}]}).encode())
+
+    async def jobs(pool, deadline):
+        with pytest.raises(APIError) as err:
+            await pool.run(json_job(body, tmp_path, 64 << 20), deadline, "the JSON body", None)
+        return err.value
+
+    error, _ = pool_run(jobs, decode_timeout=0.001)
+    assert (error.status, error.code, error.param) == (400, "body_too_costly", None)
+    assert error.message.startswith("the JSON body took longer than") and "file" not in error.message
+
+
 def test_a_decode_past_decode_timeout_is_killed_and_the_next_job_gets_a_new_worker(runaway, tmp_path):
     image = png_file(tmp_path, 64, 48)
 

@@ -12,6 +12,9 @@ import pytest
 from PIL import Image
 
 from server.bodies import IMAGE_URL_CHARS
+from server.budget import InputBudget
+from server.metrics import Metrics
+from server.spool import LOCK, PREFIX, Spool
 from tests.support.fakes import InProcess
 from tests.support.images import png_bytes
 from tests.support.waiting import until
@@ -113,3 +116,38 @@ def test_an_image_url_longer_than_openai_s_20_mib_is_still_refused_in_a_spooled_
         answer = app.http.post("/v1/images/edits", content=body, headers={"content-type": "application/json"})
         assert answer.status_code == 400, answer.text[:200]
         assert answer.json()["error"]["param"] == "images[0].image_url"
+
+
+def test_a_fifo_planted_as_a_server_s_lock_in_spool_dir_does_not_hold_the_start(tmp_path):
+    """SPOOL_DIR defaults to the system's temporary folder, where any local user may make a folder named like a
+    server's, with a FIFO as its lock: opened to be tried, it blocked the start for ever (until a writer came)."""
+    planted = tmp_path / f"{PREFIX}planted"
+    planted.mkdir()
+    os.mkfifo(planted / LOCK)
+    spool = Spool(str(tmp_path), InputBudget(2**20, 1.0, Metrics().input_disk, "disk"))
+    starting = threading.Thread(target=spool.start, daemon=True)
+    starting.start()
+    starting.join(10)
+    held = starting.is_alive()
+    if held:  # a writer lets the thread go
+        with open(planted / LOCK, "w"):
+            pass
+        starting.join(10)
+    spool.close()
+    assert not held, "the spool's start blocked on a FIFO named like a lock"
+    assert planted.exists()  # not the server's to remove
+
+
+def test_a_body_that_could_not_be_parsed_in_the_free_disk_is_refused_before_it_is_written(monkeypatch):
+    """A spooled body's parse takes its size once more (what it may write beside it): a Content-Length that fits
+    the free disk once but not twice was read and written whole, then refused."""
+    with InProcess(max_body_mb=4, max_image_mb=1, input_disk_mb=10) as app:
+        disk = app.service.spool.budget
+        disk.take("someone-else", 6 * 2**20)  # other requests hold 6 MiB: 4 MiB free
+        taken: list[int] = []
+        take = disk.take
+        monkeypatch.setattr(disk, "take", lambda tenant, size, own=0: (take(tenant, size, own), taken.append(size)))
+        body = json.dumps({"prompt": "p", "size": "64x64"}).encode() + b" " * (3 * 2**20)  # fits once, not twice
+        answer = app.http.post("/v1/images/generations", content=body, headers={"content-type": "application/json"})
+        assert (answer.status_code, answer.json()["error"]["code"]) == (429, "input_disk_full"), answer.text
+        assert taken == []  # nothing of it was kept
